@@ -1,0 +1,662 @@
+"""MatConvNet's layers as stateless PyTorch functions (NCHW, autograd).
+
+This module holds the maths of the port, once. Everything else -- the
+MATLAB-style ``vl_nn*`` entry points (``matconvnet_port.vl_nn``), the thin
+Modules (``matconvnet_port.layers``), ``vl_simplenn``/DagNN and the fused
+study trainer -- calls these functions.
+
+Conventions (differences from MatConvNet are only in layout):
+
+* Tensors are ``N x C x H x W`` (PyTorch's order). MatConvNet's ``H x W x C x N``
+  maps to it by ``x.permute(3, 2, 0, 1)``; filters ``FH x FW x FC x K`` map to
+  PyTorch's ``K x FC x FH x FW`` by the same permutation.
+* Padding is ``[top bottom left right]`` (scalar = all four), stride ``[sy sx]``,
+  dilation ``[dy dx]``, pooling window ``[ph pw]`` (scalar = square).
+* Labels are MatConvNet's: 1-based class indices, 0 = ignore this location.
+* float32 and float64, CPU and CUDA. Derivatives come from autograd; where
+  MatConvNet's derivative is not the derivative of its forward function (the
+  test-mode batch-norm backward, the clamped ``log`` loss, the flat error
+  "losses") a custom autograd rule reproduces MatConvNet.
+
+Every function raises ``ValueError`` with a one-line message naming the
+argument at fault for shapes or options MatConvNet would reject.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "conv", "convt", "pool", "relu", "sigmoid", "softmax", "softmaxloss",
+    "loss", "lrn", "bnorm", "dropout", "conv_output_size", "pool_output_size",
+    "LOSS_TYPES",
+]
+
+
+# ---------------------------------------------------------------------------
+# Option parsing
+# ---------------------------------------------------------------------------
+
+def _ints(value, n: int, name: str) -> tuple[int, ...]:
+    """Expand a MatConvNet option (scalar or vector) to ``n`` integers."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().reshape(-1).tolist()
+    elif hasattr(value, "reshape") and not isinstance(value, (int, float)):
+        value = list(value.reshape(-1))  # numpy arrays from .mat files
+    if isinstance(value, (int, float)):
+        value = [value]
+    value = list(value)
+    if len(value) == 1:
+        value = value * n
+    if n == 4 and len(value) == 2:
+        # MatConvNet accepts pad = [py px] as shorthand for [py py px px]
+        value = [value[0], value[0], value[1], value[1]]
+    if len(value) != n:
+        raise ValueError(f"{name} must have 1 or {n} elements, got {len(value)}")
+    out = []
+    for v in value:
+        if float(v) != int(v):
+            raise ValueError(f"{name} must be integers, got {value}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def _pad4(pad, name="pad") -> tuple[int, int, int, int]:
+    p = _ints(pad, 4, name)
+    if min(p) < 0:
+        raise ValueError(f"{name} must be non-negative, got {list(p)}")
+    return p  # type: ignore[return-value]
+
+
+def _pos2(value, name) -> tuple[int, int]:
+    v = _ints(value, 2, name)
+    if min(v) < 1:
+        raise ValueError(f"{name} must be positive, got {list(v)}")
+    return v  # type: ignore[return-value]
+
+
+def _check_4d(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D N x C x H x W, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
+
+
+def conv_output_size(in_size: int, filter_size: int, pad_before: int, pad_after: int,
+                     stride: int = 1, dilate: int = 1) -> int:
+    """MatConvNet's output size: ``floor((H + pt + pb - ((FH-1)*d + 1)) / s) + 1``."""
+    extent = (filter_size - 1) * dilate + 1
+    return (in_size + pad_before + pad_after - extent) // stride + 1
+
+
+def pool_output_size(in_size: int, pool_size: int, pad_before: int, pad_after: int,
+                     stride: int = 1) -> int:
+    """MatConvNet's pooling output size: ``floor((H + pt + pb - ph) / s) + 1``."""
+    return conv_output_size(in_size, pool_size, pad_before, pad_after, stride, 1)
+
+
+# ---------------------------------------------------------------------------
+# Convolution (vl_nnconv) and its transpose (vl_nnconvt)
+# ---------------------------------------------------------------------------
+
+def conv(x: torch.Tensor, f: torch.Tensor | None, b: torch.Tensor | None = None,
+         pad=0, stride=1, dilate=1) -> torch.Tensor:
+    """Cross-correlation with a filter bank -- MatConvNet ``vl_nnconv``.
+
+    Shapes: ``x`` N x C x H x W; ``f`` K x FC x FH x FW (PyTorch order of
+    MatConvNet's FH x FW x FC x K); ``b`` K (or None); result N x K x Ho x Wo.
+
+    Options: ``pad`` [top bottom left right] (zeros), ``stride`` [sy sx],
+    ``dilate`` [dy dx]. Filter groups: when C > FC the filters form
+    G = C / FC groups; filters g*K/G .. (g+1)*K/G - 1 see input channels
+    g*FC .. (g+1)*FC - 1 (C and K must be divisible by G).
+    With ``f`` None (MatConvNet's empty filter bank) the layer is the identity:
+    pad, subsample by ``stride``, add ``b`` (b then has C elements).
+
+    Formula: ``y[n,k,i,j] = b[k] + sum_{c,u,v} f[k,c,u,v] *
+    xpad[n, g*FC + c, i*sy + u*dy, j*sx + v*dx]`` (no filter flip), with
+    ``Ho = floor((H + pt + pb - ((FH-1)*dy + 1)) / sy) + 1`` (likewise Wo).
+    """
+    _check_4d(x)
+    pt, pb, pl, pr = _pad4(pad)
+    sy, sx = _pos2(stride, "stride")
+    dy, dx = _pos2(dilate, "dilate")
+    n, c, h, w = x.shape
+    if f is None or f.numel() == 0:
+        k = c
+        if b is not None and b.numel() not in (0, c):
+            raise ValueError(f"b must have {c} elements (one per input channel) when f is empty, got {b.numel()}")
+        y = F.pad(x, (pl, pr, pt, pb)) if (pt or pb or pl or pr) else x
+        y = y[:, :, ::sy, ::sx]
+    else:
+        if f.dim() != 4:
+            raise ValueError(f"f must be 4-D K x FC x FH x FW, got shape {tuple(f.shape)}")
+        if f.dtype != x.dtype:
+            raise ValueError(f"f has dtype {f.dtype} but x has {x.dtype}")
+        k, fc, fh, fw = f.shape
+        if fc < 1 or c % fc != 0:
+            raise ValueError(f"x has {c} channels, not a multiple of the filter depth {fc} (filter groups)")
+        groups = c // fc
+        if k % groups != 0:
+            raise ValueError(f"f has {k} filters, not divisible by the {groups} filter groups")
+        ho = conv_output_size(h, fh, pt, pb, sy, dy)
+        wo = conv_output_size(w, fw, pl, pr, sx, dx)
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"f ({fh}x{fw}, dilate [{dy} {dx}]) is larger than the padded input "
+                f"({h + pt + pb}x{w + pl + pr})")
+        if b is not None and b.numel() not in (0, k):
+            raise ValueError(f"b must have {k} elements (one per filter), got {b.numel()}")
+        if pt == pb and pl == pr:
+            y = F.conv2d(x, f, None, (sy, sx), (pt, pl), (dy, dx), groups)
+        else:
+            # asymmetric padding cannot be expressed by conv2d's own padding
+            y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), f, None, (sy, sx), 0, (dy, dx), groups)
+    if b is not None and b.numel() > 0:
+        if b.dtype != x.dtype:
+            raise ValueError(f"b has dtype {b.dtype} but x has {x.dtype}")
+        y = y + b.reshape(1, k, 1, 1)
+    return y
+
+
+def convt(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None,
+          upsample=1, crop=0, num_groups: int = 1) -> torch.Tensor:
+    """Convolution transpose -- MatConvNet ``vl_nnconvt``.
+
+    Shapes: ``x`` N x D x H x W; ``f`` D x K x FH x FW (PyTorch order of
+    MatConvNet's FH x FW x K x D: filter k is ``f[:, k]``); ``b`` K*G (or None);
+    result N x K*G x Ho x Wo with ``Ho = uy*(H-1) + FH - crop_top - crop_bottom``.
+
+    Definition: if ``U = conv(V, F)`` is the linear map ``U = M V`` then
+    ``convt(X, F) = M' X`` (groups as in :func:`conv`, ``num_groups`` must
+    divide D). Options: ``upsample`` [uy ux], ``crop`` [top bottom left right].
+    """
+    _check_4d(x)
+    uy, ux = _pos2(upsample, "upsample")
+    ct, cb, cl, cr = _pad4(crop, "crop")
+    if f is None or f.dim() != 4:
+        raise ValueError("f must be 4-D D x K x FH x FW")
+    d = x.shape[1]
+    if f.shape[0] != d:
+        raise ValueError(f"f has depth {f.shape[0]} but x has {d} channels")
+    if num_groups < 1 or d % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} does not divide the input depth {d}")
+    y = F.conv_transpose2d(x, f, None, (uy, ux), 0, 0, num_groups)
+    ho, wo = y.shape[2] - ct - cb, y.shape[3] - cl - cr
+    if ho < 1 or wo < 1:
+        raise ValueError(f"crop {[ct, cb, cl, cr]} leaves an empty output")
+    y = y[:, :, ct:ct + ho, cl:cl + wo]
+    if b is not None and b.numel() > 0:
+        if b.numel() != y.shape[1]:
+            raise ValueError(f"b must have {y.shape[1]} elements, got {b.numel()}")
+        y = y + b.reshape(1, -1, 1, 1)
+    return y
+
+
+# ---------------------------------------------------------------------------
+# Pooling (vl_nnpool)
+# ---------------------------------------------------------------------------
+
+def _valid_counts(size: int, window: int, pad_before: int, stride: int, out: int) -> list[int]:
+    """Number of in-image pixels in each pooling window along one dimension."""
+    counts = []
+    for i in range(out):
+        start = i * stride - pad_before
+        counts.append(min(start + window, size) - max(start, 0))
+    return counts
+
+
+def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max") -> torch.Tensor:
+    """Spatial max or average pooling -- MatConvNet ``vl_nnpool``.
+
+    Shapes: ``x`` N x C x H x W -> N x C x Ho x Wo with
+    ``Ho = floor((H + pt + pb - ph) / sy) + 1``.
+    Options: ``pool_size`` [ph pw], ``pad`` [top bottom left right] (each side
+    must be smaller than the window, as MatConvNet requires), ``stride``
+    [sy sx], ``method`` 'max' or 'avg'.
+
+    * max: padding never wins (as if padded with -inf). The derivative of
+      each window goes to the *first* maximum in MatConvNet's column-major
+      scan (top to bottom within a column, columns left to right); overlapping
+      windows accumulate.
+    * avg: the sum over the window divided by the number of in-image pixels
+      of that window (not by ph*pw).
+    """
+    _check_4d(x)
+    ph, pw = _pos2(pool_size, "pool")
+    pt, pb, pl, pr = _pad4(pad)
+    sy, sx = _pos2(stride, "stride")
+    if max(pt, pb) >= ph or max(pl, pr) >= pw:
+        raise ValueError(f"pad {[pt, pb, pl, pr]} must be smaller than the pooling window {[ph, pw]}")
+    h, w = x.shape[2:]
+    ho = pool_output_size(h, ph, pt, pb, sy)
+    wo = pool_output_size(w, pw, pl, pr, sx)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"pooling window {[ph, pw]} is larger than the padded input {[h + pt + pb, w + pl + pr]}")
+    padded = pt or pb or pl or pr
+    if method == "max":
+        if padded:
+            x = F.pad(x, (pl, pr, pt, pb), value=-math.inf)
+        # PyTorch keeps the first maximum of a row-major scan; on the transposed
+        # image that is MatConvNet's column-major first maximum, which decides
+        # where the derivative of tied windows goes.
+        yt = F.max_pool2d(x.transpose(2, 3), (pw, ph), (sx, sy))
+        return yt.transpose(2, 3)
+    if method == "avg":
+        if not padded:
+            return F.avg_pool2d(x, (ph, pw), (sy, sx))
+        total = F.avg_pool2d(F.pad(x, (pl, pr, pt, pb)), (ph, pw), (sy, sx), divisor_override=1)
+        rows = torch.tensor(_valid_counts(h, ph, pt, sy, ho), dtype=x.dtype, device=x.device)
+        cols = torch.tensor(_valid_counts(w, pw, pl, sx, wo), dtype=x.dtype, device=x.device)
+        return total / (rows[:, None] * cols[None, :])
+    raise ValueError(f"method must be 'max' or 'avg', got {method!r}")
+
+
+# ---------------------------------------------------------------------------
+# Element-wise and channel-wise nonlinearities
+# ---------------------------------------------------------------------------
+
+def relu(x: torch.Tensor, leak=0.0) -> torch.Tensor:
+    """Rectified linear unit -- MatConvNet ``vl_nnrelu``.
+
+    ``y = x`` where ``x > 0``, else ``leak * x``. The derivative is 1 where
+    ``x > 0`` and ``leak`` elsewhere -- at exactly 0 it is ``leak`` (0 for the
+    plain ReLU), as MatConvNet's ``x > 0`` test gives.
+    ``leak`` may also be a tensor broadcastable to ``x`` (e.g. 1 x C x 1 x 1:
+    a per-channel leak; leak 1 makes a channel pass through unchanged).
+    """
+    if isinstance(leak, torch.Tensor):
+        return torch.where(x > 0, x, x * leak)
+    if leak == 0:
+        return F.relu(x)  # its derivative is (y > 0), i.e. 0 at x == 0
+    return torch.where(x > 0, x, x * leak)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """Logistic sigmoid -- MatConvNet ``vl_nnsigmoid``: ``y = 1 / (1 + exp(-x))``."""
+    return torch.sigmoid(x)
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over channels at every location -- MatConvNet ``vl_nnsoftmax``.
+
+    ``y[n,k,i,j] = exp(x[n,k,i,j]) / sum_q exp(x[n,q,i,j])``.
+    """
+    _check_4d(x)
+    return torch.softmax(x, dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Losses (vl_nnsoftmaxloss, vl_nnloss)
+# ---------------------------------------------------------------------------
+
+CATEGORICAL_LOSSES = ("classerror", "topkerror", "log", "softmaxlog", "mhinge", "mshinge")
+BINARY_LOSSES = ("binaryerror", "binarylog", "logistic", "hinge")
+LOSS_TYPES = CATEGORICAL_LOSSES + BINARY_LOSSES
+
+
+def _label_map(c: torch.Tensor, x: torch.Tensor, channels: int, name: str = "c") -> torch.Tensor:
+    """Labels as N x channels x H x W, from MatConvNet's per-image or per-location forms.
+
+    ``c`` with exactly N elements holds one label per image, repeated at every
+    location; otherwise it must be N x channels x H x W.
+    """
+    n, _, h, w = x.shape
+    if not isinstance(c, torch.Tensor):
+        c = torch.as_tensor(c)
+    c = c.to(device=x.device)
+    if c.numel() == n and channels == 1:
+        return c.reshape(n, 1, 1, 1).expand(n, 1, h, w)
+    if c.dim() != 4 or tuple(c.shape) != (n, channels, h, w):
+        raise ValueError(
+            f"{name} must have {n} elements (one label per image) or shape "
+            f"{(n, channels, h, w)} (N x {channels} x H x W), got {tuple(c.shape)}")
+    return c
+
+
+def _categorical(c: torch.Tensor, num_classes: int, name: str = "c") -> tuple[torch.Tensor, torch.Tensor]:
+    """1-based labels -> (0-based index, in-use mask); 0 means "ignore"."""
+    c = c.to(torch.float64)
+    if not torch.equal(c, torch.round(c)):
+        raise ValueError(f"{name} must hold integer class labels")
+    lo, hi = (c.min().item(), c.max().item()) if c.numel() else (1, 1)
+    if lo < 0 or hi > num_classes:
+        raise ValueError(f"{name} holds labels in [{lo:g}, {hi:g}], outside 0..{num_classes} "
+                         f"(1-based classes, 0 = ignore)")
+    valid = c > 0
+    index = (c - 1).clamp_min(0).to(torch.long)
+    return index, valid
+
+
+def softmaxloss(x: torch.Tensor, c, normalise: bool = True) -> torch.Tensor:
+    """Softmax followed by the log loss -- MatConvNet ``vl_nnsoftmaxloss``.
+
+    Shapes: ``x`` N x D x H x W scores; ``c`` 1-based labels: N elements (one
+    per image, applied at every location), N x 1 x H x W (one per location,
+    0 = ignore) or N x 2 x H x W (channel 0 labels, channel 1 instance
+    weights). Result: a 0-d tensor
+
+    ``y = 1/N * sum_{n,i,j} mass[n,i,j] * (log sum_q exp x[n,q,i,j] - x[n,c,i,j])``
+
+    summed over *every* spatial location (an H x W map contributes H*W terms
+    per image), ``mass`` = (c > 0) times the weights. MatConvNet master
+    divides by N (``normalise=True``); v1.0-beta25 does not (``False``).
+    """
+    _check_4d(x)
+    n, d, h, w = x.shape
+    if not isinstance(c, torch.Tensor):
+        c = torch.as_tensor(c)
+    c = c.to(device=x.device)
+    weights = None
+    if c.dim() == 4 and c.shape[1] == 2 and c.numel() != n:
+        c, weights = _label_map(c, x, 2)[:, :1], c[:, 1:2].to(x.dtype)
+    else:
+        c = _label_map(c, x, 1)
+    index, valid = _categorical(c, d)
+    mass = valid.to(x.dtype)
+    if weights is not None:
+        mass = mass * weights
+    t = torch.logsumexp(x, dim=1, keepdim=True) - x.gather(1, index)
+    y = (mass * t).sum()
+    return y / n if normalise else y
+
+
+class _ClampedLogLoss(torch.autograd.Function):
+    """``-log(p)`` whose derivative is ``-1 / max(p, 1e-8)``, as MatConvNet's ``log`` loss."""
+
+    @staticmethod
+    def forward(ctx, p):
+        ctx.save_for_backward(p)
+        return -torch.log(p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        return -grad / p.clamp_min(1e-8)
+
+
+def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
+         class_weights=None, top_k: int = 5, threshold: float = 0.0,
+         normalise: bool = True) -> torch.Tensor:
+    """Categorical and attribute losses -- MatConvNet ``vl_nnloss``.
+
+    Shapes: ``x`` N x D x H x W. ``c``: for the categorical losses 1-based
+    labels with N elements (one per image, every location) or N x 1 x H x W
+    (0 = ignore); for the binary (attribute) losses N x D x H x W in {-1, +1}
+    (0 = ignore). Result: a 0-d tensor ``y = sum_{locations} w * t`` divided
+    by N when ``normalise`` (MatConvNet master; beta25 had no division),
+    where ``w`` is (c != 0) times ``instance_weights`` (broadcast to the label
+    shape) times ``class_weights[c]`` (categorical losses, D elements).
+
+    Per-location terms ``t`` (x_c is the score of the true class):
+
+    ==============  ====================================================
+    classerror      argmax_q x_q != c (first maximum); derivative 0
+    topkerror       c not among the ``top_k`` largest scores; derivative 0
+    log             -log(x_c), x probabilities; derivative -1/max(x_c, 1e-8)
+    softmaxlog      log sum_q exp(x_q) - x_c
+    mhinge          max(0, 1 - x_c)
+    mshinge         max(0, 1 - x_c + max_{q != c} x_q)
+    binaryerror     sign(x - threshold) != c; derivative 0
+    binarylog       -log(c (x - 1/2) + 1/2), x probabilities
+    logistic        log(1 + exp(-c x))
+    hinge           max(0, 1 - c x)
+    ==============  ====================================================
+
+    The hinge derivatives are taken where the margin is strictly active
+    (``x_c < 1`` etc.), as MatConvNet's are.
+    """
+    _check_4d(x)
+    name = loss.lower() if isinstance(loss, str) else loss
+    if name not in LOSS_TYPES:
+        raise ValueError(f"loss must be one of {', '.join(LOSS_TYPES)}; got {loss!r}")
+    n, d, h, w = x.shape
+    if not isinstance(c, torch.Tensor):
+        c = torch.as_tensor(c)
+    c = c.to(device=x.device)
+    categorical = name in CATEGORICAL_LOSSES
+    if categorical:
+        c = _label_map(c, x, 1)
+        index, valid = _categorical(c, d)
+        weight = valid.to(x.dtype)
+    else:
+        if c.dim() != 4 or tuple(c.shape) != tuple(x.shape):
+            raise ValueError(f"c must have the shape of x {tuple(x.shape)} for the binary loss "
+                             f"{name!r}, got {tuple(c.shape)}")
+        if not bool(((c == 1) | (c == -1) | (c == 0)).all()):
+            raise ValueError("c must hold attribute labels in {-1, 0, +1} for binary losses")
+        c = c.to(x.dtype)
+        weight = (c != 0).to(x.dtype)
+    if instance_weights is not None:
+        iw = torch.as_tensor(instance_weights, dtype=x.dtype, device=x.device)
+        try:
+            weight = weight * iw
+        except RuntimeError as e:
+            raise ValueError(f"instance_weights of shape {tuple(iw.shape)} do not broadcast to "
+                             f"the labels {tuple(weight.shape)}") from e
+    if class_weights is not None:
+        if not categorical:
+            raise ValueError("class_weights apply to categorical losses only")
+        cw = torch.as_tensor(class_weights, dtype=x.dtype, device=x.device).reshape(-1)
+        if cw.numel() != d:
+            raise ValueError(f"class_weights must have {d} elements (one per class), got {cw.numel()}")
+        weight = weight * cw[index]
+
+    if name in ("classerror", "topkerror", "binaryerror"):
+        with torch.no_grad():
+            if name == "classerror":
+                t = (x.argmax(dim=1, keepdim=True) != index).to(x.dtype)
+            elif name == "topkerror":
+                k = min(int(top_k), d)
+                # MATLAB's sort is stable: among tied scores the lower class index ranks first
+                order = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+                t = 1 - (order == index).any(dim=1, keepdim=True).to(x.dtype)
+            else:
+                t = (torch.sign(x - threshold) != c).to(x.dtype)
+        # error counts are flat: no derivative flows (callers treat it as zero)
+    elif name in ("log", "softmaxlog", "mhinge", "mshinge"):
+        xc = x.gather(1, index)
+        if name == "log":
+            t = _ClampedLogLoss.apply(xc)
+        elif name == "softmaxlog":
+            t = torch.logsumexp(x, dim=1, keepdim=True) - xc
+        elif name == "mhinge":
+            t = torch.where(xc < 1, 1 - xc, torch.zeros_like(xc))
+        else:
+            others = x.scatter(1, index, -math.inf)
+            xq = others.max(dim=1, keepdim=True).values
+            t = torch.where(xc - xq < 1, 1 - xc + xq, torch.zeros_like(xc))
+    elif name == "binarylog":
+        t = -torch.log(c * (x - 0.5) + 0.5)
+    elif name == "logistic":
+        a = -c * x
+        b = a.clamp_min(0)
+        t = b + torch.log(torch.exp(-b) + torch.exp(a - b))
+    else:  # hinge
+        m = c * x
+        t = torch.where(m < 1, 1 - m, torch.zeros_like(m))
+    y = (weight * t).sum()
+    return y / n if normalise else y
+
+
+# ---------------------------------------------------------------------------
+# Local response normalisation (vl_nnnormalize)
+# ---------------------------------------------------------------------------
+
+def _fast_pow_bits(base: torch.Tensor, exponent: float) -> torch.Tensor:
+    """MatConvNet's CPU ``fast_pow(base, exponent)`` for positive ``base``.
+
+    log2 and exp2 are cubic polynomials on the mantissa, evaluated on the IEEE
+    bit pattern (single: 23-bit mantissa, double: 52-bit); relative error up
+    to ~0.5 % against the exact power.
+    """
+    if base.dtype == torch.float32:
+        int_t, mant, one_bits = torch.int32, 23, 127 << 23
+    elif base.dtype == torch.float64:
+        int_t, mant, one_bits = torch.int64, 52, 1023 << 52
+    else:
+        raise ValueError(f"lrn supports float32/float64, got {base.dtype}")
+    plog3, plog2, plog1 = 0.164042561333445, -0.606737602222409, 1.442695040888963
+    pexp3, pexp2, pexp1 = 0.079441541679836, 0.227411277760219, 0.693147180559945
+    ix = base.view(int_t) - one_bits
+    mx = ((ix & ((1 << mant) - 1)) + one_bits).view(base.dtype) - 1
+    fx = (ix >> mant).to(base.dtype)
+    mx2 = mx * mx
+    mx3 = mx2 * mx
+    t = exponent * (fx + mx * plog1 + mx2 * plog2 + mx3 * plog3)
+    fz = torch.floor(t)
+    rz = t - fz
+    rz2 = rz * rz
+    rz3 = rz2 * rz
+    tz = fz + rz * pexp1 + rz2 * pexp2 + rz3 * pexp3
+    return ((tz * float(1 << mant)).to(int_t) + one_bits).view(base.dtype)
+
+
+class _FastPow(torch.autograd.Function):
+    """``L ** e`` with MatConvNet's approximation; derivative ``e * P / L``.
+
+    The derivative uses the approximate power itself, exactly as MatConvNet's
+    CPU backward does (``Lbeta / L``), so forward and backward both match it.
+    """
+
+    @staticmethod
+    def forward(ctx, base, exponent):
+        p = _fast_pow_bits(base, exponent)
+        ctx.save_for_backward(base, p)
+        ctx.exponent = exponent
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        base, p = ctx.saved_tensors
+        return grad * (ctx.exponent * p / base), None
+
+
+def lrn(x: torch.Tensor, param: Sequence[float], approximate_power: bool = True) -> torch.Tensor:
+    """Cross-channel local response normalisation -- MatConvNet ``vl_nnnormalize``.
+
+    ``param = [N kappa alpha beta]``; ``x`` N x C x H x W (any batch size);
+
+    ``y[k] = x[k] / (kappa + alpha * sum_{q in Q(k)} x[q]^2) ^ beta``,
+    ``Q(k) = [k - floor((N-1)/2), k + ceil((N-1)/2)]`` clipped to the channels
+    (for even N the window reaches further *forward*, unlike PyTorch's
+    ``LocalResponseNorm``); alpha is per element, not divided by N.
+
+    ``approximate_power=True`` (default) reproduces MatConvNet's CPU code,
+    which evaluates the power with a polynomial log2/exp2 approximation
+    (up to ~0.5 % off the exact value, forward and backward); ``False`` uses
+    the exact power (MatConvNet's GPU code and the formula above).
+    """
+    _check_4d(x)
+    if len(param) != 4:
+        raise ValueError(f"param must be [N kappa alpha beta], got {list(param)}")
+    size, kappa, alpha, beta = (float(p) for p in param)
+    if size < 1 or size != int(size):
+        raise ValueError(f"param(1) (the window size N) must be a positive integer, got {size:g}")
+    size = int(size)
+    before = (size - 1) // 2
+    after = size - 1 - before
+    squares = F.pad(x * x, (0, 0, 0, 0, before, after))
+    window_sum = F.avg_pool3d(squares.unsqueeze(1), (size, 1, 1), stride=1,
+                              divisor_override=1).squeeze(1)
+    base = kappa + alpha * window_sum
+    if approximate_power:
+        if bool((base <= 0).any()):
+            raise ValueError("kappa + alpha * sum(x^2) must be positive for the approximate power")
+        scale = _FastPow.apply(base, -beta)
+    else:
+        scale = base.pow(-beta)
+    return x * scale
+
+
+# ---------------------------------------------------------------------------
+# Batch normalisation (vl_nnbnorm)
+# ---------------------------------------------------------------------------
+
+class _BnormGivenMoments(torch.autograd.Function):
+    """Batch norm with fixed moments and MatConvNet's backward.
+
+    Forward ``y = g/sigma * (x - mu) + b``. MatConvNet's backward with given
+    moments uses the *training-mode* formulas with those moments substituted
+    (``dzdx`` includes the mean-of-derivative terms), which is not the
+    derivative of this forward map; we reproduce it for parity.
+    """
+
+    @staticmethod
+    def forward(ctx, x, g, b, mu, sigma):
+        ctx.save_for_backward(x, g, mu, sigma)
+        return (g / sigma).reshape(1, -1, 1, 1) * (x - mu.reshape(1, -1, 1, 1)) + b.reshape(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g, mu, sigma = ctx.saved_tensors
+        mass = x.shape[0] * x.shape[2] * x.shape[3]
+        view = (1, -1, 1, 1)
+        xc = x - mu.reshape(view)
+        dzdb = dy.sum(dim=(0, 2, 3))
+        dzdg = (dy * xc).sum(dim=(0, 2, 3)) / sigma
+        g1 = g / sigma
+        g2 = g1 * dzdg / (mass * sigma)
+        dzdx = g1.reshape(view) * (dy - (dzdb / mass).reshape(view)) - g2.reshape(view) * xc
+        return dzdx, dzdg, dzdb, None, None
+
+
+def bnorm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, moments: torch.Tensor | None = None,
+          epsilon: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch normalisation -- MatConvNet ``vl_nnbnorm``.
+
+    Shapes: ``x`` N x C x H x W; ``g``, ``b`` C (multipliers, biases);
+    ``moments`` C x 2 = [mean, sigma]. Returns ``(y, moments)``.
+
+    Training (``moments`` None): per channel ``mean`` over N, H, W, biased
+    variance, ``sigma = sqrt(var + epsilon)``, ``y = g * (x - mean) / sigma + b``;
+    the batch moments are returned (without gradient).
+    Test (``moments`` given): the same formula with the given moments, which
+    are used as they are (epsilon is not added again); the backward is
+    MatConvNet's (see :class:`_BnormGivenMoments`).
+    """
+    _check_4d(x)
+    c = x.shape[1]
+    g = g.reshape(-1)
+    b = b.reshape(-1)
+    if g.numel() != c or b.numel() != c:
+        raise ValueError(f"g and b must have {c} elements (one per channel), got {g.numel()} and {b.numel()}")
+    view = (1, c, 1, 1)
+    if moments is None:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        sigma = torch.sqrt(var + epsilon)
+        y = (g / sigma).reshape(view) * (x - mean.reshape(view)) + b.reshape(view)
+        return y, torch.stack([mean, sigma], dim=1).detach()
+    moments = moments.reshape(c, 2) if moments.numel() == 2 * c else None
+    if moments is None:
+        raise ValueError(f"moments must be C x 2 = {c} x 2 [mean, sigma]")
+    y = _BnormGivenMoments.apply(x, g, b, moments[:, 0].detach(), moments[:, 1].detach())
+    return y, moments
+
+
+# ---------------------------------------------------------------------------
+# Dropout (vl_nndropout)
+# ---------------------------------------------------------------------------
+
+def dropout(x: torch.Tensor, rate: float = 0.5, mask: torch.Tensor | None = None,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverted dropout -- MatConvNet ``vl_nndropout`` (training mode).
+
+    ``y = x * mask`` where ``mask`` is 0 with probability ``rate`` and
+    ``1 / (1 - rate)`` otherwise (drawn when not given). Returns ``(y, mask)``.
+    Test mode is the identity (``vl_simplenn`` skips the layer).
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    if mask is None:
+        keep = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator) >= rate
+        mask = keep.to(x.dtype) * (1.0 / (1.0 - rate))
+    elif tuple(mask.shape) != tuple(x.shape):
+        raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    return x * mask, mask
