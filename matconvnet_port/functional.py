@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "conv", "convt", "pool", "relu", "sigmoid", "softmax", "softmaxloss",
-    "loss", "lrn", "bnorm", "dropout", "conv_output_size", "pool_output_size",
+    "conv", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
+    "softmaxloss_per_image", "loss", "lrn", "bnorm", "dropout", "conv_output_size", "pool_output_size",
     "LOSS_TYPES",
 ]
 
@@ -212,7 +212,8 @@ def _valid_counts(size: int, window: int, pad_before: int, stride: int, out: int
     return counts
 
 
-def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max") -> torch.Tensor:
+def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max",
+         tie_order: str = "column") -> torch.Tensor:
     """Spatial max or average pooling -- MatConvNet ``vl_nnpool``.
 
     Shapes: ``x`` N x C x H x W -> N x C x Ho x Wo with
@@ -227,6 +228,11 @@ def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max") -> to
       windows accumulate.
     * avg: the sum over the window divided by the number of in-image pixels
       of that window (not by ph*pw).
+
+    ``tie_order='row'`` sends the derivative of tied maxima to the first one
+    in row-major order instead (PyTorch's rule). Code that stores images
+    transposed (N x C x W x H: MATLAB's own memory order) gets MatConvNet's
+    column-major rule from it without the transposes ``'column'`` costs.
     """
     _check_4d(x)
     ph, pw = _pos2(pool_size, "pool")
@@ -243,6 +249,10 @@ def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max") -> to
     if method == "max":
         if padded:
             x = F.pad(x, (pl, pr, pt, pb), value=-math.inf)
+        if tie_order == "row":
+            return F.max_pool2d(x, (ph, pw), (sy, sx))
+        if tie_order != "column":
+            raise ValueError(f"tie_order must be 'column' or 'row', got {tie_order!r}")
         # PyTorch keeps the first maximum of a row-major scan; on the transposed
         # image that is MatConvNet's column-major first maximum, which decides
         # where the derivative of tied windows goes.
@@ -276,6 +286,55 @@ def relu(x: torch.Tensor, leak=0.0) -> torch.Tensor:
     if leak == 0:
         return F.relu(x)  # its derivative is (y > 0), i.e. 0 at x == 0
     return torch.where(x > 0, x, x * leak)
+
+
+class _ChannelReLU(torch.autograd.Function):
+    """ReLU on some channel ranges, identity on the others (one pass, no broadcast masks)."""
+
+    @staticmethod
+    def forward(ctx, x, runs):
+        y = torch.empty_like(x)
+        for start, end, rectify in runs:
+            if rectify:
+                torch.clamp_min(x[:, start:end], 0, out=y[:, start:end])
+            else:
+                y[:, start:end] = x[:, start:end]
+        ctx.runs = runs
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        dx = torch.empty_like(grad)
+        for start, end, rectify in ctx.runs:
+            if rectify:  # as relu: 0 where the output is 0, i.e. where x <= 0
+                torch.ops.aten.threshold_backward.grad_input(grad[:, start:end], y[:, start:end], 0,
+                                                             grad_input=dx[:, start:end])
+            else:
+                dx[:, start:end] = grad[:, start:end]
+        return dx, None
+
+
+def channel_relu(x: torch.Tensor, rectified: Sequence[bool]) -> torch.Tensor:
+    """:func:`relu` on the channels with ``rectified[c]`` true, the identity elsewhere.
+
+    The same function and derivative as ``relu(x, leak)`` with a per-channel
+    leak of 0 (rectified) or 1 (not), computed per run of equal flags instead
+    of with broadcast masks (which cost several passes over x): the study's
+    fused trainer applies each model's ReLU mask this way.
+    """
+    _check_4d(x)
+    if len(rectified) != x.shape[1]:
+        raise ValueError(f"rectified has {len(rectified)} flags for {x.shape[1]} channels")
+    runs, start = [], 0
+    for c in range(1, len(rectified) + 1):
+        if c == len(rectified) or bool(rectified[c]) != bool(rectified[start]):
+            runs.append((start, c, bool(rectified[start])))
+            start = c
+    if len(runs) == 1:
+        return F.relu(x) if runs[0][2] else x
+    return _ChannelReLU.apply(x, tuple(runs))
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -362,9 +421,23 @@ def softmaxloss(x: torch.Tensor, c, normalise: bool = True) -> torch.Tensor:
     mass = valid.to(x.dtype)
     if weights is not None:
         mass = mass * weights
-    t = torch.logsumexp(x, dim=1, keepdim=True) - x.gather(1, index)
-    y = (mass * t).sum()
+    y = softmaxloss_per_image(x, index, mass).sum()
     return y / n if normalise else y
+
+
+def softmaxloss_per_image(x: torch.Tensor, index: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-image sums of :func:`softmaxloss` (N values, not divided by N).
+
+    ``index`` holds 0-based class indices, N x 1 x H x W or N x 1 x 1 x 1
+    (one per image); ``mass`` the per-location weights (None: all 1). No label
+    checks and no host synchronisation: for callers that validated the labels
+    once (the study's trainer runs this inside CUDA graphs).
+    """
+    n, _, h, w = x.shape
+    t = torch.logsumexp(x, dim=1, keepdim=True) - x.gather(1, index.expand(n, 1, h, w))
+    if mass is not None:
+        t = mass * t
+    return t.sum(dim=(1, 2, 3))
 
 
 class _ClampedLogLoss(torch.autograd.Function):

@@ -1,0 +1,323 @@
+"""Several MNIST LeNets with different ReLU masks, trained as one network.
+
+The study trains the same LeNet under 16 ReLU placements on the same data
+order. Stacked along the channel axis they form *one* MatConvNet network
+with filter groups: conv1 sees the shared input and produces M*20 channels
+(M models), conv2..conv4 are grouped convolutions with M groups (exactly
+``vl_nnconv``'s groups, :func:`matconvnet_port.functional.conv`), and the
+ReLU after conv i is a ReLU with a per-channel leak: 0 for the models that
+have it, 1 (identity) for the others. The models never mix: the loss is the
+sum of the M per-model ``softmaxloss`` values, so each model receives exactly
+its own gradient, and :func:`matconvnet_port.train.sgd_update` (cnn_train's
+update) is elementwise. Same functions, same numbers as training each model
+alone with :func:`matconvnet_port.train.cnn_train` (tests pin this).
+
+For speed: images and filters are stored transposed (N x C x W x H, which is
+MATLAB's own memory order), so max pooling's row-major tie rule *is*
+MatConvNet's column-major one and no layer transposes anything; each model's
+ReLUs are applied by :func:`~matconvnet_port.functional.channel_relu` on
+contiguous channel runs; data live on the device, a training step never synchronises with
+the host (statistics accumulate on the device and are read once per epoch),
+and on CUDA a whole step (forward, backward, update) is captured once as a
+CUDA graph and replayed. ``conv='grouped'`` runs each layer as one grouped
+convolution, ``'loop'`` as M convolutions on channel slices (same maths; which
+is faster depends on the device, see :func:`autotune`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import functional as fn
+from .models import CONV_SHAPES
+from .train import default_order, error_multiclass, sgd_update
+
+__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "CONV_IMPLS"]
+
+CONV_IMPLS = ("grouped", "loop")
+NUM_CLASSES = 10
+
+
+class FusedLeNet(nn.Module):
+    """M LeNets (``cnn_mnist_init`` without batch norm) differing only in their ReLU masks.
+
+    ``masks``: M masks of 4 bits (ReLU after conv1..4). ``weights``: either
+    one list of four ``[filters, biases]`` pairs in MatConvNet layout (shared
+    start for all M models, as the study uses) or M such lists.
+    ``forward(x)`` maps B x 1 x N x N images, stored transposed (see
+    :meth:`prepare_images`), to B x (M*10) x w x h scores (model m owns
+    channels ``m*10 .. m*10+9``; the spatial map is transposed too, which no
+    statistic of the study depends on).
+    """
+
+    def __init__(self, masks: Sequence[Sequence[int]], weights, *, conv: str = "grouped"):
+        super().__init__()
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"conv must be one of {CONV_IMPLS}, got {conv!r}")
+        self.masks = [tuple(int(b) for b in m) for m in masks]
+        self.num_models = len(self.masks)
+        self.conv = conv
+        per_model = weights if isinstance(weights[0][0], (list, tuple)) else [weights] * self.num_models
+        if len(per_model) != self.num_models:
+            raise ValueError(f"got weights for {len(per_model)} models and {self.num_models} masks")
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, shape in enumerate(CONV_SHAPES):
+            fs, bs = [], []
+            for model_weights in per_model:
+                f = np.asarray(model_weights[i][0], np.float32)
+                f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+                if f.shape != shape:
+                    raise ValueError(f"conv{i + 1} filters must be {shape}, got {f.shape}")
+                # FH x FW x FC x K -> K x FC x FW x FH: the filter of the transposed image
+                fs.append(torch.from_numpy(np.ascontiguousarray(f.transpose(3, 2, 1, 0))))
+                b = np.asarray(model_weights[i][1], np.float32).reshape(-1)
+                bs.append(torch.from_numpy(b if b.size else np.zeros(shape[3], np.float32)))
+            self.weights.append(nn.Parameter(torch.cat(fs)))
+            self.biases.append(nn.Parameter(torch.cat(bs)))
+        # which output channels of conv i are followed by a ReLU (model m's bit i)
+        self.rectified = [[bool(m[i]) for m in self.masks for _ in range(shape[3])]
+                          for i, shape in enumerate(CONV_SHAPES)]
+
+    @staticmethod
+    def prepare_images(images: torch.Tensor) -> torch.Tensor:
+        """B x 1 x H x W images -> the model's storage order (B x 1 x W x H, contiguous)."""
+        return images.transpose(2, 3).contiguous()
+
+    def parameters_in_matconvnet_order(self) -> list[nn.Parameter]:
+        """[f1, b1, f2, b2, f3, b3, f4, b4], the order of cnn_train's parameters."""
+        return [p for pair in zip(self.weights, self.biases) for p in pair]
+
+    def _conv(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        f, b = self.weights[i], self.biases[i]
+        if self.conv == "grouped" or i == 0 or self.num_models == 1:
+            return fn.conv(x, f, b)
+        k = CONV_SHAPES[i][3]
+        xs = x.chunk(self.num_models, dim=1)
+        return torch.cat([fn.conv(xs[m], f[m * k:(m + 1) * k], b[m * k:(m + 1) * k])
+                          for m in range(self.num_models)], dim=1)
+
+    def forward(self, x: torch.Tensor, relu_outputs: list | None = None) -> torch.Tensor:
+        for i in range(4):
+            x = fn.channel_relu(self._conv(i, x), self.rectified[i])
+            if relu_outputs is not None:
+                relu_outputs.append(x)
+            if i < 2:
+                # transposed storage: row-major ties here are MatConvNet's column-major ones
+                x = fn.pool(x, 2, stride=2, method="max", tie_order="row")
+        return x
+
+    def model_weights(self, m: int) -> list[list[np.ndarray]]:
+        """Model m's four [filters, biases] pairs in MatConvNet layout (FH x FW x FC x K, 1 x K)."""
+        out = []
+        for i, shape in enumerate(CONV_SHAPES):
+            k = shape[3]
+            f = self.weights[i][m * k:(m + 1) * k].detach().cpu().permute(3, 2, 1, 0).numpy().copy()
+            b = self.biases[i][m * k:(m + 1) * k].detach().cpu().numpy().reshape(1, k).copy()
+            out.append([f, b])
+        return out
+
+
+def per_model(scores: torch.Tensor, num_models: int) -> torch.Tensor:
+    """B x (M*10) x h x w -> (M*B) x 10 x h x w, model-major (model m's images are rows m*B..)."""
+    b, _, h, w = scores.shape
+    return scores.reshape(b, num_models, NUM_CLASSES, h, w).transpose(0, 1).reshape(num_models * b, NUM_CLASSES, h, w)
+
+
+@dataclass
+class EpochStats:
+    """Per-model statistics of one pass (numpy arrays of length M)."""
+
+    objective: np.ndarray
+    top1err: np.ndarray
+    top5err: np.ndarray
+    num: int
+    seconds: float
+    image_err: np.ndarray | None = None
+    dead_relu: dict = field(default_factory=dict)  # conv index (1..4) -> array (nan for models without it)
+
+
+class FusedTrainer:
+    """Trains a :class:`FusedLeNet` with cnn_train's SGD on device-resident data.
+
+    ``images``: n x 1 x N x N float tensor (mean-subtracted, as the imdb), on
+    the training device; ``labels``: n 1-based labels (validated here once).
+    The trainer keeps its own copy of the images in the model's storage order.
+    """
+
+    def __init__(self, model: FusedLeNet, images: torch.Tensor, labels: torch.Tensor, *,
+                 batch_size: int = 100, learning_rate=0.001, weight_decay: float = 0.0005,
+                 momentum: float = 0.9, seed: int = 0, use_cuda_graph: bool | None = None,
+                 eval_batch_size: int | None = None):
+        self.model = model
+        self.device = images.device
+        self.images = FusedLeNet.prepare_images(images)
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.numel() != images.shape[0]:
+            raise ValueError(f"{labels.numel()} labels for {images.shape[0]} images")
+        if bool(((labels < 1) | (labels > NUM_CLASSES) | (labels != labels.round())).any()):
+            raise ValueError(f"labels must be integers in 1..{NUM_CLASSES}")
+        self.labels = labels.to(device=self.device, dtype=torch.long)
+        self.batch_size = batch_size
+        self.rates = np.asarray(learning_rate, dtype=np.float64).reshape(-1)
+        self.weight_decay, self.momentum, self.seed = weight_decay, momentum, seed
+        self.params = model.parameters_in_matconvnet_order()
+        self.momenta = [torch.zeros_like(p) for p in self.params]
+        self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        self.eval_batch_size = eval_batch_size or (1000 if self.device.type == "cuda" else 500)
+        self._graphs: dict = {}
+
+    # -- one SGD step (forward, backward, update), no host synchronisation ----
+    def _step(self, x: torch.Tensor, index: torch.Tensor, lr: float, totals: torch.Tensor) -> None:
+        m = self.model.num_models
+        b = x.shape[0]
+        scores = self.model(x)
+        scores_pm = per_model(scores, m)
+        index_pm = index.reshape(1, b).expand(m, b).reshape(m * b, 1, 1, 1)
+        losses = fn.softmaxloss_per_image(scores_pm, index_pm)       # M*B per-image sums
+        # the sum over models of each model's softmaxloss (normalise: / B)
+        (losses.sum() / b).backward()
+        with torch.no_grad():
+            errors = error_multiclass(scores_pm.detach(), index_pm + 1, per_image=True)  # 2 x M*B
+            totals[0] += losses.detach().reshape(m, b).sum(1)
+            totals[1:3] += errors.reshape(2, m, b).sum(2)
+        sgd_update(self.params, [p.grad for p in self.params], self.momenta, [1.0] * len(self.params),
+                   [1.0] * len(self.params), learning_rate=lr, weight_decay=self.weight_decay,
+                   momentum=self.momentum)
+        for p in self.params:
+            p.grad = None
+
+    def _graphed_step(self, lr: float, b: int):
+        key = (lr, b)
+        if key not in self._graphs:
+            static_x = torch.zeros((b,) + tuple(self.images.shape[1:]), device=self.device, dtype=self.images.dtype)
+            static_index = torch.zeros(b, device=self.device, dtype=torch.long)
+            static_totals = torch.zeros(3, self.model.num_models, device=self.device, dtype=torch.float64)
+            # warm up on a side stream (cuDNN picks algorithms, autograd allocates), then capture
+            saved = [p.detach().clone() for p in self.params] + [m.clone() for m in self.momenta]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(static_x, static_index, lr, static_totals)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(static_x, static_index, lr, static_totals)
+            with torch.no_grad():  # undo the warm-up and capture steps
+                for t, s in zip(self.params + self.momenta, saved):
+                    t.copy_(s)
+            static_totals.zero_()
+            self._graphs[key] = (graph, static_x, static_index, static_totals)
+        return self._graphs[key]
+
+    def train_epoch(self, epoch: int, train_indices: np.ndarray, order=None, progress=None) -> EpochStats:
+        """One epoch of cnn_train over ``train_indices`` (1-based), shuffled as cnn_train does."""
+        lr = float(self.rates[min(epoch, self.rates.size) - 1])
+        order = default_order(epoch, train_indices, self.seed) if order is None else np.asarray(order)
+        order_dev = torch.as_tensor(order - 1, dtype=torch.long, device=self.device)
+        m = self.model.num_models
+        totals = torch.zeros(3, m, device=self.device, dtype=torch.float64)
+        start = time.perf_counter()
+        self.model.train()
+        for t in range(0, len(order), self.batch_size):
+            idx = order_dev[t:t + self.batch_size]
+            b = idx.numel()
+            if self.use_cuda_graph and b == self.batch_size:
+                graph, sx, si, st = self._graphed_step(lr, b)
+                torch.index_select(self.images, 0, idx, out=sx)
+                torch.index_select(self.labels, 0, idx, out=si)
+                graph.replay()
+            else:
+                x = self.images.index_select(0, idx)
+                index = self.labels.index_select(0, idx) - 1
+                self._step(x, index, lr, totals)
+            if progress is not None:
+                progress(b)
+        for graph, _, _, st in self._graphs.values():
+            totals += st
+            st.zero_()
+        totals = totals.cpu().numpy()
+        n = len(order)
+        return EpochStats(objective=totals[0] / n, top1err=totals[1] / n, top5err=totals[2] / n, num=n,
+                          seconds=time.perf_counter() - start)
+
+    @torch.no_grad()
+    def evaluate(self, indices: np.ndarray, progress=None) -> EpochStats:
+        """Test-mode pass over ``indices`` (1-based): MatConvNet's val statistics, the
+        image-level error (scores summed over locations, then argmax) and dead ReLUs
+        (a channel whose ReLU output is 0 at every location of every image)."""
+        m = self.model.num_models
+        start = time.perf_counter()
+        self.model.eval()
+        idx_all = torch.as_tensor(np.asarray(indices) - 1, dtype=torch.long, device=self.device)
+        totals = torch.zeros(4, m, device=self.device, dtype=torch.float64)
+        alive = [None] * 4
+        for t in range(0, idx_all.numel(), self.eval_batch_size):
+            idx = idx_all[t:t + self.eval_batch_size]
+            b = idx.numel()
+            x = self.images.index_select(0, idx)
+            index = self.labels.index_select(0, idx) - 1
+            relu_outputs: list = []
+            scores_pm = per_model(self.model(x, relu_outputs), m)
+            index_pm = index.reshape(1, b).expand(m, b).reshape(m * b, 1, 1, 1)
+            totals[0] += fn.softmaxloss_per_image(scores_pm, index_pm).reshape(m, b).sum(1)
+            totals[1:3] += error_multiclass(scores_pm, index_pm + 1, per_image=True).reshape(2, m, b).sum(2)
+            image_pred = scores_pm.sum(dim=(2, 3)).argmax(dim=1)
+            totals[3] += (image_pred != index_pm.reshape(-1)).reshape(m, b).sum(1)
+            for i, y in enumerate(relu_outputs):
+                positive = (y > 0).any(dim=3).any(dim=2).any(dim=0)
+                alive[i] = positive if alive[i] is None else alive[i] | positive
+            if progress is not None:
+                progress(b)
+        totals = totals.cpu().numpy()
+        n = idx_all.numel()
+        dead = {}
+        for i, shape in enumerate(CONV_SHAPES):
+            frac = (~alive[i]).reshape(m, shape[3]).double().mean(1).cpu().numpy()
+            has = np.array([mask[i] for mask in self.model.masks], dtype=bool)
+            dead[i + 1] = np.where(has, frac, np.nan)
+        return EpochStats(objective=totals[0] / n, top1err=totals[1] / n, top5err=totals[2] / n, num=n,
+                          seconds=time.perf_counter() - start, image_err=totals[3] / n, dead_relu=dead)
+
+    # -- resumable state -------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu().clone() for p in self.params],
+                "momenta": [m.detach().cpu().clone() for m in self.momenta]}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, state["params"]):
+                p.copy_(s)
+            for m, s in zip(self.momenta, state["momenta"]):
+                m.copy_(s)
+
+
+def autotune(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
+             steps: int = 5, candidates: Sequence[str] = CONV_IMPLS) -> tuple[str, dict]:
+    """Time a few training steps of each conv implementation on this device; return the fastest.
+
+    Runs on throwaway copies (the caller's models are untouched). Returns
+    (best, {impl: seconds per step}).
+    """
+    timings = {}
+    n = min(images.shape[0], batch_size * (steps + 3))
+    indices = np.arange(1, n + 1)
+    for impl in candidates:
+        model = FusedLeNet(masks, weights, conv=impl).to(images.device)
+        trainer = FusedTrainer(model, images[:n], labels[:n], batch_size=batch_size)
+        trainer.train_epoch(1, indices[:batch_size * 2])  # warm-up (and graph capture)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train_epoch(1, indices[:batch_size * steps])
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings[impl] = (time.perf_counter() - start) / steps
+    return min(timings, key=timings.get), timings

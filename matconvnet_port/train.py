@@ -1,0 +1,408 @@
+"""``cnn_train``: MatConvNet's SGD trainer for SimpleNN networks, step for step.
+
+Read this file beside MatConvNet's ``examples/cnn_train.m`` (master, 2018):
+the same options, the same loop, the same update and the same statistics,
+with PyTorch computing the forward and backward passes (through
+:mod:`matconvnet_port.functional`, in IEEE float32).
+
+The story, top to bottom:
+
+1. prepare the net (``vl_simplenn_tidy``, per-layer ``learningRate`` /
+   ``weightDecay`` multipliers, the prediction layer made precious);
+2. resume from the last complete ``exp_dir/net-epoch-K.mat`` if any;
+3. for each epoch: shuffle (seeded with ``random_seed + epoch``), run the
+   training batches -- forward, backward, error counts, SGD update --
+   then the validation batches in test mode;
+4. save ``net-epoch-K.mat`` (``net``, ``state`` with the momentum buffers,
+   ``stats``) atomically.
+
+The update (``accumulateGradients`` in ``cnn_train.m``), for every layer from
+last to first and every parameter j from last to first::
+
+    g = dzdw / (1 if normalise else batchSize) + weightDecay * layer.weightDecay(j) * w
+    m = momentum * m - g
+    delta = momentum * m - g  if nesterov_update else  m
+    w = w + learningRate(epoch) * layer.learningRate(j) * delta
+
+(skipped when both the learning rate and the decay of that parameter are 0).
+Batch-norm moments are not trained: ``w = (1 - a) * w + a * batch_moments``
+with ``a = layer.learningRate(3)``. The statistics are MatConvNet's:
+``objective`` the mean per-image loss, ``top1err``/``top5err`` the errors
+counted at every spatial location of the prediction divided by the number
+of images (so they exceed 1 for spatial maps), measured during the training
+forward passes and, for ``val``, after the epoch in test mode.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import layers as L
+from .precision import exact_fp32
+from .simplenn import SimpleNN, SimpleNNModule, vl_simplenn_tidy
+
+__all__ = ["cnn_train", "sgd_update", "error_multiclass", "resolve_device", "default_order",
+           "find_last_checkpoint"]
+
+
+# ---------------------------------------------------------------------------
+# Pieces of cnn_train.m, each usable on its own
+# ---------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return device
+
+
+def default_order(epoch: int, indices: np.ndarray, random_seed: int = 0) -> np.ndarray:
+    """The shuffle of ``cnn_train``: a permutation seeded with ``random_seed + epoch``.
+
+    MATLAB's ``rng(epoch + randomSeed); randperm(n)`` cannot be reproduced
+    outside MATLAB, so this uses PyTorch's generator with the same seed; pass
+    ``order=`` to :func:`cnn_train` to replay a recorded MATLAB order.
+    """
+    generator = torch.Generator().manual_seed(int(random_seed) + int(epoch))
+    return np.asarray(indices)[torch.randperm(len(indices), generator=generator).numpy()]
+
+
+def error_multiclass(prediction: torch.Tensor, labels: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """Top-1 and top-5 error counts -- ``error_multiclass`` of ``cnn_train.m``.
+
+    ``prediction`` N x C x H x W scores; ``labels`` N (one per image) or
+    N x 1 x H x W / N x 2 x H x W (labels, weights), 1-based, 0 = skip.
+    Errors are counted at every location (weighted by the mass), not divided.
+    Returns a tensor [top1, top5] on the prediction's device (2 x N counts per
+    image with ``per_image``).
+    """
+    n, c, h, w = prediction.shape
+    if labels.numel() == n:
+        labels = labels.reshape(n, 1, 1, 1)
+    mass = (labels[:, :1] > 0).to(prediction.dtype)
+    if labels.shape[1] == 2:
+        mass = mass * labels[:, 1:2].to(prediction.dtype)
+        labels = labels[:, :1]
+    m = min(5, c)
+    # MATLAB's sort is stable, so ties rank the lower class first
+    ranked = torch.sort(prediction, dim=1, descending=True, stable=True).indices[:, :m] + 1
+    wrong = ranked != labels.to(ranked.dtype)
+    top1 = (mass * wrong[:, :1].to(prediction.dtype)).sum(dim=(1, 2, 3))
+    top5 = (mass * wrong.all(dim=1, keepdim=True).to(prediction.dtype)).sum(dim=(1, 2, 3))
+    counts = torch.stack([top1, top5])
+    return counts if per_image else counts.sum(dim=1)
+
+
+def error_binary(prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``error_binary`` of ``cnn_train.m``: count of ``prediction * labels < 0``."""
+    return ((prediction * labels.to(prediction.dtype)) < 0).sum().to(prediction.dtype).reshape(1)
+
+
+ERROR_FUNCTIONS = {"multiclass": (error_multiclass, ("top1err", "top5err")),
+                   "binary": (error_binary, ("binerr",)),
+                   "none": (None, ())}
+
+
+@torch.no_grad()
+def sgd_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momenta: Sequence[torch.Tensor],
+               lr_mults: Sequence[float], decay_mults: Sequence[float], *, learning_rate: float,
+               weight_decay: float, momentum: float, nesterov: bool = False, grad_scale: float = 1.0) -> None:
+    """MatConvNet's SGD with momentum, in place: see the module docstring.
+
+    ``params``, ``grads``, ``momenta`` are matching lists (visited last to
+    first as ``cnn_train`` does); the multipliers are per parameter. Works on
+    stacked parameters of several models alike (the update is elementwise).
+    """
+    for j in reversed(range(len(params))):
+        w, m = params[j], momenta[j]
+        this_decay = weight_decay * float(decay_mults[j])
+        this_lr = learning_rate * float(lr_mults[j])
+        if this_lr == 0 and this_decay == 0:
+            continue
+        g = grads[j] * grad_scale if grad_scale != 1.0 else grads[j]
+        g = torch.add(g, w, alpha=this_decay) if this_decay else g
+        m.mul_(momentum).sub_(g)
+        if nesterov:
+            w.add_(momentum * m - g, alpha=this_lr)
+        else:
+            w.add_(m, alpha=this_lr)
+
+
+def find_last_checkpoint(exp_dir: str) -> int:
+    """The largest K with ``exp_dir/net-epoch-K.mat`` present (0 if none)."""
+    epochs = [int(m.group(1)) for path in glob.glob(os.path.join(exp_dir, "net-epoch-*.mat"))
+              if (m := re.fullmatch(r"net-epoch-(\d+)\.mat", os.path.basename(path)))]
+    return max(epochs, default=0)
+
+
+def _checkpoint_path(exp_dir: str, epoch: int) -> str:
+    return os.path.join(exp_dir, f"net-epoch-{epoch}.mat")
+
+
+def _multipliers(layer: dict, count: int, name: str) -> list[float]:
+    values = np.asarray(layer.get(name, np.ones((1, count))), dtype=np.float64).reshape(-1)
+    if values.size < count:
+        raise ValueError(f"layer '{layer.get('name')}': {name} has {values.size} entries for {count} parameters")
+    return [float(v) for v in values[:count]]
+
+
+def prepare_net(net) -> SimpleNN:
+    """``cnn_train``'s initialisation: tidy, precious predictions, default multipliers."""
+    net = vl_simplenn_tidy(net)
+    if len(net.layers) >= 2:
+        net.layers[-2]["precious"] = True
+    for layer in net.layers:
+        count = len(layer.get("weights") or [])
+        layer.setdefault("learningRate", np.ones((1, count)))
+        layer.setdefault("weightDecay", np.ones((1, count)))
+    return net
+
+
+# ---------------------------------------------------------------------------
+# The trainer state: the module, its parameters in MatConvNet order, momenta
+# ---------------------------------------------------------------------------
+
+class _Solver:
+    """Parameters of a SimpleNN module in MatConvNet order with their momentum buffers."""
+
+    def __init__(self, net: SimpleNN, module: SimpleNNModule, solver_state=None):
+        self.entries = []  # (layer index, j, parameter, momentum, lr mult, decay mult)
+        for i, (layer, m) in enumerate(zip(net.layers, module.layers)):
+            if isinstance(m, L.BatchNorm):
+                params = [m.weight, m.bias, m.moments]
+            elif isinstance(m, (L.Conv, L.ConvTranspose)):
+                params = [m.weight, m.bias]
+            else:
+                continue
+            lrs = _multipliers(layer, len(params), "learningRate")
+            decays = _multipliers(layer, len(params), "weightDecay")
+            for j, p in enumerate(params):
+                if p is None:
+                    continue
+                buf = torch.zeros_like(p)
+                if solver_state is not None and i < len(solver_state) and j < len(solver_state[i]):
+                    saved = np.asarray(solver_state[i][j])
+                    if saved.size == p.numel():
+                        buf = _from_matconvnet(saved, p)
+                self.entries.append((i, j, p, buf, lrs[j], decays[j]))
+
+    def step(self, module: SimpleNNModule, *, learning_rate, weight_decay, momentum, nesterov, grad_scale):
+        plain = [e for e in self.entries if not (isinstance(module.layers[e[0]], L.BatchNorm) and e[1] == 2)]
+        sgd_update([e[2] for e in plain], [e[2].grad for e in plain], [e[3] for e in plain],
+                   [e[4] for e in plain], [e[5] for e in plain], learning_rate=learning_rate,
+                   weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, grad_scale=grad_scale)
+        with torch.no_grad():
+            for i, j, p, _, lr_mult, _ in self.entries:
+                m = module.layers[i]
+                if isinstance(m, L.BatchNorm) and j == 2 and m.batch_moments is not None:
+                    p.mul_(1 - lr_mult).add_(lr_mult * m.batch_moments)
+        for e in self.entries:
+            e[2].grad = None
+
+    def solver_state(self, num_layers: int) -> list[list[np.ndarray]]:
+        """Momentum buffers as ``state.solverState{l}{j}`` (MatConvNet layout; empty for no weights)."""
+        state: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+        for i, j, p, buf, _, _ in self.entries:
+            while len(state[i]) <= j:
+                state[i].append(np.zeros((0, 0), np.float32))
+            state[i][j] = _to_matconvnet(buf)
+        return state
+
+
+def _to_matconvnet(t: torch.Tensor) -> np.ndarray:
+    a = t.detach().cpu()
+    return (a.permute(2, 3, 1, 0) if a.dim() == 4 else a).numpy().copy()
+
+
+def _from_matconvnet(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if like.dim() == 4:
+        t = t.reshape(t.shape + (1,) * (4 - t.dim())).permute(3, 2, 0, 1)
+    return t.reshape(like.shape).to(device=like.device, dtype=like.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# One epoch
+# ---------------------------------------------------------------------------
+
+def _to_device_batch(images, labels, device, dtype):
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    if x.dim() < 4:
+        x = x.reshape(tuple(x.shape) + (1,) * (4 - x.dim()))
+    x = x.permute(3, 2, 0, 1).to(device=device, dtype=dtype, non_blocking=True).contiguous()
+    c = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels, dtype=np.float64))
+    n = x.shape[0]
+    c = c.reshape(n) if c.numel() == n else c.reshape(tuple(c.shape) + (1,) * (4 - c.dim())).permute(3, 2, 0, 1)
+    return x, c.to(device)
+
+
+def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_batch, subset: np.ndarray,
+                   *, mode: str, epoch: int, batch_size: int, learning_rate: float, opts: dict,
+                   batch_callback=None, progress: bool = True) -> tuple[dict, np.ndarray | None]:
+    """Train (or evaluate) over ``subset`` in batches: ``process_epoch`` of ``cnn_train.m``."""
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    error_fn, error_labels = ERROR_FUNCTIONS[opts["error_function"]]
+    training = mode == "train"
+    module.train(training)
+    totals = torch.zeros(1 + len(error_labels), dtype=torch.float64, device=device)
+    num = 0
+    start = time.perf_counter()
+    last_labels = None
+    batches = range(0, len(subset), batch_size)
+    bar = tqdm(batches, desc=f"{mode} epoch {epoch:02d}", unit="batch", disable=not progress, leave=False)
+    for b, t in enumerate(bar):
+        batch = subset[t:t + batch_size]
+        images, labels = get_batch(imdb, batch)
+        x, c = _to_device_batch(images, labels, device, dtype)
+        with torch.set_grad_enabled(training):
+            prediction = module(x)
+            objective = module.layer_forward(len(module.layers) - 1, prediction, c)
+            if training:
+                objective.backward()
+        with torch.no_grad():
+            # the loss layer divides by N (master), so scale back to a per-batch sum
+            batch_sum = objective.detach() * (len(batch) if opts["normalise"] else 1)
+            errors = error_fn(prediction.detach(), c) if error_fn else prediction.new_zeros(0)
+            row = torch.cat([batch_sum.reshape(1).to(torch.float64), errors.to(torch.float64)])
+            totals += row
+        if training:
+            solver.step(module, learning_rate=learning_rate, weight_decay=opts["weight_decay"],
+                        momentum=opts["momentum"], nesterov=opts["nesterov_update"],
+                        grad_scale=1.0 if opts["normalise"] else 1.0 / len(batch))
+        num += len(batch)
+        if batch_callback is not None:
+            values = (row / len(batch)).cpu().numpy()
+            batch_callback(epoch, mode, b, dict(zip(("objective",) + error_labels, map(float, values))))
+        if progress and (b % 10 == 0 or t + batch_size >= len(subset)):
+            seconds = time.perf_counter() - start
+            shown = (totals / max(num, 1)).cpu().numpy()
+            bar.set_postfix({"Hz": f"{num / max(seconds, 1e-9):.0f}",
+                             **{k: f"{v:.3f}" for k, v in zip(("objective",) + error_labels, shown)}})
+        last_labels = labels
+    bar.close()
+    values = (totals / max(num, 1)).cpu().numpy() if num else np.zeros(len(totals))
+    stats = {"objective": float(values[0])}
+    stats.update({name: float(v) for name, v in zip(error_labels, values[1:])})
+    stats["num"] = num
+    stats["time"] = time.perf_counter() - start
+    return stats, last_labels
+
+
+# ---------------------------------------------------------------------------
+# cnn_train
+# ---------------------------------------------------------------------------
+
+def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs: int = 300,
+              batch_size: int = 256, epoch_size: int | None = None, learning_rate=0.001,
+              weight_decay: float = 0.0005, momentum: float = 0.9, nesterov_update: bool = False,
+              train=None, val=None, random_seed: int = 0, order: Callable | None = None,
+              resume: bool = True, device="auto", error_function: str = "multiclass",
+              normalise: bool = True, progress: bool = True, batch_callback: Callable | None = None,
+              dtype: torch.dtype = torch.float32):
+    """Train a SimpleNN with SGD exactly as MatConvNet's ``cnn_train`` -> ``(net, info)``.
+
+    ``imdb`` is MATLAB's imdb as a dict (``imdb['images']['data']``
+    H x W x C x n, ``['labels']``, ``['set']``); ``get_batch(imdb, batch)``
+    returns ``(images H x W x C x b, labels)`` for 1-based indices ``batch``.
+    ``train``/``val`` default to the indices with set 1 / set 3.
+    ``learning_rate`` may be a vector indexed by epoch (the last entry holds
+    afterwards). ``order(epoch, mode, indices)`` returns the 1-based indices
+    in the order to use (default: :func:`default_order`); ``epoch_size``
+    keeps the first ``epoch_size`` of the shuffled training indices.
+    ``normalise=True`` is master (the loss layer divides by the batch size);
+    ``False`` is v1.0-beta25 (the loss is summed and the update divides).
+    ``batch_callback(epoch, mode, b, stats)`` sees every batch's statistics.
+
+    Checkpoints ``exp_dir/net-epoch-K.mat`` hold ``net``, ``state``
+    (``solverState`` momentum buffers, ``stats``) and ``stats``, written
+    atomically; with ``resume`` the last one is loaded and training continues
+    as if never interrupted. ``info['train'][e-1]`` / ``info['val'][e-1]`` are
+    dicts with ``objective``, ``top1err``, ``top5err``, ``num``, ``time``.
+    """
+    from .netio import load_checkpoint, save_checkpoint  # the .mat layer, imported lazily
+
+    if error_function not in ERROR_FUNCTIONS:
+        raise ValueError(f"error_function must be one of {list(ERROR_FUNCTIONS)}, got {error_function!r}")
+    opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
+                error_function=error_function, normalise=normalise)
+    device = resolve_device(device)
+    os.makedirs(exp_dir, exist_ok=True)
+    sets = np.asarray(imdb["images"]["set"]).reshape(-1)
+    train = np.flatnonzero(sets == 1) + 1 if train is None else np.asarray(train, dtype=np.int64).reshape(-1)
+    val = np.flatnonzero(sets == 3) + 1 if val is None else np.asarray(val, dtype=np.int64).reshape(-1)
+    rates = np.asarray(learning_rate, dtype=np.float64).reshape(-1)
+
+    # 1. the net, as cnn_train prepares it
+    net = prepare_net(net)
+    info = {"train": [], "val": []}
+    solver_state = None
+
+    # 2. resume from the last complete checkpoint
+    start = find_last_checkpoint(exp_dir) if resume else 0
+    if start >= num_epochs + 1:
+        start = num_epochs
+    if start >= 1:
+        net, state, saved_stats = load_checkpoint(_checkpoint_path(exp_dir, start))
+        net = prepare_net(net)
+        solver_state = state.get("solverState") if isinstance(state, dict) else None
+        info = {"train": list(saved_stats.get("train", []))[:start], "val": list(saved_stats.get("val", []))[:start]}
+        if progress:
+            print(f"cnn_train: resuming by loading epoch {start}")
+
+    module = net.to_torch(device=device, dtype=dtype)
+    for m in module.layers:
+        if isinstance(m, L.SoftMaxLoss):
+            m.normalise = normalise
+        elif isinstance(m, L.Loss):
+            m.options["normalise"] = normalise
+    solver = _Solver(net, module, solver_state)
+
+    # 3. epochs
+    with exact_fp32():
+        for epoch in range(start + 1, num_epochs + 1):
+            lr = float(rates[min(epoch, rates.size) - 1])
+            train_order = order(epoch, "train", train) if order else default_order(epoch, train, random_seed)
+            train_order = np.asarray(train_order, dtype=np.int64).reshape(-1)
+            if epoch_size is not None:
+                train_order = train_order[:epoch_size]
+            val_order = order(epoch, "val", val) if order else default_order(epoch, val, random_seed)
+            val_order = np.asarray(val_order, dtype=np.int64).reshape(-1)
+
+            train_stats, _ = _process_epoch(module, solver, imdb, get_batch, train_order, mode="train",
+                                            epoch=epoch, batch_size=batch_size, learning_rate=lr, opts=opts,
+                                            batch_callback=batch_callback, progress=progress)
+            with torch.no_grad():
+                val_stats, last_labels = _process_epoch(module, None, imdb, get_batch, val_order, mode="val",
+                                                        epoch=epoch, batch_size=batch_size, learning_rate=lr,
+                                                        opts=opts, batch_callback=batch_callback,
+                                                        progress=progress)
+            info["train"].append(train_stats)
+            info["val"].append(val_stats)
+
+            # 4. checkpoint, as cnn_train's saveState writes it
+            net.load_torch_weights(module)
+            if last_labels is not None:  # cnn_train leaves the last batch's labels in the loss layer
+                net.layers[-1]["class"] = np.asarray(last_labels, dtype=np.float64)
+            state = {"solverState": solver.solver_state(len(net.layers)),
+                     "stats": {"train": train_stats, "val": val_stats}}
+            save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info)
+            if progress:
+                print(f"epoch {epoch:02d}: train objective {train_stats['objective']:.4f} "
+                      + " ".join(f"{k} {train_stats[k]:.4f}" for k in ERROR_FUNCTIONS[error_function][1])
+                      + f" | val objective {val_stats['objective']:.4f} "
+                      + " ".join(f"{k} {val_stats[k]:.4f}" for k in ERROR_FUNCTIONS[error_function][1])
+                      + f" | {train_stats['num'] / max(train_stats['time'], 1e-9):.0f} images/s")
+    net.load_torch_weights(module)
+    return net, info
