@@ -1,0 +1,131 @@
+"""SimpleNN as a user edits it: vl_simplenn_tidy defaults, copies, edits, to_torch, test mode, old format."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from matconvnet_port.netio import load_net
+from matconvnet_port.simplenn import SimpleNN, vl_simplenn, vl_simplenn_tidy
+
+REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference_data")
+EPOCH2 = os.path.join(REF, "train", "net-epoch-2.mat")
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return load_net(EPOCH2)
+
+
+def batch(seed=0, size=28, n=3):
+    rng = np.random.default_rng(seed)
+    x = (64 * rng.standard_normal((size, size, 1, n))).astype(np.float32)
+    labels = rng.integers(1, 11, size=(1, n)).astype(np.float64)
+    return x, labels
+
+
+def nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(3, 2, 0, 1)
+
+
+def test_tidy_fills_matconvnet_defaults():
+    tidy = vl_simplenn_tidy(SimpleNN([{"type": "relu"}, {"type": "conv", "weights": [np.ones((1, 1, 2, 3), np.float32),
+                                                                                      np.zeros((1, 3), np.float32)]},
+                                      {"type": "pool", "pool": 2}, {"type": "dropout"}]))
+    relu, conv, pool, dropout = tidy.layers
+    assert relu == {"type": "relu", "weights": [], "leak": 0, "name": "layer1", "precious": False}
+    assert (conv["pad"], conv["stride"], conv["dilate"], conv["opts"], conv["name"]) == (0, 1, 1, [], "layer2")
+    assert pool["method"] == "max" and pool["stride"] == 1 and pool["pad"] == 0
+    assert dropout["rate"] == 0.5
+
+
+def test_hand_written_relu_net_runs():
+    x = np.random.default_rng(1).standard_normal((4, 5, 2, 3)).astype(np.float32)
+    x[0, 0, 0, 0] = 0
+    dzdy = np.ones_like(x)
+    res = vl_simplenn(SimpleNN([{"type": "relu"}]), x, dzdy)
+    assert np.array_equal(res[-1].x, np.maximum(x, 0))
+    assert np.array_equal(res[0].dzdx, (x > 0).astype(np.float32))  # derivative 0 at exactly 0
+
+
+def test_deepcopy_is_independent(lenet):
+    x, labels = batch()
+    net = copy.deepcopy(lenet)
+    net.layers[-1]["class"] = labels
+    before = vl_simplenn(net, x)[-1].x
+    other = copy.deepcopy(net)
+    other.layers[0]["weights"][0][:] = 0
+    other.layers[2]["pad"] = 1
+    assert lenet.layers[0]["weights"][0].any() and net.layers[0]["weights"][0].any()
+    assert np.array_equal(vl_simplenn(net, x)[-1].x, before)
+    assert not np.array_equal(vl_simplenn(other, x)[-1].x, before)
+
+
+def test_reassigning_layers_drops_the_loss(lenet):
+    x, labels = batch()
+    net = copy.deepcopy(lenet)
+    net.layers[-1]["class"] = labels
+    full = vl_simplenn(net, x)
+    net.layers = net.layers[:-1]
+    scores = vl_simplenn(net, x)
+    assert len(scores) == len(full) - 1
+    np.testing.assert_array_equal(scores[-1].x, full[-2].x)
+
+
+def test_to_torch_matches_vl_simplenn(lenet):
+    x, labels = batch(2, size=36)
+    net = copy.deepcopy(lenet)
+    net.layers[-1]["class"] = labels
+    res = vl_simplenn(net, x)
+    del net.layers[-1]["class"]
+    module = net.to_torch()
+    with torch.no_grad():
+        scores = module(nchw(x))                     # stops before the loss when no labels are passed
+        loss = module(nchw(x), torch.from_numpy(labels.reshape(-1)))
+    np.testing.assert_allclose(scores.permute(2, 3, 1, 0).numpy(), res[-2].x, rtol=1e-6, atol=1e-6)
+    assert scores.shape == (3, 10, 3, 3)
+    np.testing.assert_allclose(loss.numpy(), res[-1].x, rtol=1e-6)
+
+
+def _bnorm_dropout_net(rng):
+    g = rng.uniform(0.5, 1.5, (3, 1)).astype(np.float32)
+    b = rng.standard_normal((3, 1)).astype(np.float32)
+    moments = np.stack([rng.standard_normal(3), rng.uniform(0.5, 2, 3)], axis=1).astype(np.float32)
+    return SimpleNN([{"type": "bnorm", "weights": [g, b, moments]}, {"type": "dropout", "rate": 0.5}]), g, b, moments
+
+
+def test_test_mode_uses_bnorm_moments_and_skips_dropout():
+    rng = np.random.default_rng(3)
+    net, g, b, moments = _bnorm_dropout_net(rng)
+    x = rng.standard_normal((4, 4, 3, 2)).astype(np.float32)
+    y = vl_simplenn(net, x, mode="test")[-1].x
+    expected = g.reshape(1, 1, 3, 1) * (x - moments[:, 0].reshape(1, 1, 3, 1)) / moments[:, 1].reshape(1, 1, 3, 1) \
+        + b.reshape(1, 1, 3, 1)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    res = vl_simplenn(net, x, mode="normal")
+    normalised = res[1].x
+    np.testing.assert_allclose(normalised.mean(axis=(0, 1, 3)), b.reshape(-1), atol=1e-5)  # batch statistics
+    dropped = res[2].x
+    assert ((dropped == 0) | np.isclose(dropped, 2 * normalised)).all() and (dropped == 0).any()
+
+
+def test_old_format_net_is_upgraded_and_runs(lenet):
+    legacy = load_net(os.path.join(REF, "train", "net-epoch-2-legacy-beta16.mat"))
+    x, _ = batch(4)
+    prob = vl_simplenn(legacy, x)[-1].x
+    scores = vl_simplenn(SimpleNN(lenet.layers[:-1], lenet.meta), x)[-1].x
+    expected = np.exp(scores - scores.max(axis=2, keepdims=True))
+    expected /= expected.sum(axis=2, keepdims=True)
+    np.testing.assert_allclose(prob, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_tidy_upgrades_a_hand_written_old_format_dict():
+    f = np.ones((1, 1, 1, 2), np.float32)
+    old = {"layers": [{"type": "conv", "filters": f, "biases": np.zeros((1, 2), np.float32)}],
+           "classes": {"name": ["a", "b"]}, "normalization": {"imageSize": [8, 8, 1]}}
+    tidy = vl_simplenn_tidy(old)
+    assert "filters" not in tidy.layers[0] and tidy.layers[0]["weights"][0] is not f
+    assert np.array_equal(tidy.layers[0]["weights"][0], f)
+    assert tidy.meta["classes"]["name"] == ["a", "b"] and "normalization" in tidy.meta
