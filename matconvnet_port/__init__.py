@@ -9,3 +9,18 @@ from .vl_nn import (vl_nnbnorm, vl_nnconv, vl_nnconvt, vl_nndropout, vl_nnloss, 
 from .simplenn import SimpleNN, vl_simplenn, vl_simplenn_tidy
 from .models import cnn_mnist_init, mask_bits, mask_name, parse_mask
 from .precision import exact_fp32, set_precision
+from .imresize import imresize
+
+
+def __getattr__(name):
+    # cnn_train is loaded on first use so that `python -m matconvnet_port.train` runs cleanly
+    if name == "cnn_train":
+        from .train import cnn_train
+        return cnn_train
+    if name in ("load_net", "save_net", "load_checkpoint", "save_checkpoint"):
+        from . import netio
+        return getattr(netio, name)
+    if name == "DagNN":
+        from .dagnn import DagNN
+        return DagNN
+    raise AttributeError(f"module 'matconvnet_port' has no attribute {name!r}")

@@ -262,7 +262,7 @@ class SimpleNNModule(nn.Module):
 
     With labels ``c`` the whole chain runs and the loss is returned; without
     them the chain stops before the first loss layer and returns its input
-    (the class scores). ``train()`` is MatConvNet's 'normal' mode, ``eval()``
+    (the class scores), whatever ``class`` the net stored. ``train()`` is MatConvNet's 'normal' mode, ``eval()``
     its 'test' mode.
     """
 
@@ -290,7 +290,7 @@ class SimpleNNModule(nn.Module):
 
     def forward(self, x: torch.Tensor, c=None) -> torch.Tensor:
         for i in range(len(self.layers)):
-            if self.types[i] in LOSS_LAYER_TYPES and c is None and self.classes[i] is None:
+            if self.types[i] in LOSS_LAYER_TYPES and c is None:
                 break
             x = self.layer_forward(i, x, c)
         return x

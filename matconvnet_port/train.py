@@ -293,8 +293,9 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
         last_labels = labels
     bar.close()
     values = (totals / max(num, 1)).cpu().numpy() if num else np.zeros(len(totals))
-    stats = {"objective": float(values[0])}
-    stats.update({name: float(v) for name, v in zip(error_labels, values[1:])})
+    # single precision, as cnn_train stores them (so a resumed run reports the same numbers)
+    stats = {"objective": float(np.float32(values[0]))}
+    stats.update({name: float(np.float32(v)) for name, v in zip(error_labels, values[1:])})
     stats["num"] = num
     stats["time"] = time.perf_counter() - start
     return stats, last_labels
@@ -406,3 +407,78 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                       + f" | {train_stats['num'] / max(train_stats['time'], 1e-9):.0f} images/s")
     net.load_torch_weights(module)
     return net, info
+
+
+# ---------------------------------------------------------------------------
+# python -m matconvnet_port.train: the MNIST baseline, as examples/mnist/cnn_mnist.m
+# ---------------------------------------------------------------------------
+
+def mnist_get_batch(imdb: dict, batch: np.ndarray):
+    """``getSimpleNNBatch`` of ``cnn_mnist.m``: images and labels of 1-based indices."""
+    return imdb["images"]["data"][:, :, :, batch - 1], imdb["images"]["labels"][:, batch - 1]
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from .models import cnn_mnist_init, mask_name, parse_mask
+    from .mnist import get_mnist_imdb
+
+    parser = argparse.ArgumentParser(
+        prog="python -m matconvnet_port.train",
+        description="Train MatConvNet's MNIST LeNet (cnn_mnist_init) with cnn_train's defaults, "
+                    "as examples/mnist/cnn_mnist.m does. Checkpoints are MatConvNet .mat files.")
+    parser.add_argument("--mask", default="C C CR C", help="ReLU placement, e.g. 'C CR C CR' or 0101 "
+                        "(conv1 first); default: stock MatConvNet 'C C CR C'")
+    parser.add_argument("--input-size", type=int, default=28, help="resize the digits to N x N (default 28)")
+    parser.add_argument("--resize", default="imresize", choices=["imresize", "bilinear", "nearest", "pad"])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--learning-rate", type=float, default=0.001)
+    parser.add_argument("--weight-decay", type=float, default=0.0005)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--batch-normalization", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and shuffling")
+    parser.add_argument("--train-subset", type=int, help="use the first n training images")
+    parser.add_argument("--val-subset", type=int, help="use the first n test images for validation")
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    parser.add_argument("--data-dir", help="folder with the IDX files (default: the vendored MNIST)")
+    parser.add_argument("--exp-dir", default=None, help="checkpoint folder (default runs/mnist-<mask bits>-N<size>)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    args = parser.parse_args(argv)
+    try:
+        mask = parse_mask(args.mask)
+        if args.input_size < 28 or args.input_size % 4:
+            raise ValueError(f"--input-size must be >= 28 and divisible by 4 (the LeNet needs it), "
+                             f"got {args.input_size}")
+        device = resolve_device(args.device)
+        exp_dir = args.exp_dir or os.path.join(
+            "runs", f"mnist-{''.join(map(str, mask))}-N{args.input_size}")
+        imdb = get_mnist_imdb(input_size=args.input_size, resize=args.resize, data_dir=args.data_dir,
+                              dataset=args.dataset, train_subset=args.train_subset, val_subset=args.val_subset)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"cnn_train: {mask_name(mask)} at {args.input_size}x{args.input_size} on {device}, "
+          f"{args.epochs} epochs, checkpoints in {exp_dir}")
+    net = cnn_mnist_init(mask, batch_normalization=args.batch_normalization, seed=args.seed)
+    try:
+        _, info = cnn_train(net, imdb, mnist_get_batch, exp_dir=exp_dir, num_epochs=args.epochs,
+                            batch_size=args.batch_size, learning_rate=args.learning_rate,
+                            weight_decay=args.weight_decay, momentum=args.momentum,
+                            random_seed=args.seed, resume=not args.no_resume, device=device)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rerun the same command to resume from the last checkpoint in {exp_dir}",
+              file=sys.stderr)
+        return 130
+    if info["val"]:
+        last = info["val"][-1]
+        print(f"final: val objective {last['objective']:.4f}, top1err {last['top1err']:.4f}, "
+              f"top5err {last['top5err']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""cnn_train against real MatConvNet runs (reference_data/train_steps and reference_data/train).
+
+* Single steps: after each SGD step every weight and every momentum buffer
+  within 1e-5 of MatConvNet's, relative to that tensor's max |value|.
+* Two epochs (40 steps): float32 SGD drifts chaotically over many steps (the
+  same algorithm in float32 and float64 differs by ~5e-3 in the weights after
+  40 steps), so this run has the issue's looser bars: per-batch and epoch
+  objective within 1e-3 relative, error counts within three images, weights
+  within 1e-2 relative.
+* Interrupt and resume gives the uninterrupted result bit for bit.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from matconvnet_port import cnn_mnist_init
+from matconvnet_port.netio import load_checkpoint, load_net
+from matconvnet_port.train import cnn_train, default_order, find_last_checkpoint
+
+REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference_data")
+
+
+def imdb_from_log(log_path):
+    from matconvnet_port.matio import read_mat
+    log = read_mat(log_path)
+    data = log["images_uint8"].astype(np.float32) - log["data_mean"][:, :, None, None]
+    imdb = {"images": {"data": data, "labels": log["labels"], "set": log["set"]}}
+    return imdb, log
+
+
+def get_batch(imdb, batch):
+    return imdb["images"]["data"][:, :, :, batch - 1], imdb["images"]["labels"][:, batch - 1]
+
+
+def max_rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a.reshape(b.shape) - b).max() / np.abs(b).max())
+
+
+def opt(options, name, default=None):
+    value = options.get(name, default)
+    return default if value is None else float(np.asarray(value).reshape(-1)[0])
+
+
+@pytest.mark.parametrize("variant", ["plain", "variant"])
+def test_single_steps_match_matconvnet_weights_and_momentum(variant, tmp_path):
+    folder = os.path.join(REF, "train_steps", variant)
+    imdb, log = imdb_from_log(os.path.join(folder, "steps_log.mat"))
+    options = log["options"]
+    steps = log["step_batches"].astype(np.int64)
+    vals = log["val_batches"].astype(np.int64)
+    net0 = load_net(os.path.join(folder, "net-init.mat"))
+    order = lambda epoch, mode, idx: steps[epoch - 1] if mode == "train" else vals[epoch - 1]
+    worst = 0.0
+    for step in (1, 2):
+        net, _ = cnn_train(net0, imdb, get_batch, exp_dir=str(tmp_path / f"run{step}"), num_epochs=step,
+                           batch_size=100, epoch_size=100, learning_rate=opt(options, "learningRate"),
+                           weight_decay=opt(options, "weightDecay"), momentum=opt(options, "momentum"),
+                           nesterov_update=bool(opt(options, "nesterovUpdate", 0)), order=order,
+                           progress=False, device="cpu")
+        ours_net, ours_state, _ = load_checkpoint(str(tmp_path / f"run{step}" / f"net-epoch-{step}.mat"))
+        ref_net, ref_state, _ = load_checkpoint(os.path.join(folder, f"net-epoch-{step}.mat"))
+        for i, (a, b) in enumerate(zip(ours_net.layers, ref_net.layers)):
+            for j, (wa, wb) in enumerate(zip(a.get("weights", []), b.get("weights", []))):
+                if np.asarray(wb).size:
+                    err = max_rel(wa, wb)
+                    worst = max(worst, err)
+                    assert err <= 1e-5, f"{variant} step {step} layer {i + 1} weight {j + 1}: {err:.2e}"
+        for i, (ma, mb) in enumerate(zip(ours_state["solverState"], ref_state["solverState"])):
+            for j, (va, vb) in enumerate(zip(ma, mb)):
+                if np.asarray(vb).size > 1:
+                    err = max_rel(va, vb)
+                    worst = max(worst, err)
+                    assert err <= 1e-5, f"{variant} step {step} momentum {i + 1},{j + 1}: {err:.2e}"
+    print(f"{variant}: worst relative error over weights and momenta after 1 and 2 steps: {worst:.2e}")
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    imdb, log = imdb_from_log(os.path.join(REF, "train", "train_log.mat"))
+    train_order = log["train_order"].astype(np.int64)
+    val_order = log["val_order"].astype(np.int64)
+    batches = {}
+    net, info = cnn_train(load_net(os.path.join(REF, "train", "net-init.mat")), imdb, get_batch,
+                          exp_dir=str(tmp_path_factory.mktemp("two_epochs")), num_epochs=2, batch_size=100,
+                          order=lambda e, mode, idx: train_order[e - 1] if mode == "train" else val_order[e - 1],
+                          batch_callback=lambda e, mode, b, s: batches.__setitem__((e, mode, b), s),
+                          progress=False, device="cpu")
+    return net, info, batches, log
+
+
+def test_two_epochs_per_batch_objective_within_1e_3(two_epoch_run):
+    _, _, batches, log = two_epoch_run
+    ref = log["batch_objective"]
+    worst = max(abs(batches[(e + 1, "train", b)]["objective"] - ref[e, b]) / abs(ref[e, b])
+                for e in range(2) for b in range(ref.shape[1]))
+    print(f"per-batch objective: worst relative error {worst:.2e} over {ref.size} batches")
+    assert worst <= 1e-3
+
+
+def test_two_epochs_statistics_match_cnn_train(two_epoch_run):
+    _, info, _, log = two_epoch_run
+    ref = log["stats"]
+    for mode in ("train", "val"):
+        for e in range(2):
+            ours, theirs = info[mode][e], ref[mode][e] if isinstance(ref[mode], list) else ref[mode][0, e]
+            num = float(np.asarray(theirs["num"]).reshape(-1)[0])
+            assert ours["num"] == num
+            objective = float(np.asarray(theirs["objective"]).reshape(-1)[0])
+            rel = abs(ours["objective"] - objective) / objective
+            print(f"{mode} epoch {e + 1}: objective {ours['objective']:.6f} vs {objective:.6f} ({rel:.1e})")
+            assert rel <= 1e-3
+            for key in ("top1err", "top5err"):
+                images = abs(ours[key] - float(np.asarray(theirs[key]).reshape(-1)[0])) * num
+                assert images <= 3 + 1e-6, f"{mode} epoch {e + 1} {key} differs by {images:.1f} images"
+
+
+def test_two_epochs_weights_within_1e_2(two_epoch_run):
+    net, _, _, _ = two_epoch_run
+    ref = load_net(os.path.join(REF, "train", "net-epoch-2.mat"))
+    errs = [max_rel(a["weights"][j], b["weights"][j]) for a, b in zip(net.layers, ref.layers)
+            for j in range(len(b.get("weights", []))) if np.asarray(b["weights"][j]).size]
+    print(f"weights after 2 epochs: worst relative error {max(errs):.2e}")
+    assert max(errs) <= 1e-2
+
+
+def _small_imdb(n_train=300, n_val=100):
+    imdb, _ = imdb_from_log(os.path.join(REF, "train", "train_log.mat"))
+    sets = imdb["images"]["set"].reshape(-1)
+    train = np.flatnonzero(sets == 1)[:n_train] + 1
+    val = np.flatnonzero(sets == 3)[:n_val] + 1
+    return imdb, train, val
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    imdb, train, val = _small_imdb()
+    common = dict(num_epochs=3, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    full, full_info = cnn_train(cnn_mnist_init(seed=3), imdb, get_batch, exp_dir=str(tmp_path / "full"), **common)
+
+    def kill_in_epoch_2(epoch, mode, b, stats):
+        if epoch == 2 and b == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        cnn_train(cnn_mnist_init(seed=3), imdb, get_batch, exp_dir=str(tmp_path / "cut"),
+                  batch_callback=kill_in_epoch_2, **common)
+    assert find_last_checkpoint(str(tmp_path / "cut")) == 1
+    resumed, info = cnn_train(cnn_mnist_init(seed=3), imdb, get_batch, exp_dir=str(tmp_path / "cut"), **common)
+    for a, b in zip(resumed.layers, full.layers):
+        for wa, wb in zip(a.get("weights", []), b.get("weights", [])):
+            np.testing.assert_array_equal(wa, wb)
+    assert [s["objective"] for s in info["train"]] == [s["objective"] for s in full_info["train"]]
+    _, state_a, _ = load_checkpoint(str(tmp_path / "cut" / "net-epoch-3.mat"))
+    _, state_b, _ = load_checkpoint(str(tmp_path / "full" / "net-epoch-3.mat"))
+    for ma, mb in zip(state_a["solverState"], state_b["solverState"]):
+        for va, vb in zip(ma, mb):
+            np.testing.assert_array_equal(va, vb)
+
+
+def test_default_order_is_a_seeded_permutation():
+    idx = np.arange(1, 101)
+    a, b = default_order(1, idx, 0), default_order(1, idx, 0)
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a) == list(idx)
+    assert not np.array_equal(default_order(2, idx, 0), a)
+    assert not np.array_equal(default_order(1, idx, 1), a)
+
+
+def test_learning_rate_schedule_and_zero_rate_freezes_weights(tmp_path):
+    imdb, train, val = _small_imdb(200, 100)
+    net0 = cnn_mnist_init(seed=1)
+    net, _ = cnn_train(net0, imdb, get_batch, exp_dir=str(tmp_path), num_epochs=2, batch_size=100,
+                       learning_rate=[0.0, 0.0], weight_decay=0.0, train=train, val=val, progress=False,
+                       device="cpu")
+    for a, b in zip(net.layers, net0.layers):
+        for wa, wb in zip(a.get("weights", []), b.get("weights", [])):
+            np.testing.assert_array_equal(wa, wb)
+
+
+def test_beta25_normalise_false_gives_the_same_updates(tmp_path):
+    imdb, train, val = _small_imdb(200, 100)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    a, info_a = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "a"), **kw)
+    b, info_b = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "b"), normalise=False, **kw)
+    for la, lb in zip(a.layers, b.layers):
+        for wa, wb in zip(la.get("weights", []), lb.get("weights", [])):
+            if np.asarray(wb).size:
+                assert max_rel(wa, wb) < 1e-5
+    assert abs(info_a["train"][0]["objective"] - info_b["train"][0]["objective"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_full_mnist_one_epoch_meets_matconvnet_nnmnist_acceptance(tmp_path):
+    """MatConvNet's own nnmnist test: after one epoch train top1err < 0.08, val < 0.025."""
+    import time
+    from matconvnet_port.mnist import get_mnist_imdb
+    imdb = get_mnist_imdb()
+    start = time.perf_counter()
+    _, info = cnn_train(cnn_mnist_init(), imdb, get_batch, exp_dir=str(tmp_path), num_epochs=1,
+                        batch_size=100, progress=False)
+    seconds = time.perf_counter() - start
+    print(f"1 epoch of full MNIST: train top1err {info['train'][0]['top1err']:.4f}, "
+          f"val top1err {info['val'][0]['top1err']:.4f}, {seconds:.0f} s")
+    assert info["train"][0]["top1err"] < 0.08
+    assert info["val"][0]["top1err"] < 0.025
