@@ -103,11 +103,12 @@ class FusedLeNet(nn.Module):
         return torch.cat([fn.conv(xs[m], f[m * k:(m + 1) * k], b[m * k:(m + 1) * k])
                           for m in range(self.num_models)], dim=1)
 
-    def forward(self, x: torch.Tensor, relu_outputs: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu_hook=None) -> torch.Tensor:
+        """Scores; ``relu_hook(i, y)`` sees the output of the (partial) ReLU after conv i+1."""
         for i in range(4):
             x = fn.channel_relu(self._conv(i, x), self.rectified[i])
-            if relu_outputs is not None:
-                relu_outputs.append(x)
+            if relu_hook is not None:
+                relu_hook(i, x)
             if i < 2:
                 # transposed storage: row-major ties here are MatConvNet's column-major ones
                 x = fn.pool(x, 2, stride=2, method="max", tie_order="row")
@@ -264,16 +265,16 @@ class FusedTrainer:
             b = idx.numel()
             x = self.images.index_select(0, idx)
             index = self.labels.index_select(0, idx) - 1
-            relu_outputs: list = []
-            scores_pm = per_model(self.model(x, relu_outputs), m)
+            def track_alive(i, y):
+                positive = (y > 0).any(dim=3).any(dim=2).any(dim=0)
+                alive[i] = positive if alive[i] is None else alive[i] | positive
+
+            scores_pm = per_model(self.model(x, track_alive), m)
             index_pm = index.reshape(1, b).expand(m, b).reshape(m * b, 1, 1, 1)
             totals[0] += fn.softmaxloss_per_image(scores_pm, index_pm).reshape(m, b).sum(1)
             totals[1:3] += error_multiclass(scores_pm, index_pm + 1, per_image=True).reshape(2, m, b).sum(2)
             image_pred = scores_pm.sum(dim=(2, 3)).argmax(dim=1)
             totals[3] += (image_pred != index_pm.reshape(-1)).reshape(m, b).sum(1)
-            for i, y in enumerate(relu_outputs):
-                positive = (y > 0).any(dim=3).any(dim=2).any(dim=0)
-                alive[i] = positive if alive[i] is None else alive[i] | positive
             if progress is not None:
                 progress(b)
         totals = totals.cpu().numpy()

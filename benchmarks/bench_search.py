@@ -1,0 +1,192 @@
+"""The study's training path vs a naive PyTorch baseline, on the same data and work.
+
+    python benchmarks/bench_search.py [--device cpu|cuda] [--sizes 28 64] [--images 2000]
+
+Work: 16 LeNets (the 16 ReLU masks), one epoch over ``--images`` MNIST
+images resized to N x N, batch 100, SGD with momentum 0.9 and weight decay
+5e-4, IEEE float32 (TF32 off).
+
+(a) naive: 16 separate plain ``torch.nn`` LeNets trained one after the other,
+    the loop a PyTorch user would write (``nn.Sequential``, ``optim.SGD``,
+    ``F.cross_entropy`` summed over the output map), data already on the device,
+    no per-step ``.item()``;
+(b) ours: the search's training path, :class:`matconvnet_port.fused.FusedTrainer`
+    (all 16 models as one grouped network, CUDA graphs on GPU), with the
+    convolution implementation chosen by ``autotune`` (timed separately).
+
+Printed per N: images x models per second for each, the ratio (b)/(a), and on
+CUDA the achieved fraction of the fp32 FLOP bound -- against the datasheet
+peak and against a dense fp32 matrix product measured in the same run -- and
+a projection of the full paper grid (16 masks x 10 sizes x 20 epochs x 60000
+images, one seed) from the measured throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matconvnet_port import cnn_mnist_init
+from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune
+from matconvnet_port.mnist import get_mnist_imdb
+from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
+from matconvnet_port.precision import set_precision
+
+# fp32 (non-tensor-core) datasheet peaks, TFLOP/s
+FP32_PEAK = {"H100": 67.0, "H200": 67.0, "A100": 19.5}
+PAPER_SIZES = list(range(28, 65, 4))
+
+
+def flops_per_image(size: int) -> dict:
+    """Multiply-adds x 2 of the LeNet at input N: forward, and the training step
+    (forward + input and weight gradients, no input gradient for conv1)."""
+    spatial, fwd, bwd = size, 0, 0
+    for i, (fh, fw, fc, k) in enumerate(CONV_SHAPES):
+        spatial = spatial - fh + 1
+        macs = spatial * spatial * fh * fw * fc * k
+        fwd += 2 * macs
+        bwd += 2 * macs * (1 if i == 0 else 2)
+        if i < 2:
+            spatial //= 2
+    return {"forward": fwd, "train": fwd + bwd}
+
+
+def naive_lenet(mask) -> nn.Sequential:
+    layers = []
+    for i, (fh, fw, fc, k) in enumerate(CONV_SHAPES):
+        layers.append(nn.Conv2d(fc, k, (fh, fw)))
+        if mask[i]:
+            layers.append(nn.ReLU())
+        if i < 2:
+            layers.append(nn.MaxPool2d(2, 2))
+    return nn.Sequential(*layers)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_naive(images, labels, device, batch_size=100) -> float:
+    models = [naive_lenet(mask).to(device) for mask in ALL_MASKS]
+    targets = labels.to(device) - 1
+    n = images.shape[0]
+    # warm-up outside the timed region (cuDNN algorithm choice, allocator)
+    for model in models[:2]:
+        model(images[:batch_size]).sum().backward()
+    sync(device)
+    start = time.perf_counter()
+    for model in models:
+        opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
+        order = torch.randperm(n, device=device)
+        for t in range(0, n, batch_size):
+            idx = order[t:t + batch_size]
+            out = model(images[idx])
+            y = targets[idx].reshape(-1, 1, 1).expand(-1, out.shape[2], out.shape[3])
+            loss = F.cross_entropy(out, y, reduction="sum") / idx.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run_ours(images, labels, device, batch_size=100) -> tuple[float, str, dict]:
+    weights = [[l["weights"][0], l["weights"][1]] for l in cnn_mnist_init(seed=0).layers if l["type"] == "conv"]
+    masks = sorted(ALL_MASKS, reverse=True)
+    impl, timings = autotune(masks, weights, images, labels, batch_size=batch_size)
+    trainer = FusedTrainer(FusedLeNet(masks, weights, conv=impl).to(device), images, labels, batch_size=batch_size)
+    indices = np.arange(1, images.shape[0] + 1)
+    trainer.train_epoch(1, indices[:batch_size * 3])  # warm-up: graph capture
+    sync(device)
+    start = time.perf_counter()
+    trainer.train_epoch(1, indices)
+    sync(device)
+    return time.perf_counter() - start, impl, timings
+
+
+def measured_fp32_matmul_tflops(device) -> float:
+    a = torch.randn(8192, 8192, device=device)
+    b = torch.randn(8192, 8192, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[28, 64])
+    parser.add_argument("--images", type=int, default=None, help="images per epoch (default 2000 on CPU, 10000 on CUDA)")
+    parser.add_argument("--skip-naive", action="store_true", help="time only our path (for the projection)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    set_precision("fp32")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    n = args.images or (10000 if device.type == "cuda" else 2000)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; "
+          f"{n} images x 16 models per epoch, fp32")
+    peak = next((v for k, v in FP32_PEAK.items() if k in name), None) if device.type == "cuda" else None
+    ceiling = measured_fp32_matmul_tflops(device) if device.type == "cuda" else None
+    if ceiling:
+        print(f"fp32 peak: datasheet {peak} TFLOP/s; measured 8192^3 fp32 matmul {ceiling:.1f} TFLOP/s")
+    imdb = get_mnist_imdb(input_size=max(args.sizes), train_subset=n, val_subset=1)  # warm the data cache
+    results = []
+    for size in args.sizes:
+        imdb = get_mnist_imdb(input_size=size, train_subset=n, val_subset=1)
+        data = imdb["images"]["data"][:, :, :, :n]
+        images = torch.from_numpy(np.ascontiguousarray(data.transpose(3, 2, 0, 1))).to(device)
+        labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:n])
+        ours, impl, timings = run_ours(images, labels, device)
+        naive = None if args.skip_naive else run_naive(images, labels, device)
+        work = 16 * n
+        row = {"size": size, "images": n, "ours_seconds": ours, "ours_rate": work / ours, "conv_impl": impl,
+               "autotune_seconds_per_step": timings}
+        line = f"N={size}: ours {work / ours:9.0f} images*models/s ({impl})"
+        if naive is not None:
+            row.update(naive_seconds=naive, naive_rate=work / naive, ratio=naive / ours)
+            line += f" | naive {work / naive:9.0f} images*models/s | ratio ours/naive {naive / ours:5.2f}x"
+        if device.type == "cuda":
+            tflops = flops_per_image(size)["train"] * work / ours / 1e12
+            row.update(tflops=tflops, fraction_of_peak=tflops / peak if peak else None,
+                       fraction_of_measured_matmul=tflops / ceiling)
+            line += f" | {tflops:.1f} TFLOP/s = {tflops / ceiling:.0%} of measured fp32 matmul"
+            if peak:
+                line += f", {tflops / peak:.0%} of datasheet fp32 peak"
+        print(line, flush=True)
+        results.append(row)
+    # projection of the full grid from the measured throughput (FLOP-weighted interpolation)
+    measured = {r["size"]: r["ours_seconds"] / (16 * r["images"]) for r in results}
+    sizes = sorted(measured)
+    per_flop = {s: measured[s] / flops_per_image(s)["train"] for s in sizes}
+    total = 0.0
+    for s in PAPER_SIZES:
+        nearest = min(sizes, key=lambda m: abs(m - s))
+        lo = max([m for m in sizes if m <= s], default=nearest)
+        hi = min([m for m in sizes if m >= s], default=nearest)
+        rate = per_flop[lo] if lo == hi else per_flop[lo] + (per_flop[hi] - per_flop[lo]) * (s - lo) / (hi - lo)
+        total += rate * flops_per_image(s)["train"] * 16 * 20 * 60000
+    print(f"projected full grid (16 masks x N=28..64 x 20 epochs x 60000 images, one seed, training "
+          f"only): {total / 60:.1f} minutes on this device (from N = {sizes})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "results": results, "projected_grid_minutes": total / 60,
+                       "measured_fp32_matmul_tflops": ceiling, "datasheet_fp32_tflops": peak}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

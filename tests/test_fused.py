@@ -1,0 +1,157 @@
+"""The study's fused trainer computes what cnn_train computes, model by model.
+
+Tolerances: the fused network stores images and filters transposed and
+(for 'grouped') convolves all models in one call, so its sums run in another
+order than cnn_train's; SGD amplifies such float32 rounding differences step
+by step (one step agrees to ~1e-7, six steps here to ~1e-5 for 'loop' and
+~1e-4 for 'grouped'), hence 1e-4 and 1e-3 relative to the largest weight.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from matconvnet_port import cnn_mnist_init, functional as fn
+from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune
+from matconvnet_port.matio import read_mat
+from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
+from matconvnet_port.train import cnn_train, default_order
+
+REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference_data")
+MASKS = [ALL_MASKS[i] for i in (0, 5, 10, 15, 4)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    log = read_mat(os.path.join(REF, "train", "train_log.mat"))
+    images = log["images_uint8"].astype(np.float32) - log["data_mean"][:, :, None, None]
+    sets = log["set"].reshape(-1)
+    imdb = {"images": {"data": images, "labels": log["labels"], "set": log["set"]}}
+    return imdb, np.flatnonzero(sets == 1)[:300] + 1, np.flatnonzero(sets == 3)[:200] + 1
+
+
+def conv_weights(net):
+    return [[layer["weights"][0], layer["weights"][1]] for layer in net.layers if layer["type"] == "conv"]
+
+
+@pytest.mark.parametrize("impl,tol", [("loop", 1e-4), ("grouped", 1e-3)])
+def test_each_fused_model_matches_cnn_train_alone(data, impl, tol, tmp_path):
+    imdb, train, val = data
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=7)), conv=impl)
+    trainer = FusedTrainer(model, images, labels, batch_size=100, seed=7)
+    for epoch in (1, 2):
+        fused_train = trainer.train_epoch(epoch, train)
+    fused_val = trainer.evaluate(val)
+    for k, mask in enumerate(MASKS):
+        net, info = cnn_train(cnn_mnist_init(mask, seed=7), imdb,
+                              lambda db, b: (db["images"]["data"][:, :, :, b - 1], db["images"]["labels"][:, b - 1]),
+                              exp_dir=str(tmp_path / f"{impl}{k}"), num_epochs=2, batch_size=100, train=train,
+                              val=val, random_seed=7, progress=False, device="cpu")
+        for (fa, ba), (fb, bb) in zip(conv_weights(net), model.model_weights(k)):
+            assert np.abs(fa - fb).max() / np.abs(fa).max() <= tol, f"mask {mask}: filters differ"
+            assert np.abs(ba.reshape(-1) - bb.reshape(-1)).max() / np.abs(ba).max() <= max(tol, 1e-5)
+        assert fused_train.objective[k] == pytest.approx(info["train"][1]["objective"], rel=1e-4)
+        assert fused_val.objective[k] == pytest.approx(info["val"][1]["objective"], rel=1e-4)
+        assert abs(fused_val.top1err[k] - info["val"][1]["top1err"]) * len(val) <= 1
+        assert abs(fused_val.top5err[k] - info["val"][1]["top5err"]) * len(val) <= 1
+
+
+def test_channel_relu_is_relu_with_a_per_channel_leak_of_0_or_1():
+    x = torch.randn(3, 12, 5, 4, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.0  # MatConvNet's derivative at exactly 0 is 0 for a ReLU
+    flags = [True, True, False, True, False, False, True, True, True, False, True, False]
+    leak = torch.tensor([0.0 if f else 1.0 for f in flags], dtype=x.dtype).reshape(1, -1, 1, 1)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    ya, yb = fn.channel_relu(a, flags), fn.relu(b, leak)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    g = torch.randn_like(ya)
+    (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda t: fn.channel_relu(t, flags), (torch.randn(2, 12, 3, 3, dtype=torch.float64, requires_grad=True),))
+
+
+def test_row_ties_on_transposed_images_are_matconvnet_column_ties():
+    x = torch.randint(1, 4, (2, 3, 6, 8)).double().requires_grad_(True)  # many ties
+    g = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    (col,) = torch.autograd.grad(fn.pool(x, 2, stride=2), x, g)
+    xt = x.detach().transpose(2, 3).contiguous().requires_grad_(True)
+    (row,) = torch.autograd.grad(fn.pool(xt, 2, stride=2, tie_order="row"), xt, g.transpose(2, 3))
+    torch.testing.assert_close(row.transpose(2, 3), col, rtol=0, atol=0)
+
+
+def test_model_weights_round_trip_and_shapes():
+    weights = conv_weights(cnn_mnist_init(seed=1))
+    model = FusedLeNet(MASKS, weights)
+    for k in range(len(MASKS)):
+        for (f, b), (f0, b0), shape in zip(model.model_weights(k), weights, CONV_SHAPES):
+            assert f.shape == shape
+            np.testing.assert_array_equal(f, f0)
+            np.testing.assert_array_equal(b.reshape(-1), b0.reshape(-1))
+
+
+def test_evaluate_counts_dead_relus_only_where_there_are_relus(data):
+    imdb, _, val = data
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=0)))
+    with torch.no_grad():  # kill every unit of conv1 in model 3 (mask 1111): negative bias
+        model.biases[0][3 * 20:4 * 20] = -1e6
+    stats = FusedTrainer(model, images, labels).evaluate(val)
+    for k, mask in enumerate(MASKS):
+        for i in range(4):
+            assert np.isnan(stats.dead_relu[i + 1][k]) == (not mask[i])
+    assert stats.dead_relu[1][3] == 1.0
+    assert 0 <= stats.image_err.min() and stats.image_err.max() <= 1
+
+
+def test_labels_are_validated_once():
+    with pytest.raises(ValueError, match="labels"):
+        FusedTrainer(FusedLeNet(MASKS[:1], conv_weights(cnn_mnist_init())), torch.zeros(2, 1, 28, 28),
+                     torch.tensor([0, 3]))
+
+
+def test_autotune_returns_a_measured_implementation(data):
+    imdb, _, _ = data
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"][:, :, :, :400].transpose(3, 2, 0, 1)))
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:400])
+    best, timings = autotune(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1)
+    assert best in timings and set(timings) == {"grouped", "loop"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_replay_equals_eager_steps(data):
+    imdb, train, val = data
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1))).cuda()
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    results = []
+    for graph in (False, True):
+        model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=2)), conv="loop").cuda()
+        trainer = FusedTrainer(model, images, labels, seed=2, use_cuda_graph=graph)
+        stats = [trainer.train_epoch(e, train) for e in (1, 2)]
+        results.append((model.model_weights(1), stats[-1].objective))
+    for (fa, _), (fb, _) in zip(results[0][0], results[1][0]):
+        assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-5
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fused_cuda_matches_cpu(data):
+    imdb, train, val = data
+    torch.backends.cudnn.allow_tf32 = False
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    out = []
+    for device in ("cpu", "cuda"):
+        model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=4)), conv="grouped").to(device)
+        trainer = FusedTrainer(model, images.to(device), labels, seed=4)
+        trainer.train_epoch(1, train)
+        out.append(model.model_weights(2))
+    for (fa, _), (fb, _) in zip(*out):
+        assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-4
