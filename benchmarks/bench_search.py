@@ -75,7 +75,7 @@ def sync(device):
 
 def run_naive(images, labels, device, batch_size=100) -> float:
     models = [naive_lenet(mask).to(device) for mask in ALL_MASKS]
-    targets = labels.to(device) - 1
+    targets = labels.to(device=device, dtype=torch.long) - 1
     n = images.shape[0]
     # warm-up outside the timed region (cuDNN algorithm choice, allocator)
     for model in models[:2]:

@@ -1,0 +1,197 @@
+"""Finite-difference checks of every layer's derivative, in float64 (as MatConvNet's xtest does).
+
+``torch.autograd.gradcheck`` compares the analytic derivative (what the
+vl_nn* derivative calls return) with central differences. Inputs are drawn
+away from the kinks where a derivative is not defined (ReLU at 0, tied
+maxima, hinge margins at 1), as xtest does. Where MatConvNet's derivative is
+deliberately not the derivative of its forward function (test-mode batch
+norm's dzdx, the flat error losses) the test says so and checks what holds.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from matconvnet_port import functional as fn
+from matconvnet_port import vl_nnconv, vl_nnpool
+
+torch.manual_seed(0)
+
+
+def rand(*shape, requires_grad=True):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def check(f, *inputs):
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pad,stride,dilate,groups", [
+    (0, 1, 1, 1), ([1, 0, 2, 1], [2, 1], 1, 1), (1, 2, [2, 1], 1), ([0, 1, 1, 0], 1, 1, 2), (2, 3, 2, 3)])
+def test_conv(pad, stride, dilate, groups):
+    x = rand(2, 6, 9, 8)
+    f = rand(3 * groups, 6 // groups, 3, 2)
+    b = rand(f.shape[0])
+    check(lambda x, f, b: fn.conv(x, f, b, pad=pad, stride=stride, dilate=dilate), x, f, b)
+
+
+def test_conv_identity_filters():
+    check(lambda x, b: fn.conv(x, None, b, pad=[1, 0, 0, 2], stride=[2, 1]), rand(2, 3, 5, 6), rand(3))
+
+
+@pytest.mark.parametrize("upsample,crop,groups", [(1, 0, 1), ([2, 3], [1, 0, 0, 2], 1), (2, 1, 2)])
+def test_convt(upsample, crop, groups):
+    x = rand(2, 4, 4, 5)
+    check(lambda x, f, b: fn.convt(x, f, b, upsample=upsample, crop=crop, num_groups=groups),
+          x, rand(4, 3, 3, 2), rand(3 * groups))
+
+
+def test_convt_is_the_adjoint_of_conv():
+    """vl_nnconvt's definition: <conv(v, F), x> = <v, convt(x, F)>."""
+    # conv's filters K x C x FH x FW are convt's D x K' x FH x FW with D = K: the same tensor
+    v, x, f = rand(2, 3, 9, 8, requires_grad=False), rand(2, 4, 4, 4, requires_grad=False), rand(4, 3, 3, 2)
+    lhs = (fn.conv(v, f, None, stride=2) * x).sum()
+    rhs = (v * fn.convt(x, f, None, upsample=2)).sum()
+    assert torch.allclose(lhs, rhs)
+
+
+def distinct(*shape):
+    """Values far apart so no two elements of a pooling window tie (the max is differentiable)."""
+    n = int(np.prod(shape))
+    return (torch.randperm(n, dtype=torch.float64) / n * 10).reshape(shape).requires_grad_(True)
+
+
+@pytest.mark.parametrize("method", ["max", "avg"])
+@pytest.mark.parametrize("pool_size,pad,stride", [(2, 0, 2), ([3, 2], [1, 0, 1, 1], [1, 2]), (3, [2, 2, 0, 1], 1)])
+def test_pool(method, pool_size, pad, stride):
+    check(lambda x: fn.pool(x, pool_size, pad=pad, stride=stride, method=method), distinct(2, 2, 7, 6))
+
+
+def away_from_zero(*shape):
+    x = rand(*shape, requires_grad=False)
+    return (x + 0.1 * torch.sign(x)).requires_grad_(True)
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.2])
+def test_relu(leak):
+    check(lambda x: fn.relu(x, leak), away_from_zero(2, 3, 4, 5))
+
+
+def test_channel_relu():
+    check(lambda x: fn.channel_relu(x, [True, False, False, True]), away_from_zero(2, 4, 3, 3))
+
+
+def test_sigmoid_and_softmax():
+    check(fn.sigmoid, rand(2, 3, 4, 5))
+    check(fn.softmax, rand(2, 5, 3, 4))
+
+
+@pytest.mark.parametrize("labels", ["image", "location", "weights"])
+def test_softmaxloss(labels):
+    x = rand(3, 5, 2, 4)
+    if labels == "image":
+        c = torch.tensor([1.0, 5.0, 3.0])
+    elif labels == "location":
+        c = torch.randint(0, 6, (3, 1, 2, 4)).double()
+    else:
+        c = torch.cat([torch.randint(1, 6, (3, 1, 2, 4)).double(), torch.rand(3, 1, 2, 4, dtype=torch.float64)], 1)
+    check(lambda x: fn.softmaxloss(x, c), x)
+
+
+def margin_safe_scores(c, d):
+    """Scores whose hinge margins stay away from 1 (where the hinges are not differentiable)."""
+    x = rand(3, d, 2, 2, requires_grad=False) * 3
+    return x.requires_grad_(True)
+
+
+@pytest.mark.parametrize("loss", ["softmaxlog", "log", "mhinge", "mshinge"])
+def test_categorical_losses(loss):
+    c = torch.randint(0, 5, (3, 1, 2, 2)).double()
+    x = rand(3, 4, 2, 2) * 3
+    if loss == "log":
+        x = fn.softmax(x.detach()).requires_grad_(True)
+    else:
+        x = x.detach().requires_grad_(True)
+    if loss in ("mhinge", "mshinge"):
+        # push every margin at least 0.05 away from the kink at 1
+        with torch.no_grad():
+            x += 0.05 * torch.sign(x - 1 + 1e-9)
+    weights = torch.rand(3, 1, 2, 2, dtype=torch.float64)
+    check(lambda x: fn.loss(x, c, loss=loss, instance_weights=weights), x)
+
+
+@pytest.mark.parametrize("loss", ["binarylog", "logistic", "hinge"])
+def test_binary_losses(loss):
+    c = torch.randint(-1, 2, (2, 3, 2, 2)).double()
+    x = rand(2, 3, 2, 2) * 2
+    if loss == "binarylog":
+        x = torch.sigmoid(x.detach()).requires_grad_(True)
+    elif loss == "hinge":
+        x = (x.detach() + 0.1 * torch.sign(c * x.detach() - 1)).requires_grad_(True)
+    check(lambda x: fn.loss(x, c, loss=loss), x)
+
+
+@pytest.mark.parametrize("loss", ["classerror", "topkerror", "binaryerror"])
+def test_error_counts_have_zero_derivative(loss):
+    c = torch.randint(1, 5, (3,)).double() if loss != "binaryerror" else torch.randint(-1, 2, (3, 4, 2, 2)).double()
+    x = rand(3, 4, 2, 2)
+    y = fn.loss(x, c, loss=loss)
+    assert not y.requires_grad  # the vl_nn* adapters report zeros, as MatConvNet does
+
+
+@pytest.mark.parametrize("size", [5, 4, 1])
+def test_lrn_exact_power(size):
+    # the default reproduces MatConvNet's approximate CPU power, whose derivative
+    # is MatConvNet's formula evaluated with that power -- not the derivative of a
+    # piecewise polynomial -- so finite differences check the exact-power form
+    check(lambda x: fn.lrn(x, [size, 1.5, 0.1, 0.75], approximate_power=False), rand(2, 6, 3, 2))
+
+
+def test_lrn_approximate_power_derivative_is_within_the_approximation_error():
+    x = rand(2, 6, 3, 2)
+    g = torch.randn(2, 6, 3, 2, dtype=torch.float64)
+    (a,) = torch.autograd.grad(fn.lrn(x, [5, 1.5, 0.1, 0.75]), x, g)
+    (e,) = torch.autograd.grad(fn.lrn(x, [5, 1.5, 0.1, 0.75], approximate_power=False), x, g)
+    assert (a - e).abs().max() / e.abs().max() < 1e-2
+
+
+def test_bnorm_training_mode():
+    check(lambda x, g, b: fn.bnorm(x, g, b)[0], rand(3, 4, 2, 3) + 2, rand(4), rand(4))
+
+
+def test_bnorm_test_mode_parameter_derivatives():
+    # dzdg and dzdb are true derivatives in test mode; MatConvNet's dzdx is not
+    # (it applies the training-mode formula with the given moments), see parity/test_bnorm.py
+    x = rand(3, 4, 2, 3, requires_grad=False)
+    moments = torch.stack([torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5], 1)
+    check(lambda g, b: fn.bnorm(x, g, b, moments)[0], rand(4), rand(4))
+
+
+def test_dropout_with_fixed_mask():
+    x = rand(2, 3, 4, 4)
+    mask = (torch.rand(2, 3, 4, 4, dtype=torch.float64) > 0.5).double() * 2
+    check(lambda x: fn.dropout(x, 0.5, mask)[0], x)
+
+
+def test_vl_nn_derivative_calls_equal_autograd_in_float64():
+    """The MATLAB-layout derivative calls are the autograd derivatives (float64 in, float64 out)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 6, 4, 2))
+    f = rng.standard_normal((3, 3, 2, 6))
+    b = rng.standard_normal((1, 6))
+    dzdy = rng.standard_normal(vl_nnconv(x, f, b, pad=1).shape)
+    dzdx, dzdf, dzdb = vl_nnconv(x, f, b, dzdy, pad=1)
+    assert dzdx.dtype == np.float64 and dzdf.shape == f.shape and dzdb.shape == b.shape
+    eps = 1e-6
+    for (i, j, c, n) in itertools.islice(itertools.product(range(7), range(6), range(4), range(2)), 0, 336, 37):
+        xp, xm = x.copy(), x.copy()
+        xp[i, j, c, n] += eps
+        xm[i, j, c, n] -= eps
+        numeric = ((vl_nnconv(xp, f, b, pad=1) - vl_nnconv(xm, f, b, pad=1)) * dzdy).sum() / (2 * eps)
+        assert abs(numeric - dzdx[i, j, c, n]) < 1e-6 * max(1, abs(numeric))
+    p = vl_nnpool(x, [2, 3], pad=[1, 0, 1, 1], stride=2)
+    dzdp = rng.standard_normal(p.shape)
+    d = vl_nnpool(x, [2, 3], dzdp, pad=[1, 0, 1, 1], stride=2)
+    assert d.shape == x.shape and np.isclose(d.sum(), dzdp.sum())  # max pooling routes each derivative once
