@@ -9,10 +9,12 @@ images resized to N x N, batch 100, SGD with momentum 0.9 and weight decay
 (a) naive: 16 separate plain ``torch.nn`` LeNets trained one after the other,
     the loop a PyTorch user would write (``nn.Sequential``, ``optim.SGD``,
     ``F.cross_entropy`` summed over the output map), data already on the device,
-    no per-step ``.item()``;
+    no per-step ``.item()``; it runs first, in the process as a user has it;
 (b) ours: the search's training path, :class:`matconvnet_port.fused.FusedTrainer`
     (all 16 models as one grouped network, CUDA graphs on GPU), with the
-    convolution implementation chosen by ``autotune`` (timed separately).
+    convolution implementation chosen by ``autotune`` (timed separately); on
+    the CPU it keeps freed memory (``fused.keep_freed_memory``), which the naive
+    loop does not do -- ``--same-allocator`` gives the naive loop that too.
 
 Printed per N: images x models per second for each, the ratio (b)/(a), and on
 CUDA the achieved fraction of the fp32 FLOP bound -- against the datasheet
@@ -131,12 +133,17 @@ def main():
     parser.add_argument("--images", type=int, default=None, help="images per epoch (default 2000 on CPU, 10000 on CUDA)")
     parser.add_argument("--skip-naive", action="store_true", help="time only our path (for the projection)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="on CPU, keep freed memory for the naive loop too (a fairer kernel-only ratio)")
     args = parser.parse_args()
     device = torch.device(args.device)
     set_precision("fp32")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     n = args.images or (10000 if device.type == "cuda" else 2000)
+    if args.same_allocator and device.type == "cpu":
+        from matconvnet_port.fused import keep_freed_memory
+        print(f"allocator: freed memory kept for both paths ({keep_freed_memory()})")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; "
           f"{n} images x 16 models per epoch, fp32")
@@ -144,22 +151,24 @@ def main():
     ceiling = measured_fp32_matmul_tflops(device) if device.type == "cuda" else None
     if ceiling:
         print(f"fp32 peak: datasheet {peak} TFLOP/s; measured 8192^3 fp32 matmul {ceiling:.1f} TFLOP/s")
-    imdb = get_mnist_imdb(input_size=max(args.sizes), train_subset=n, val_subset=1)  # warm the data cache
-    results = []
+    data = {}
     for size in args.sizes:
         imdb = get_mnist_imdb(input_size=size, train_subset=n, val_subset=1)
-        data = imdb["images"]["data"][:, :, :, :n]
-        images = torch.from_numpy(np.ascontiguousarray(data.transpose(3, 2, 0, 1))).to(device)
-        labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:n])
-        ours, impl, timings = run_ours(images, labels, device)
-        naive = None if args.skip_naive else run_naive(images, labels, device)
+        images = imdb["images"]["data"][:, :, :, :n]
+        data[size] = (torch.from_numpy(np.ascontiguousarray(images.transpose(3, 2, 0, 1))).to(device),
+                      torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:n]))
+    # every naive run first: our path changes the process's allocator settings on the CPU
+    naive = {size: None if args.skip_naive else run_naive(*data[size], device) for size in args.sizes}
+    results = []
+    for size in args.sizes:
+        ours, impl, timings = run_ours(*data[size], device)
         work = 16 * n
         row = {"size": size, "images": n, "ours_seconds": ours, "ours_rate": work / ours, "conv_impl": impl,
                "autotune_seconds_per_step": timings}
         line = f"N={size}: ours {work / ours:9.0f} images*models/s ({impl})"
-        if naive is not None:
-            row.update(naive_seconds=naive, naive_rate=work / naive, ratio=naive / ours)
-            line += f" | naive {work / naive:9.0f} images*models/s | ratio ours/naive {naive / ours:5.2f}x"
+        if naive[size] is not None:
+            row.update(naive_seconds=naive[size], naive_rate=work / naive[size], ratio=naive[size] / ours)
+            line += f" | naive {work / naive[size]:9.0f} images*models/s | ratio ours/naive {naive[size] / ours:5.2f}x"
         if device.type == "cuda":
             tflops = flops_per_image(size)["train"] * work / ours / 1e12
             row.update(tflops=tflops, fraction_of_peak=tflops / peak if peak else None,

@@ -38,7 +38,7 @@ from . import functional as fn
 from .models import CONV_SHAPES
 from .train import default_order, error_multiclass, sgd_update
 
-__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "CONV_IMPLS"]
+__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "CONV_IMPLS", "autotune", "keep_freed_memory"]
 
 CONV_IMPLS = ("grouped", "loop")
 NUM_CLASSES = 10
@@ -144,6 +144,30 @@ class EpochStats:
     dead_relu: dict = field(default_factory=dict)  # conv index (1..4) -> array (nan for models without it)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+
+    PyTorch's CPU allocator hands large tensors back to glibc, which unmaps
+    them; the next step maps and zero-fills them again, and on small
+    machines those page faults cost as much as the arithmetic of LeNet's
+    elementwise layers. Keeping the heap (``M_MMAP_MAX = 0``,
+    ``M_TRIM_THRESHOLD`` huge) removes them; the process keeps its peak
+    memory. Linux/glibc only; returns whether it applied.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+    except (OSError, AttributeError):
+        return False
+
+
 class FusedTrainer:
     """Trains a :class:`FusedLeNet` with cnn_train's SGD on device-resident data.
 
@@ -158,6 +182,8 @@ class FusedTrainer:
                  eval_batch_size: int | None = None):
         self.model = model
         self.device = images.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.images = FusedLeNet.prepare_images(images)
         labels = torch.as_tensor(labels).reshape(-1)
         if labels.numel() != images.shape[0]:

@@ -33,10 +33,15 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("parity against MatConvNet references")
     width = max(len(r[0]) for r in REPORT)
     tr.write_line(f"{'case':<{width}}  {'quantity':<12} {'max abs err':>12} {'rel err':>10} {'tol':>8}")
-    for case, what, abs_err, rel_err, tol in REPORT:
+    for case, what, abs_err, rel_err, tol, _ in REPORT:
         tr.write_line(f"{case:<{width}}  {what:<12} {abs_err:12.3e} {rel_err:10.2e} {tol:8.0e}")
     cases = len({r[0] for r in REPORT})
     tr.write_line(f"{len(REPORT)} comparisons over {cases} cases")
+    tr.write_line("per test module (comparisons, worst relative error, tolerance):")
+    for module in sorted({r[5] for r in REPORT}):
+        rows = [r for r in REPORT if r[5] == module]
+        worst = max(rows, key=lambda r: r[3] / r[4])
+        tr.write_line(f"  {module:<22} {len(rows):4d}  {worst[3]:9.2e}  {worst[4]:.0e}  ({worst[0]} {worst[1]})")
     for tol in sorted({r[4] for r in REPORT}):
         rows = [r for r in REPORT if r[4] == tol]
         worst = max(rows, key=lambda r: r[3])

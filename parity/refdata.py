@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 # fp32 parity bar of the project: max |ours - MatConvNet| <= 1e-5 * max |MatConvNet|
 FP32_TOL = 1e-5
 
-# (case, quantity, max abs error, relative error, tolerance), printed by conftest
-REPORT: list[tuple[str, str, float, float, float]] = []
+# (case, quantity, max abs error, relative error, tolerance, test module), printed by conftest
+REPORT: list[tuple[str, str, float, float, float, str]] = []
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -59,11 +60,12 @@ def check(case: str, what: str, ours, ref, tol: float = FP32_TOL) -> None:
     squeeze = lambda s: tuple(s[:max([i + 1 for i, d in enumerate(s) if d != 1] + [0])])
     assert squeeze(ours.shape) == squeeze(ref.shape), f"{case} {what}: shape {ours.shape} vs reference {ref.shape}"
     assert np.all(np.isfinite(ours)), f"{case} {what}: non-finite values"
+    module = sys._getframe(1).f_globals.get("__name__", "?").rsplit(".", 1)[-1]
     if ref.size == 0:
-        REPORT.append((case, what, 0.0, 0.0, tol))
+        REPORT.append((case, what, 0.0, 0.0, tol, module))
         return
     abs_err = float(np.max(np.abs(ours.reshape(ref.shape) - ref)))
     scale = float(np.max(np.abs(ref)))
     rel_err = abs_err / scale if scale > 0 else abs_err
-    REPORT.append((case, what, abs_err, rel_err, tol))
+    REPORT.append((case, what, abs_err, rel_err, tol, module))
     assert rel_err <= tol, f"{case} {what}: relative error {rel_err:.3e} > {tol:.0e} (max abs {abs_err:.3e})"
