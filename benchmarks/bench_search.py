@@ -12,7 +12,8 @@ images resized to N x N, batch 100, SGD with momentum 0.9 and weight decay
     no per-step ``.item()``; it runs first, in the process as a user has it;
 (b) ours: the search's training path, :class:`matconvnet_port.fused.FusedTrainer`
     (all 16 models as one grouped network, CUDA graphs on GPU), with the
-    convolution implementation chosen by ``autotune`` (timed separately); on
+    convolution implementation and models per pass chosen by ``autotune_plan``
+    (timed separately); on
     the CPU it keeps freed memory (``fused.keep_freed_memory``), which the naive
     loop does not do -- ``--same-allocator`` gives the naive loop that too.
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matconvnet_port import cnn_mnist_init
-from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune
+from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune_plan
 from matconvnet_port.mnist import get_mnist_imdb
 from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
 from matconvnet_port.precision import set_precision
@@ -102,8 +103,10 @@ def run_naive(images, labels, device, batch_size=100) -> float:
 def run_ours(images, labels, device, batch_size=100) -> tuple[float, str, dict]:
     weights = [[l["weights"][0], l["weights"][1]] for l in cnn_mnist_init(seed=0).layers if l["type"] == "conv"]
     masks = sorted(ALL_MASKS, reverse=True)
-    impl, timings = autotune(masks, weights, images, labels, batch_size=batch_size)
-    trainer = FusedTrainer(FusedLeNet(masks, weights, conv=impl).to(device), images, labels, batch_size=batch_size)
+    plan, timings = autotune_plan(masks, weights, images, labels, batch_size=batch_size)
+    trainer = FusedTrainer(FusedLeNet(masks, weights, conv=plan["conv"]).to(device), images, labels,
+                           batch_size=batch_size, chunk_size=plan["chunk_size"])
+    impl = f"{plan['conv']}, {plan['chunk_size']} models per pass"
     indices = np.arange(1, images.shape[0] + 1)
     trainer.train_epoch(1, indices[:batch_size * 3])  # warm-up: graph capture
     sync(device)

@@ -38,7 +38,8 @@ from . import functional as fn
 from .models import CONV_SHAPES
 from .train import default_order, error_multiclass, sgd_update
 
-__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "CONV_IMPLS", "autotune", "keep_freed_memory"]
+__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "CONV_IMPLS", "autotune", "autotune_plan",
+           "keep_freed_memory"]
 
 CONV_IMPLS = ("grouped", "loop")
 NUM_CLASSES = 10
@@ -94,19 +95,25 @@ class FusedLeNet(nn.Module):
         """[f1, b1, f2, b2, f3, b3, f4, b4], the order of cnn_train's parameters."""
         return [p for pair in zip(self.weights, self.biases) for p in pair]
 
-    def _conv(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        f, b = self.weights[i], self.biases[i]
-        if self.conv == "grouped" or i == 0 or self.num_models == 1:
-            return fn.conv(x, f, b)
+    def _conv(self, i: int, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         k = CONV_SHAPES[i][3]
-        xs = x.chunk(self.num_models, dim=1)
+        f, b = self.weights[i][first * k:last * k], self.biases[i][first * k:last * k]
+        count = last - first
+        if self.conv == "grouped" or i == 0 or count == 1:
+            return fn.conv(x, f, b)
+        xs = x.chunk(count, dim=1)
         return torch.cat([fn.conv(xs[m], f[m * k:(m + 1) * k], b[m * k:(m + 1) * k])
-                          for m in range(self.num_models)], dim=1)
+                          for m in range(count)], dim=1)
 
-    def forward(self, x: torch.Tensor, relu_hook=None) -> torch.Tensor:
-        """Scores; ``relu_hook(i, y)`` sees the output of the (partial) ReLU after conv i+1."""
+    def forward(self, x: torch.Tensor, relu_hook=None, models: tuple[int, int] | None = None) -> torch.Tensor:
+        """Scores of models ``first..last-1`` (default all): B x ((last-first)*10) x w x h.
+
+        ``relu_hook(i, y)`` sees the output of the (partial) ReLU after conv i+1.
+        """
+        first, last = models or (0, self.num_models)
         for i in range(4):
-            x = fn.channel_relu(self._conv(i, x), self.rectified[i])
+            k = CONV_SHAPES[i][3]
+            x = fn.channel_relu(self._conv(i, x, first, last), self.rectified[i][first * k:last * k])
             if relu_hook is not None:
                 relu_hook(i, x)
             if i < 2:
@@ -179,7 +186,7 @@ class FusedTrainer:
     def __init__(self, model: FusedLeNet, images: torch.Tensor, labels: torch.Tensor, *,
                  batch_size: int = 100, learning_rate=0.001, weight_decay: float = 0.0005,
                  momentum: float = 0.9, seed: int = 0, use_cuda_graph: bool | None = None,
-                 eval_batch_size: int | None = None):
+                 eval_batch_size: int | None = None, chunk_size: int | None = None):
         self.model = model
         self.device = images.device
         if self.device.type == "cpu":
@@ -198,22 +205,26 @@ class FusedTrainer:
         self.momenta = [torch.zeros_like(p) for p in self.params]
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self.eval_batch_size = eval_batch_size or (1000 if self.device.type == "cuda" else 500)
+        # models per forward/backward pass: all on a GPU; on a small CPU fewer models at a
+        # time keep the working set in cache at large N (autotune measures which is faster)
+        size = min(chunk_size or model.num_models, model.num_models)
+        self.chunks = [(c, min(c + size, model.num_models)) for c in range(0, model.num_models, size)]
         self._graphs: dict = {}
 
     # -- one SGD step (forward, backward, update), no host synchronisation ----
     def _step(self, x: torch.Tensor, index: torch.Tensor, lr: float, totals: torch.Tensor) -> None:
-        m = self.model.num_models
         b = x.shape[0]
-        scores = self.model(x)
-        scores_pm = per_model(scores, m)
-        index_pm = index.reshape(1, b).expand(m, b).reshape(m * b, 1, 1, 1)
-        losses = fn.softmaxloss_per_image(scores_pm, index_pm)       # M*B per-image sums
-        # the sum over models of each model's softmaxloss (normalise: / B)
-        (losses.sum() / b).backward()
-        with torch.no_grad():
-            errors = error_multiclass(scores_pm.detach(), index_pm + 1, per_image=True)  # 2 x M*B
-            totals[0] += losses.detach().reshape(m, b).sum(1)
-            totals[1:3] += errors.reshape(2, m, b).sum(2)
+        for first, last in self.chunks:
+            m = last - first
+            scores_pm = per_model(self.model(x, models=(first, last)), m)
+            index_pm = index.reshape(1, b).expand(m, b).reshape(m * b, 1, 1, 1)
+            losses = fn.softmaxloss_per_image(scores_pm, index_pm)       # m*B per-image sums
+            # the sum over models of each model's softmaxloss (normalise: / B)
+            (losses.sum() / b).backward()
+            with torch.no_grad():
+                errors = error_multiclass(scores_pm.detach(), index_pm + 1, per_image=True)  # 2 x m*B
+                totals[0, first:last] += losses.detach().reshape(m, b).sum(1)
+                totals[1:3, first:last] += errors.reshape(2, m, b).sum(2)
         sgd_update(self.params, [p.grad for p in self.params], self.momenta, [1.0] * len(self.params),
                    [1.0] * len(self.params), learning_rate=lr, weight_decay=self.weight_decay,
                    momentum=self.momentum)
@@ -326,25 +337,42 @@ class FusedTrainer:
                 m.copy_(s)
 
 
-def autotune(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
-             steps: int = 5, candidates: Sequence[str] = CONV_IMPLS) -> tuple[str, dict]:
-    """Time a few training steps of each conv implementation on this device; return the fastest.
+def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
+                  steps: int = 3, candidates: Sequence[tuple[str, int]] | None = None) -> tuple[dict, dict]:
+    """Time a few training steps of each way to run the fused models on this device; return the fastest.
 
-    Runs on throwaway copies (the caller's models are untouched). Returns
-    (best, {impl: seconds per step}).
+    A candidate is (conv implementation, models per pass); by default every
+    implementation with all models per pass, and on the CPU also 4 and 1
+    models per pass. Runs on throwaway copies (the caller's models are
+    untouched). Returns ({'conv': .., 'chunk_size': ..}, {label: seconds per step}).
     """
+    if candidates is None:
+        chunks = [len(masks)] if images.device.type == "cuda" else sorted({len(masks), min(4, len(masks)), 1},
+                                                                           reverse=True)
+        candidates = [(impl, c) for c in chunks for impl in (CONV_IMPLS if c > 1 else CONV_IMPLS[:1])]
     timings = {}
-    n = min(images.shape[0], batch_size * (steps + 3))
+    n = min(images.shape[0], batch_size * (steps + 1))
     indices = np.arange(1, n + 1)
-    for impl in candidates:
+    for impl, chunk in candidates:
         model = FusedLeNet(masks, weights, conv=impl).to(images.device)
-        trainer = FusedTrainer(model, images[:n], labels[:n], batch_size=batch_size)
-        trainer.train_epoch(1, indices[:batch_size * 2])  # warm-up (and graph capture)
+        trainer = FusedTrainer(model, images[:n], labels[:n], batch_size=batch_size, chunk_size=chunk)
+        trainer.train_epoch(1, indices[:batch_size])  # warm-up (and graph capture)
         if images.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         trainer.train_epoch(1, indices[:batch_size * steps])
         if images.device.type == "cuda":
             torch.cuda.synchronize()
-        timings[impl] = (time.perf_counter() - start) / steps
-    return min(timings, key=timings.get), timings
+        timings[f"{impl}/{chunk}"] = (time.perf_counter() - start) / steps
+    best = min(timings, key=timings.get)
+    impl, chunk = best.split("/")
+    return {"conv": impl, "chunk_size": int(chunk)}, timings
+
+
+def autotune(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
+             steps: int = 3) -> tuple[str, dict]:
+    """The fastest convolution implementation with all models per pass: (impl, {impl: seconds per step})."""
+    candidates = [(impl, len(masks)) for impl in CONV_IMPLS]
+    plan, timings = autotune_plan(masks, weights, images, labels, batch_size=batch_size, steps=steps,
+                                  candidates=candidates)
+    return plan["conv"], {label.split("/")[0]: t for label, t in timings.items()}

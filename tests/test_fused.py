@@ -155,3 +155,19 @@ def test_fused_cuda_matches_cpu(data):
         out.append(model.model_weights(2))
     for (fa, _), (fb, _) in zip(*out):
         assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-4
+
+
+def test_chunked_passes_equal_one_pass(data):
+    """Training the models a few at a time (the CPU plan at large N) changes nothing but speed."""
+    imdb, train, _ = data
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    out = []
+    for chunk in (None, 2):
+        model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=5)), conv="loop")
+        stats = FusedTrainer(model, images, labels, seed=5, chunk_size=chunk).train_epoch(1, train[:200])
+        out.append((model, stats))
+    for k in range(len(MASKS)):
+        for (fa, _), (fb, _) in zip(out[0][0].model_weights(k), out[1][0].model_weights(k)):
+            assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-5
+    np.testing.assert_allclose(out[0][1].objective, out[1][1].objective, rtol=1e-6)
