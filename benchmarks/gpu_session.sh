@@ -4,31 +4,38 @@
 #   2. benchmarks/bench_search.py: fused search path vs 16 naive LeNets, N = 28..64,
 #   3. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 1 epoch x full MNIST,
 #   4. benchmarks/bench_layers.py on CUDA.
-# Every stage has its own time limit and the script goes on when one fails; logs go to $OUT.
+# Every stage has its own time limit and the script goes on when one fails. Everything printed
+# goes to $OUT/log.txt; the slice's results.csv and summary.md and the benchmark JSON are copied
+# next to it (few files: the device tool returns at most eight).
 # Run from the repository root:  OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
 start=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
-
+clean() { tr '\r' '\n' | grep -v -E '^\s*$|(it|img|batch)/s\]$'; }
+{
 stage environment
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
 stage "pytest: CUDA parity and fused-trainer cases"
-timeout 100 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py 2>&1 | tail -25 | tee "$OUT/pytest_cuda.txt"
+timeout 90 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py 2>&1 | tail -22
 
 stage "bench_search (ours vs naive, N = 28..64)"
-timeout 170 python3 benchmarks/bench_search.py --device cuda --sizes 28 36 44 52 64 --images 10000 \
-  --json "$OUT/bench_search_cuda.json" 2>&1 | grep -v '^\s*$' | tail -20 | tee "$OUT/bench_search_cuda.txt"
+timeout 160 python3 benchmarks/bench_search.py --device cuda --sizes 28 36 44 52 64 --images 10000 \
+  --json "$OUT/bench_search_cuda.json" 2>&1 | clean | tail -12
 
 stage "paper slice: 16 masks x N=28..64 x 1 epoch x 60000/10000 images x 1 seed"
-timeout 200 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 1 --device cuda \
-  --out "$OUT/paper_slice" 2>&1 | tr '\r' '\n' | grep -v -E '^\s*$|it/s\]$' | tail -40 | tee "$OUT/paper_slice.txt"
-python3 benchmarks/project_grid.py "$OUT/paper_slice/results.csv" 2>&1 | tee "$OUT/projection.txt"
+timeout 230 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 1 --device cuda \
+  --out /tmp/paper_slice 2>&1 | clean | tail -30
+cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
+cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"
+python3 benchmarks/project_grid.py /tmp/paper_slice/results.csv
 
 stage "bench_layers on CUDA"
-timeout 45 python3 benchmarks/bench_layers.py --device cuda --repeats 20 2>&1 | tee "$OUT/bench_layers_cuda.txt"
+timeout 40 python3 benchmarks/bench_layers.py --device cuda --repeats 20 2>&1
 stage done
+} 2>&1 | tee "$LOG"

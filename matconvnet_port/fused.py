@@ -197,7 +197,8 @@ class FusedTrainer:
             raise ValueError(f"{labels.numel()} labels for {images.shape[0]} images")
         if bool(((labels < 1) | (labels > NUM_CLASSES) | (labels != labels.round())).any()):
             raise ValueError(f"labels must be integers in 1..{NUM_CLASSES}")
-        self.labels = labels.to(device=self.device, dtype=torch.long)
+        # 0-based class indices: what the loss gathers with, in the graph and outside it
+        self.class_index = labels.to(device=self.device, dtype=torch.long) - 1
         self.batch_size = batch_size
         self.rates = np.asarray(learning_rate, dtype=np.float64).reshape(-1)
         self.weight_decay, self.momentum, self.seed = weight_decay, momentum, seed
@@ -239,18 +240,22 @@ class FusedTrainer:
             static_totals = torch.zeros(3, self.model.num_models, device=self.device, dtype=torch.float64)
             # warm up on a side stream (cuDNN picks algorithms, autograd allocates), then capture
             saved = [p.detach().clone() for p in self.params] + [m.clone() for m in self.momenta]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._step(static_x, static_index, lr, static_totals)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
                     self._step(static_x, static_index, lr, static_totals)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(static_x, static_index, lr, static_totals)
-            with torch.no_grad():  # undo the warm-up and capture steps
-                for t, s in zip(self.params + self.momenta, saved):
-                    t.copy_(s)
+            finally:
+                with torch.no_grad():  # undo the warm-up steps (a capture runs nothing)
+                    for t, s in zip(self.params + self.momenta, saved):
+                        t.copy_(s)
+                for p in self.params:
+                    p.grad = None
             static_totals.zero_()
             self._graphs[key] = (graph, static_x, static_index, static_totals)
         return self._graphs[key]
@@ -267,14 +272,21 @@ class FusedTrainer:
         for t in range(0, len(order), self.batch_size):
             idx = order_dev[t:t + self.batch_size]
             b = idx.numel()
+            graphed = None
             if self.use_cuda_graph and b == self.batch_size:
-                graph, sx, si, st = self._graphed_step(lr, b)
+                try:
+                    graphed = self._graphed_step(lr, b)
+                except RuntimeError as e:  # fall back to eager steps: slower, same numbers
+                    print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); running eagerly")
+                    self.use_cuda_graph = False
+            if graphed is not None:
+                graph, sx, si, st = graphed
                 torch.index_select(self.images, 0, idx, out=sx)
-                torch.index_select(self.labels, 0, idx, out=si)
+                torch.index_select(self.class_index, 0, idx, out=si)
                 graph.replay()
             else:
                 x = self.images.index_select(0, idx)
-                index = self.labels.index_select(0, idx) - 1
+                index = self.class_index.index_select(0, idx)
                 self._step(x, index, lr, totals)
             if progress is not None:
                 progress(b)
@@ -301,7 +313,7 @@ class FusedTrainer:
             idx = idx_all[t:t + self.eval_batch_size]
             b = idx.numel()
             x = self.images.index_select(0, idx)
-            index = self.labels.index_select(0, idx) - 1
+            index = self.class_index.index_select(0, idx)
             def track_alive(i, y):
                 positive = (y > 0).any(dim=3).any(dim=2).any(dim=0)
                 alive[i] = positive if alive[i] is None else alive[i] | positive
