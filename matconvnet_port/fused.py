@@ -364,6 +364,7 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
         candidates = [(impl, c) for c in chunks for impl in (CONV_IMPLS if c > 1 else CONV_IMPLS[:1])]
     timings = {}
     n = min(images.shape[0], batch_size * (steps + 1))
+    steps = max(1, n // batch_size - 1)  # time only full steps that the images allow
     indices = np.arange(1, n + 1)
     for impl, chunk in candidates:
         model = FusedLeNet(masks, weights, conv=impl).to(images.device)

@@ -1,0 +1,252 @@
+"""``python -m matconvnet_port.search``: build the grid, train it group by group, summarise.
+
+Commands::
+
+    python -m matconvnet_port.search [--preset paper|quick|smoke] [options]   # run (or resume) a grid
+    python -m matconvnet_port.search merge DIR1 DIR2 ... --out DIR            # merge shards, summarise
+    python -m matconvnet_port.search summary DIR [--threshold T]              # re-summarise a folder
+
+Exit codes: 0 done, 2 bad arguments or incompatible folder (one line on
+stderr, no traceback), 130 interrupted (the folder is consistent; rerunning
+the same command resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..mnist import RESIZE_METHODS, MnistDataError, load_mnist
+from ..models import mask_bits
+from ..precision import PRECISIONS, set_precision
+from ..train import resolve_device
+from . import runner
+from .grid import (PRESETS, Settings, UsageError, build_groups, describe_masks, parse_masks, parse_shard,
+                   parse_sizes, shard_groups)
+from .results import grid_union, load_config, merge_dirs, read_results, remove_stale_temporaries, save_config
+from .summary import summarise, write_summary
+
+__all__ = ["main"]
+
+PROG = "python -m matconvnet_port.search"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse would print the usage too)
+        raise UsageError(message)
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Train the 16 ReLU placements of MatConvNet's MNIST LeNet over input "
+                "sizes and seeds, resumably, and summarise whether C CR C CR is the best. Options left out "
+                "take the preset's value. Other commands: 'merge DIR... --out DIR', 'summary DIR'.")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="grid and settings: " + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items())
+                   + " (default: paper with CUDA, else quick)")
+    p.add_argument("--masks", nargs="+", metavar="MASK",
+                   help="'all', names like 'C CR C CR' or bits like 0101 (conv1 first); several allowed")
+    p.add_argument("--sizes", nargs="+", metavar="N", help="input sizes N (>= 28, divisible by 4)")
+    p.add_argument("--seeds", type=int, metavar="K", help="seeds 0..K-1")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--train-subset", type=int, metavar="n", help="first n of the 60000 training images")
+    p.add_argument("--val-subset", type=int, metavar="n", help="first n of the 10000 t10k images")
+    p.add_argument("--resize", choices=RESIZE_METHODS, default="imresize",
+                   help="how digits are brought to N x N (default imresize = MATLAB bicubic, our assumption)")
+    p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
+    p.add_argument("--data-dir", help="folder with the IDX files (default: the vendored MNIST)")
+    p.add_argument("--out", help="output folder (default runs/<preset>-<timestamp>); rerun to resume")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="CUDA matmul/conv precision")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--learning-rate", type=float, default=0.001)
+    p.add_argument("--threshold", type=float,
+                   help="validation image-level error counted as converged (default: the preset's)")
+    p.add_argument("--shard", metavar="I/K", help="run only the I-th of K slices of the (N, seed) groups")
+    p.add_argument("--conv", choices=("auto", "grouped", "loop"), default="auto",
+                   help="fused conv implementation (auto: autotuned on CUDA, by N on CPU)")
+    p.add_argument("--save-nets", "--keep-weights", dest="save_nets", action="store_true",
+                   help="write each finished cell's net as a MatConvNet .mat file in OUT/nets/")
+    return p
+
+
+def _check_range(name: str, value, low, high=None) -> None:
+    if value is not None and (value < low or (high is not None and value > high)):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise UsageError(f"{name}: must be {bound}, got {value}")
+
+
+def _settings_and_grid(args, preset):
+    """The training settings and the grid: the preset's values overridden by explicit options."""
+    for name, low, high in (("--epochs", 1, None), ("--seeds", 1, None), ("--train-subset", 1, 60000),
+                            ("--val-subset", 1, 10000), ("--batch-size", 1, None)):
+        _check_range(name, getattr(args, name[2:].replace("-", "_")), low, high)
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate: must be > 0, got {args.learning_rate}")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise UsageError(f"--threshold: must be in (0, 1], got {args.threshold}")
+    masks = parse_masks(args.masks) if args.masks else tuple(preset.masks)
+    sizes = parse_sizes(args.sizes) if args.sizes else tuple(preset.sizes)
+    seeds = tuple(range(args.seeds if args.seeds is not None else preset.seeds))
+    settings = Settings(epochs=args.epochs or preset.epochs,
+                        train_subset=args.train_subset or preset.train_subset,
+                        val_subset=args.val_subset or preset.val_subset,
+                        resize=args.resize, dataset=args.dataset, learning_rate=args.learning_rate,
+                        batch_size=args.batch_size, precision=args.precision)
+    return settings, masks, sizes, seeds
+
+
+def _check_data(data_dir, dataset) -> None:
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UsageError(f"--data-dir: {data_dir}: no such folder")
+    try:
+        load_mnist(data_dir, dataset)
+    except (FileNotFoundError, MnistDataError) as e:
+        raise UsageError(f"data: {e}") from None
+
+
+def _open_folder(out: Path, settings: Settings, grid: dict, preset_name: str, threshold: float, shard) -> dict:
+    """Create or reopen ``out``: the settings must match its config.json; the grid may grow."""
+    config = load_config(out)
+    if config is not None:
+        stored = Settings.from_dict(config["training"])
+        diff = stored.differences(settings)
+        if diff:
+            raise UsageError(f"{out} was trained with other settings ({'; '.join(diff)}; stored preset "
+                             f"{config.get('preset')!r}): rerun with the original options or use another --out")
+        grid = grid_union(config["grid"], grid)
+    config = {"training": settings.to_dict(), "grid": grid, "preset": preset_name, "threshold": threshold,
+              "shard": f"{shard[0]}/{shard[1]}" if shard != (1, 1) else None,
+              "paired_design": "for each seed, every mask and N starts from cnn_mnist_init(seed=seed)'s weights "
+                               "and sees the batches of default_order(epoch, train, seed)"}
+    save_config(out, config)
+    return config
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run(argv) -> int:
+    args = _run_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--device: {e}") from None
+    if args.preset:
+        preset_name, why = args.preset, "--preset"
+    elif device.type == "cuda":
+        preset_name, why = "paper", "default with a CUDA device"
+    else:
+        preset_name, why = "quick", "default without a CUDA device; --preset paper for the full grid"
+    preset = PRESETS[preset_name]
+    settings, masks, sizes, seeds = _settings_and_grid(args, preset)
+    shard = parse_shard(args.shard)
+    _check_data(args.data_dir, args.dataset)
+    threshold = args.threshold if args.threshold is not None else preset.threshold
+    out = Path(args.out or f"runs/{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    grid = {"masks": [mask_bits(m) for m in masks], "sizes": list(sizes), "seeds": list(seeds)}
+    config = _open_folder(out, settings, grid, preset_name, threshold, shard)
+
+    set_precision(settings.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    ctx = runner.RunContext(out_dir=out, settings=settings, device=device, conv=args.conv,
+                            data_dir=args.data_dir, save_nets=args.save_nets, log=tqdm.write)
+    groups = build_groups(masks, sizes, seeds)
+    mine = shard_groups(groups, *shard)
+    work = runner.pending_work(ctx, mine)
+    pending_cells = sum(len(m) for _, _, m in work)
+
+    print(f"preset: {preset_name} ({why}): {preset.description}")
+    seed_text = "seed 0" if len(seeds) == 1 else f"seeds 0..{len(seeds) - 1}"
+    print(f"grid: {describe_masks(masks)} x N = {', '.join(map(str, sizes))} x {seed_text} = "
+          f"{len(masks) * len(sizes) * len(seeds)} cells x {settings.epochs} epochs, "
+          f"{settings.train_subset} training / {settings.val_subset} validation images, resize {settings.resize}")
+    shard_text = f", shard {shard[0]}/{shard[1]}: {len(mine)}" if shard != (1, 1) else ""
+    print(f"groups (N, seed): {len(groups)}{shard_text}; pending: {pending_cells} cells in {len(work)} fused runs; "
+          f"output: {out}")
+    resume = f"{PROG} {shlex.join(argv)}" + ("" if args.out else f" --out {shlex.quote(str(out))}")
+    try:
+        if work:
+            estimate, how = runner.estimate_seconds(ctx, work)
+            print(f"device: {ctx.device_label}, {settings.precision}; estimate: ~{_duration(estimate)} "
+                  f"(rough: {how}, scaled by the LeNet's cost per N)")
+            total = runner.work_images(ctx, work)
+            tty = sys.stderr.isatty()
+            with tqdm(total=total, unit="img", unit_scale=True, desc="grid", dynamic_ncols=True,
+                      mininterval=0.5 if tty else 30, smoothing=0.05) as bar:
+                runner.run_groups(ctx, work, runner.GridProgress(bar, ctx, work))
+    except KeyboardInterrupt:
+        runner.regenerate_results(out)
+        print(f"\ninterrupted: {out} is consistent (finished epochs are kept in groups/ and results.csv).\n"
+              f"resume with: {resume}", file=sys.stderr)
+        return 130
+    rows = runner.regenerate_results(out)
+    if args.save_nets and not work:
+        print("note: --save-nets writes nets when cells finish; these cells had finished already")
+    return _summarise(out, config, rows, threshold)
+
+
+def _summarise(out: Path, config: dict, rows: list[dict], threshold) -> int:
+    if not rows:
+        print(f"{out}: no results yet")
+        return 0
+    summary = summarise(rows, config, threshold)
+    write_summary(out, summary)
+    print(f"wrote {out}/results.csv ({len(rows)} rows), summary.md, summary.json, heatmap.png, curves.png")
+    print("verdict (paired over (N, seed); 'pp' = percentage points):")
+    for line in summary["verdict"]:
+        print(f"  {line}")
+    if summary["caveat"]:
+        print(f"  {summary['caveat'].replace('**', '').replace('`', '')}")
+    return 0
+
+
+def merge(argv) -> int:
+    p = _Parser(prog=f"{PROG} merge", description="Merge the results.csv of several output folders "
+                "(e.g. shards; their training settings must agree) and summarise them.")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float)
+    args = p.parse_args(argv)
+    for d in args.dirs:
+        if not Path(d).is_dir():
+            raise UsageError(f"merge: {d}: no such folder")
+    config, rows = merge_dirs(args.dirs, args.out)
+    return _summarise(Path(args.out), config, rows, args.threshold)
+
+
+def summary(argv) -> int:
+    p = _Parser(prog=f"{PROG} summary", description="Rewrite the summary of an output folder from its results.csv.")
+    p.add_argument("dir")
+    p.add_argument("--threshold", type=float)
+    args = p.parse_args(argv)
+    out = Path(args.dir)
+    config = load_config(out)
+    if config is None or not (out / "results.csv").is_file():
+        raise UsageError(f"summary: {out} has no config.json and results.csv")
+    return _summarise(out, config, read_results(out / "results.csv"), args.threshold)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"merge": merge, "summary": summary}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return run(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2

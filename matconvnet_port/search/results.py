@@ -1,0 +1,196 @@
+"""The files of an output folder: ``config.json``, ``results.csv``, atomic writes, merging.
+
+``results.csv`` has one row per (mask, N, seed, epoch), columns :data:`COLUMNS`;
+floats are written with ``repr`` (shortest round-trip form), so reading the
+file back gives the computed numbers exactly. It is always *regenerated* from
+the group checkpoints (:mod:`.runner`), never appended to, so an interrupted
+run can neither duplicate nor lose a row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..models import ALL_MASKS, mask_bits, parse_mask
+from .grid import Settings, UsageError, table_order
+
+__all__ = ["COLUMNS", "atomic_write", "atomic_write_text", "atomic_torch_save", "write_results", "read_results",
+           "load_config", "save_config", "merge_dirs", "cell_key"]
+
+COLUMNS = [
+    "mask", "mask_bits", "input_size", "seed", "epoch",
+    "train_objective", "train_top1err", "train_top5err",
+    "val_objective", "val_top1err", "val_top5err", "val_image_err",
+    "dead_relu_conv1", "dead_relu_conv2", "dead_relu_conv3", "dead_relu_conv4",
+    "seconds", "fused_models", "device", "conv_impl",
+]
+_INT_COLUMNS = {"input_size", "seed", "epoch", "fused_models"}
+_STR_COLUMNS = {"mask", "mask_bits", "device", "conv_impl"}
+# columns that describe how a number was computed, not the number (ignored when comparing runs)
+RUN_COLUMNS = ("seconds", "fused_models", "device", "conv_impl")
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# -- atomic files: write a temporary file in the same folder, then os.replace ----------
+
+def atomic_write(path, write) -> None:
+    """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to others
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave a half-written file behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(path, obj) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temporaries(folder) -> None:
+    """Temporary files of a process killed hard (SIGKILL) between write and rename."""
+    for p in Path(folder).rglob(".*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+# -- results.csv --------------------------------------------------------------------
+
+def cell_key(row: dict) -> tuple:
+    return (int(row["input_size"]), int(row["seed"]), ALL_MASKS.index(parse_mask(row["mask_bits"])))
+
+
+def _row_sort_key(row: dict) -> tuple:
+    return cell_key(row) + (int(row["epoch"]),)
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_results(path, rows: list[dict]) -> None:
+    """Write ``rows`` sorted by (N, seed, mask in lenet.mat order, epoch), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=_row_sort_key):
+        writer.writerow({c: _format(row.get(c)) for c in COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_results(path) -> list[dict]:
+    """Rows of a ``results.csv`` with typed values (empty dead-ReLU fields -> nan)."""
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UsageError(f"{path}: not a search results.csv (missing columns {', '.join(missing)})")
+        for raw in reader:
+            row = {}
+            for c in COLUMNS:
+                v = raw[c]
+                if c in _STR_COLUMNS:
+                    row[c] = v
+                elif c in _INT_COLUMNS:
+                    row[c] = int(v)
+                else:
+                    row[c] = float(v) if v != "" else float("nan")
+            rows.append(row)
+    return rows
+
+
+# -- config.json ---------------------------------------------------------------------
+
+def load_config(folder) -> dict | None:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_config(folder, config: dict) -> None:
+    atomic_write_text(Path(folder) / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def grid_union(a: dict, b: dict) -> dict:
+    """The union of two ``config['grid']`` entries."""
+    masks = table_order([parse_mask(m) for m in a["masks"] + b["masks"]])
+    return {"masks": [mask_bits(m) for m in masks],
+            "sizes": sorted(set(a["sizes"]) | set(b["sizes"])),
+            "seeds": sorted(set(a["seeds"]) | set(b["seeds"]))}
+
+
+# -- merge --------------------------------------------------------------------------
+
+def merge_dirs(dirs, out) -> tuple[dict, list[dict]]:
+    """Merge the ``results.csv`` of several output folders (e.g. shards) into ``out``.
+
+    The training settings must agree; a cell (mask, N, seed) may come from one
+    folder only. Writes ``out/config.json`` (grid = union) and
+    ``out/results.csv``; returns (config, rows).
+    """
+    out = Path(out)
+    if (out / "groups").is_dir():
+        raise UsageError(f"merge: {out} holds a run's checkpoints; merge into a new folder")
+    resolved = [Path(d).resolve() for d in dirs]
+    if len(set(resolved)) < len(resolved):
+        raise UsageError("merge: a folder is given twice")
+    config, rows, origin = None, [], {}
+    for d in dirs:
+        d = Path(d)
+        cfg = load_config(d)
+        if cfg is None or not (d / "results.csv").is_file():
+            raise UsageError(f"merge: {d} has no config.json and results.csv")
+        if config is None:
+            config = dict(cfg)
+        else:
+            diff = Settings.from_dict(config["training"]).differences(Settings.from_dict(cfg["training"]))
+            if diff:
+                raise UsageError(f"merge: {d} was trained with other settings ({'; '.join(diff)})")
+            config["grid"] = grid_union(config["grid"], cfg["grid"])
+        for row in read_results(d / "results.csv"):
+            key = cell_key(row)
+            if origin.setdefault(key, d) != d:
+                raise UsageError(f"merge: cell {row['mask']} N={row['input_size']} seed={row['seed']} "
+                                 f"is in both {origin[key]} and {d}")
+            rows.append(row)
+    if config is None:
+        raise UsageError("merge: no folders given")
+    config["merged_from"] = [str(d) for d in dirs]
+    config.pop("shard", None)
+    save_config(out, config)
+    write_results(out / "results.csv", rows)
+    return config, rows

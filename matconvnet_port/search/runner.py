@@ -1,0 +1,327 @@
+"""Training the grid, one group (N, seed) at a time, resumably.
+
+For each group: load the N x N data once (:func:`load_images`, shared by the
+seeds of that N), build one :class:`~matconvnet_port.fused.FusedLeNet` with
+all pending masks from ``cnn_mnist_init(seed=seed)``'s weights, and for each
+epoch train (:meth:`FusedTrainer.train_epoch`, data order
+``default_order(epoch, train, seed)``) and evaluate. After every epoch the
+group's checkpoint ``groups/N<N>-seed<s>.pt`` (trainer state of each
+unfinished cell + every row of the group) is replaced atomically, then
+``results.csv`` is regenerated from the rows of all groups.
+
+Each cell's result depends only on (mask, N, seed) and the settings: its
+initial weights and data order come from its own seed, and the fused models
+never interact (see :mod:`matconvnet_port.fused`). Masks added to a finished
+group later are trained as a new fused model from the same start.
+Resuming: a cell whose checkpoint says ``epochs_done = e`` restarts at epoch
+e + 1 from the stored weights and momenta (cells at different epochs are
+trained as separate fused models, since a fused model steps all its models
+on the same batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..fused import FusedLeNet, FusedTrainer, autotune
+from ..mnist import get_mnist_imdb
+from ..models import CONV_SHAPES, cnn_mnist_init, mask_bits, mask_name
+from .grid import Group, Settings, cost_per_image, fused_order
+from .results import atomic_torch_save, write_results
+
+__all__ = ["RunContext", "GridProgress", "load_images", "initial_weights", "pending_work", "work_images",
+           "estimate_seconds", "train_cells", "run_groups", "read_all_rows", "regenerate_results", "checkpoint_path"]
+
+CPU_EVAL_COST = 0.5  # an evaluated image costs about half a trained one (measured on CPU)
+
+
+@dataclass
+class RunContext:
+    """Everything a group needs besides its (N, seed, masks)."""
+
+    out_dir: Path
+    settings: Settings
+    device: torch.device
+    conv: str = "auto"            # 'auto', 'grouped' or 'loop'
+    data_dir: str | None = None
+    save_nets: bool = False
+    log: Callable[[str], None] = print
+    rows_by_group: dict = field(default_factory=dict)  # group key -> rows (mirror of the checkpoints)
+    conv_by_size: dict = field(default_factory=dict)
+
+    @property
+    def device_label(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return "cpu"
+
+
+# -- data and initial weights ---------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)  # one N at a time: full MNIST at N = 64 is 1.1 GB
+def load_images(input_size: int, resize: str, dataset: str, data_dir: str | None, train_subset: int,
+                val_subset: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images n x 1 x N x N float32, labels n, 1-based): the training subset then the validation subset."""
+    imdb = get_mnist_imdb(input_size=input_size, resize=resize, data_dir=data_dir, dataset=dataset,
+                          train_subset=train_subset, val_subset=val_subset)
+    images = imdb["images"]["data"].transpose(3, 2, 0, 1)  # a C-contiguous view, no copy
+    labels = imdb["images"]["labels"].reshape(-1)
+    return images, labels
+
+
+@functools.lru_cache(maxsize=None)
+def initial_weights(seed: int) -> tuple:
+    """``cnn_mnist_init(seed=seed)``'s four [filters, biases]: the start of every mask and N of this seed."""
+    net = cnn_mnist_init(seed=seed)
+    return tuple((layer["weights"][0], layer["weights"][1]) for layer in net.layers if layer["type"] == "conv")
+
+
+# -- group checkpoints ----------------------------------------------------------------
+
+def checkpoint_path(out_dir, group: Group) -> Path:
+    return Path(out_dir) / "groups" / f"{group.key}.pt"
+
+
+def load_checkpoint(path: Path, group: Group) -> dict:
+    """``{'input_size', 'seed', 'cells': {bits: {'epochs_done', 'state'}}, 'rows': [...]}``."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return {"input_size": group.input_size, "seed": group.seed, "cells": {}, "rows": []}
+
+
+def read_all_rows(out_dir) -> dict:
+    """group key -> rows, from every checkpoint in ``out_dir/groups``."""
+    rows = {}
+    for path in sorted((Path(out_dir) / "groups").glob("N*-seed*.pt")):
+        rows[path.stem] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rows"]
+    return rows
+
+
+def regenerate_results(out_dir, rows_by_group: dict | None = None) -> list[dict]:
+    """Rewrite ``results.csv`` from the group checkpoints (or their in-memory mirror)."""
+    if rows_by_group is None:
+        rows_by_group = read_all_rows(out_dir)
+    rows = [row for group_rows in rows_by_group.values() for row in group_rows]
+    write_results(Path(out_dir) / "results.csv", rows)
+    return rows
+
+
+def _slice_state(state: dict, m: int) -> dict:
+    """Model m's share of a fused trainer state (cloned: a saved view would save the whole tensor)."""
+    out = {}
+    for key in ("params", "momenta"):
+        tensors = []
+        for j, t in enumerate(state[key]):
+            k = CONV_SHAPES[j // 2][3]
+            tensors.append(t[m * k:(m + 1) * k].clone())
+        out[key] = tensors
+    return out
+
+
+def _stack_states(states: list[dict]) -> dict:
+    return {key: [torch.cat([s[key][j] for s in states]) for j in range(8)] for key in ("params", "momenta")}
+
+
+def pending_work(ctx: RunContext, groups: list[Group]) -> list[tuple[Group, int, list]]:
+    """(group, epochs done, masks) for every set of cells still to train, in grid order."""
+    work = []
+    for group in groups:
+        path = checkpoint_path(ctx.out_dir, group)
+        cells = load_checkpoint(path, group)["cells"] if path.is_file() else {}
+        by_epoch: dict[int, list] = {}
+        for mask in group.masks:
+            done = int(cells.get(mask_bits(mask), {}).get("epochs_done", 0))
+            if done < ctx.settings.epochs:
+                by_epoch.setdefault(done, []).append(mask)
+        work += [(group, done, fused_order(masks)) for done, masks in sorted(by_epoch.items(), reverse=True)]
+    return work
+
+
+def work_images(ctx: RunContext, work) -> int:
+    """Image passes (training + validation, x models) of the pending work: the progress bar's total."""
+    s = ctx.settings
+    return sum((s.epochs - done) * (s.train_subset + s.val_subset) * len(masks) for _, done, masks in work)
+
+
+class GridProgress:
+    """The progress bar over the whole grid, counting image passes x models.
+
+    tqdm's own ETA assumes every image costs the same, but an image at N = 64
+    costs ~15 times one at N = 28 and the grid runs N in increasing order; so
+    the bar also shows an ETA from the work weighted by :func:`cost_per_image`.
+    """
+
+    def __init__(self, bar, ctx: RunContext, work):
+        self.bar = bar
+        s = ctx.settings
+        self.cost_left = sum((s.epochs - done) * (s.train_subset + s.val_subset) * len(masks)
+                             * cost_per_image(group.input_size) for group, done, masks in work)
+        self.cost_done = 0.0
+        self.start = time.perf_counter()
+
+    def advance(self, image_passes: int, input_size: int) -> None:
+        self.bar.update(image_passes)
+        cost = image_passes * cost_per_image(input_size)
+        self.cost_done += cost
+        self.cost_left -= cost
+        elapsed = time.perf_counter() - self.start
+        if self.cost_done > 0:
+            self.bar.set_postfix_str(f"cost-weighted ETA {_clock(elapsed * self.cost_left / self.cost_done)}",
+                                     refresh=False)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# -- choosing the conv implementation and estimating the time --------------------------
+
+def choose_conv(ctx: RunContext, input_size: int, masks, x: torch.Tensor, y: torch.Tensor) -> str:
+    """'grouped' or 'loop' for this N: the user's choice, else autotuned on CUDA (once per N).
+
+    On a CPU autotuning costs more than it saves (a few steps of each at N = 64
+    take minutes) and its timings are at the mercy of other processes. Measured
+    on a 2-core CPU (16 models, s per step, grouped/loop): N = 28 0.5/0.6,
+    N = 36 1.4/1.4, N = 48 3.2/2.9, N = 64 15/11; 'loop' (many small kernels)
+    also suffered most when the CPU was shared. So 'grouped' below N = 48.
+    """
+    if ctx.conv != "auto":
+        return ctx.conv
+    if input_size not in ctx.conv_by_size:
+        if ctx.device.type == "cuda":
+            best, timings = autotune(masks, list(initial_weights(0)), x, y, batch_size=ctx.settings.batch_size)
+            ctx.log(f"autotune N={input_size} ({len(masks)} models): "
+                    + ", ".join(f"{k} {v * 1e3:.1f} ms/step" for k, v in timings.items()) + f" -> {best}")
+            ctx.conv_by_size[input_size] = best
+        else:
+            ctx.conv_by_size[input_size] = "grouped" if input_size < 48 else "loop"
+    return ctx.conv_by_size[input_size]
+
+
+def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
+    """Rough time of the pending work: one timed training step of the largest fused model at the
+    smallest pending N on random data, scaled by :func:`cost_per_image` and the number of models."""
+    if not work:
+        return 0.0, "nothing to do"
+    n0 = min(g.input_size for g, _, _ in work)
+    masks = max((m for _, _, m in work), key=len)
+    b = ctx.settings.batch_size
+    x = torch.randn(8 * b, 1, n0, n0, device=ctx.device) * 50  # 8 batches: enough for autotune's steps
+    y = torch.randint(1, 11, (8 * b,), device=ctx.device).double()
+    conv = choose_conv(ctx, n0, masks, x, y)
+    trainer = FusedTrainer(FusedLeNet(masks, list(initial_weights(0)), conv=conv).to(ctx.device), x, y,
+                           batch_size=b)
+    trainer.train_epoch(1, np.arange(1, b + 1))  # warm-up (and CUDA graph capture)
+    start = time.perf_counter()
+    trainer.train_epoch(2, np.arange(1, 2 * b + 1))
+    step = (time.perf_counter() - start) / 2
+    per_image_model = step / (b * len(masks))
+    s = ctx.settings
+    total = 0.0
+    for group, done, m in work:
+        images = s.train_subset + CPU_EVAL_COST * s.val_subset
+        total += (s.epochs - done) * images * len(m) * per_image_model * cost_per_image(group.input_size)
+    return total, f"one step of {len(masks)} models at N={n0} took {step:.2f} s"
+
+
+# -- training ----------------------------------------------------------------------------
+
+def _row(mask, group: Group, epoch: int, m: int, train, val, seconds: float, num_models: int,
+         device: str, conv: str) -> dict:
+    row = {"mask": mask_name(mask), "mask_bits": mask_bits(mask), "input_size": group.input_size,
+           "seed": group.seed, "epoch": epoch,
+           "train_objective": float(train.objective[m]), "train_top1err": float(train.top1err[m]),
+           "train_top5err": float(train.top5err[m]),
+           "val_objective": float(val.objective[m]), "val_top1err": float(val.top1err[m]),
+           "val_top5err": float(val.top5err[m]), "val_image_err": float(val.image_err[m])}
+    for i in range(1, 5):
+        row[f"dead_relu_conv{i}"] = float(val.dead_relu[i][m])  # nan (an empty field) without that ReLU
+    row.update(seconds=seconds, fused_models=num_models, device=device, conv_impl=conv)
+    return row
+
+
+def train_cells(ctx: RunContext, group: Group, done: int, masks: list,
+                progress: GridProgress | None = None) -> None:
+    """Train ``masks`` of ``group`` from epoch ``done`` + 1 to the last, as one fused model."""
+    s = ctx.settings
+    path = checkpoint_path(ctx.out_dir, group)
+    checkpoint = load_checkpoint(path, group)
+    images, labels = load_images(group.input_size, s.resize, s.dataset, ctx.data_dir, s.train_subset,
+                                 s.val_subset)
+    x = torch.from_numpy(images).to(ctx.device)
+    y = torch.from_numpy(labels).to(ctx.device)
+    train_indices = np.arange(1, s.train_subset + 1)
+    val_indices = np.arange(s.train_subset + 1, s.train_subset + s.val_subset + 1)
+
+    conv = choose_conv(ctx, group.input_size, masks, x, y)
+    model = FusedLeNet(masks, list(initial_weights(group.seed)), conv=conv).to(ctx.device)
+    trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
+                           weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed)
+    del x, y  # the trainer keeps its own copies (images transposed): free the device memory
+    if done > 0:
+        trainer.load_state_dict(_stack_states([checkpoint["cells"][mask_bits(m)]["state"] for m in masks]))
+    num_models = len(masks)
+    advance = (lambda b: progress.advance(b * num_models, group.input_size)) if progress is not None else None
+
+    for epoch in range(done + 1, s.epochs + 1):
+        start = time.perf_counter()
+        train = trainer.train_epoch(epoch, train_indices, progress=advance)
+        val = trainer.evaluate(val_indices, progress=advance)
+        seconds = (time.perf_counter() - start) / num_models
+        rows = [_row(mask, group, epoch, m, train, val, seconds, num_models, ctx.device_label, conv)
+                for m, mask in enumerate(masks)]
+
+        state = trainer.state_dict()
+        finished = epoch == s.epochs
+        for m, mask in enumerate(masks):
+            checkpoint["cells"][mask_bits(mask)] = {
+                "epochs_done": epoch,
+                # a finished cell needs no state: the grid never grows in epochs (config.json)
+                "state": None if finished else _slice_state(state, m)}
+        trained = {row["mask_bits"] for row in rows}
+        checkpoint["rows"] = [r for r in checkpoint["rows"]
+                              if not (r["epoch"] == epoch and r["mask_bits"] in trained)]
+        checkpoint["rows"] += rows
+        atomic_torch_save(path, checkpoint)
+        ctx.rows_by_group[group.key] = checkpoint["rows"]
+        regenerate_results(ctx.out_dir, ctx.rows_by_group)
+        ctx.log(_epoch_line(group, epoch, s.epochs, rows, seconds * num_models))
+
+    if ctx.save_nets:
+        _save_nets(ctx, group, model, masks)
+
+
+def _epoch_line(group: Group, epoch: int, epochs: int, rows: list[dict], seconds: float) -> str:
+    best = min(rows, key=lambda r: r["val_image_err"])
+    shown = {r["mask"]: r["val_image_err"] for r in rows}
+    marks = "".join(f", {name} {shown[name]:.2%}" for name in ("C CR C CR", "C C CR C")
+                    if name in shown and name != best["mask"])
+    return (f"N={group.input_size} seed={group.seed} epoch {epoch}/{epochs}: val image error "
+            f"best {best['val_image_err']:.2%} ({best['mask']}){marks}  [{len(rows)} models, {seconds:.1f} s]")
+
+
+def _save_nets(ctx: RunContext, group: Group, model: FusedLeNet, masks: list) -> None:
+    from ..netio import save_net  # the .mat writer, only needed here
+
+    folder = Path(ctx.out_dir) / "nets"
+    folder.mkdir(parents=True, exist_ok=True)
+    for m, mask in enumerate(masks):
+        net = cnn_mnist_init(mask, weights=model.model_weights(m))
+        net.meta["inputSize"] = np.array([[group.input_size, group.input_size, 1.0]])
+        save_net(folder / f"net-{group.key}-{mask_bits(mask)}.mat", net)
+
+
+def run_groups(ctx: RunContext, work, progress: GridProgress | None = None) -> None:
+    """Train every pending (group, epochs done, masks) of ``work`` in order."""
+    ctx.rows_by_group.update(read_all_rows(ctx.out_dir))
+    for group, done, masks in work:
+        train_cells(ctx, group, done, masks, progress=progress)
+

@@ -1,0 +1,487 @@
+"""From ``results.csv`` rows to the study's answer: tables, tests, plots and a verdict.
+
+Two error measures, reported side by side because they differ for N > 28
+(the unchanged LeNet then outputs a ((N/4)-6)^2 map of class scores):
+
+* ``val_image_err``: the *image-level* error: class scores summed over the
+  positions, then argmax; a fraction of images, comparable across N;
+* ``val_top1err``: MatConvNet's ``top1err`` as ``cnn_train`` reports it:
+  top-1 errors counted at every position, divided by the number of images
+  (so it can exceed 1 for N > 28).
+
+Statistics: mean over seeds with a 95% confidence interval from the t
+distribution (:func:`mean_ci`); masks are ranked by their mean over the
+(N, seed) pairs every mask has; the best mask is compared with the runner-up
+by a paired t-test and, with at least 6 pairs, a Wilcoxon signed-rank test
+over those pairs (:func:`paired_test`). Pairing is valid because, for a
+given seed, all masks start from the same weights and see the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from ..models import ALL_MASKS, PAPER_BEST_MASK, STOCK_MASK, mask_bits, mask_name, parse_mask
+from .grid import table_order
+from .results import atomic_write, atomic_write_text
+
+__all__ = ["mean_ci", "paired_test", "summarise", "write_summary", "verdict_lines", "MEASURES"]
+
+MEASURES = {
+    "val_image_err": ("image-level error", "class scores summed over the output positions, then argmax; "
+                      "fraction of validation images"),
+    "val_top1err": ("MatConvNet top1err", "top-1 errors counted at every output position divided by the number "
+                    "of images, as cnn_train reports it (exceeds 100% when N > 28 and most positions are wrong)"),
+}
+PAPER_BEST = mask_bits(PAPER_BEST_MASK)
+STOCK = mask_bits(STOCK_MASK)
+MIN_WILCOXON_PAIRS = 6  # with 5 pairs the smallest two-sided exact p is 2/2^5 = 0.0625
+ALPHA = 0.05
+
+
+# -- statistics ----------------------------------------------------------------------
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, int]:
+    """(mean, half-width of the ``confidence`` interval, n) with the t distribution.
+
+    half-width = t_{(1+confidence)/2, n-1} * s / sqrt(n), s the sample standard
+    deviation (ddof 1); nan when n < 2.
+    """
+    x = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    n = x.size
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(x[0]), math.nan, 1
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
+    return float(x.mean()), float(half), n
+
+
+def paired_test(a, b) -> dict:
+    """Compare paired samples a and b (e.g. two masks' errors over the same (N, seed) pairs).
+
+    Returns ``n``, ``mean_diff`` (mean of a - b), ``a_better`` (pairs with
+    a < b), ``b_better``, ``t_p`` (two-sided paired t-test,
+    ``scipy.stats.ttest_rel``; nan with fewer than 2 pairs or identical
+    differences) and ``wilcoxon_p`` (two-sided Wilcoxon signed-rank,
+    ``scipy.stats.wilcoxon``, zero differences dropped; None with fewer than
+    6 non-zero differences, where it cannot reach p < 0.05).
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = a - b
+    out = {"n": int(d.size), "mean_diff": float(d.mean()) if d.size else math.nan,
+           "a_better": int((d < 0).sum()), "b_better": int((d > 0).sum()), "t_p": math.nan, "wilcoxon_p": None}
+    if d.size >= 2 and np.ptp(d) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
+    elif d.size >= 2 and d[0] != 0:
+        out["t_p"] = 0.0  # every pair differs by the same non-zero amount: the variance is 0
+    if int((d != 0).sum()) >= MIN_WILCOXON_PAIRS:
+        out["wilcoxon_p"] = float(stats.wilcoxon(d, zero_method="wilcox").pvalue)
+    return out
+
+
+# -- the summary dict ----------------------------------------------------------------------
+
+def summarise(rows: list[dict], config: dict, threshold: float | None = None) -> dict:
+    """Everything ``summary.json``/``summary.md``/the plots/the verdict show, from ``results.csv`` rows."""
+    epochs = int(config["training"]["epochs"])
+    threshold = float(config.get("threshold", 0.02) if threshold is None else threshold)
+    final = {}   # (bits, N, seed) -> final-epoch row
+    curves = {}  # (bits, N, seed) -> {epoch: row}
+    for r in rows:
+        key = (r["mask_bits"], int(r["input_size"]), int(r["seed"]))
+        curves.setdefault(key, {})[int(r["epoch"])] = r
+        if int(r["epoch"]) == epochs:
+            final[key] = r
+    masks = [mask_bits(m) for m in table_order(parse_mask(k[0]) for k in curves)]
+    sizes = sorted({k[1] for k in curves})
+    seeds = sorted({k[2] for k in curves})
+    # the (N, seed) pairs every mask finished: the paired comparisons use exactly these
+    common = [(n, s) for n in sizes for s in seeds if all((m, n, s) in final for m in masks)]
+
+    summary = {
+        "config": config, "threshold": threshold, "epochs": epochs,
+        "masks": masks, "sizes": sizes, "seeds": seeds, "common_pairs": [list(p) for p in common],
+        "cells_finished": len(final), "cells_started": len(curves),
+        "rows": len(rows), "training_seconds": float(sum(r["seconds"] for r in rows)),
+        "devices": sorted({r["device"] for r in rows}),
+        "conv_impls": {str(n): sorted({r["conv_impl"] for r in rows if r["input_size"] == n}) for n in sizes},
+        "fused_models": sorted({int(r["fused_models"]) for r in rows}),
+        "measures": {},
+    }
+    for measure in MEASURES:
+        summary["measures"][measure] = _measure_summary(measure, final, masks, sizes, seeds, common)
+    summary["convergence"] = _convergence(curves, masks, threshold)
+    summary["dead_relu"] = _dead_relu(final, masks)
+    summary["curves"] = {m: {str(n): _mean_curve(curves, m, n, seeds, epochs) for n in sizes} for m in masks}
+    summary["verdict"] = verdict_lines(summary)
+    summary["caveat"] = _short_training_note(summary)[0][2:] if _short_training_note(summary) else None
+    return summary
+
+
+def _measure_summary(measure, final, masks, sizes, seeds, common) -> dict:
+    table = {m: {str(n): dict(zip(("mean", "ci95", "n"),
+                                  mean_ci([final[(m, n, s)][measure] for s in seeds if (m, n, s) in final])))
+                 for n in sizes} for m in masks}
+    best_per_size = {}
+    for n in sizes:
+        means = {m: table[m][str(n)]["mean"] for m in masks if table[m][str(n)]["n"]}
+        if means:
+            low = min(means.values())
+            best_per_size[str(n)] = [m for m in masks if means.get(m) == low]
+    pairs = common or sorted({(k[1], k[2]) for k in final})
+    overall = []
+    for m in masks:
+        values = [final[(m, n, s)][measure] for n, s in pairs if (m, n, s) in final]
+        overall.append({"mask_bits": m, "mask": mask_name(parse_mask(m)),
+                        "mean": float(np.mean(values)) if values else math.nan, "n": len(values)})
+    overall.sort(key=lambda e: (math.isnan(e["mean"]), e["mean"], ALL_MASKS.index(parse_mask(e["mask_bits"]))))
+    for e in overall:  # competition ranking: ties share a rank; no rank without a finished cell
+        e["rank"] = None if math.isnan(e["mean"]) else 1 + sum(o["mean"] < e["mean"] for o in overall)
+    out = {"table": table, "best_per_size": best_per_size, "overall": overall, "pairs": len(common)}
+    if len(overall) >= 2 and common:
+        best, second = overall[0]["mask_bits"], overall[1]["mask_bits"]
+        out["best_vs_runner_up"] = dict(best=best, runner_up=second, **paired_test(
+            [final[(best, n, s)][measure] for n, s in common], [final[(second, n, s)][measure] for n, s in common]))
+        if PAPER_BEST in masks and best != PAPER_BEST:
+            out["paper_best_vs_best"] = dict(best=best, **paired_test(
+                [final[(PAPER_BEST, n, s)][measure] for n, s in common],
+                [final[(best, n, s)][measure] for n, s in common]))
+    return out
+
+
+def _first_epoch_below(curve: dict, threshold: float):
+    for epoch in sorted(curve):
+        if curve[epoch]["val_image_err"] <= threshold:
+            return epoch
+    return None
+
+
+def _convergence(curves, masks, threshold) -> dict:
+    """Per mask: epochs until the validation image-level error first reaches the threshold."""
+    out = {}
+    for m in masks:
+        reached = [e for (bits, _, _), c in curves.items() if bits == m
+                   for e in [_first_epoch_below(c, threshold)] if e is not None]
+        cells = sum(1 for k in curves if k[0] == m)
+        out[m] = {"reached": len(reached), "cells": cells,
+                  "mean_epochs": float(np.mean(reached)) if reached else None,
+                  "max_epochs": int(max(reached)) if reached else None}
+    return out
+
+
+def _dead_relu(final, masks) -> dict:
+    out = {}
+    for m in masks:
+        rows = [r for k, r in final.items() if k[0] == m]
+        out[m] = {}
+        for i in range(1, 5):
+            values = [r[f"dead_relu_conv{i}"] for r in rows if not math.isnan(r[f"dead_relu_conv{i}"])]
+            out[m][f"conv{i}"] = float(np.mean(values)) if values else None
+    return out
+
+
+def _mean_curve(curves, m, n, seeds, epochs) -> list:
+    """Mean over seeds of the validation image-level error per epoch (None where no seed has it)."""
+    out = []
+    for e in range(1, epochs + 1):
+        values = [curves[(m, n, s)][e]["val_image_err"] for s in seeds
+                  if (m, n, s) in curves and e in curves[(m, n, s)]]
+        out.append(float(np.mean(values)) if values else None)
+    return out
+
+
+# -- the verdict -----------------------------------------------------------------------------
+
+def _p(p) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _gap(test: dict, scale: float = 100) -> str:
+    """'-0.12 pp over 6 (N, seed) pairs, better in 5, paired t p=0.03 (significant at 0.05)'."""
+    if test["n"] < 2:
+        return f"{test['mean_diff'] * scale:+.2f} pp on {test['n']} (N, seed) pair: too few pairs for a test"
+    sig = "significant" if not math.isnan(test["t_p"]) and test["t_p"] < ALPHA else "not significant"
+    wil = f", Wilcoxon p={_p(test['wilcoxon_p'])}" if test["wilcoxon_p"] is not None else ""
+    return (f"{test['mean_diff'] * scale:+.2f} pp over {test['n']} (N, seed) pairs, lower in "
+            f"{test['a_better']}/{test['n']}, paired t p={_p(test['t_p'])}{wil} ({sig} at {ALPHA})")
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """One line per error measure: is C CR C CR the best mask, and is the gap significant?"""
+    lines = []
+    for measure, (label, _) in MEASURES.items():
+        s = summary["measures"][measure]
+        overall = [e for e in s["overall"] if not math.isnan(e["mean"])]
+        head = f"[{label}]"
+        if not overall:
+            lines.append(f"{head} no finished cell yet")
+            continue
+        by_bits = {e["mask_bits"]: e for e in overall}
+        best = overall[0]
+        where = f"mean over {len(summary['sizes'])} size(s) x {len(summary['seeds'])} seed(s)"
+        if PAPER_BEST not in by_bits:
+            why = "has no finished cell yet" if PAPER_BEST in summary["masks"] else "is not in the grid"
+            lines.append(f"{head} C CR C CR {why}; best is {best['mask']} ({best['mean']:.2%}, {where})")
+            continue
+        ours = by_bits[PAPER_BEST]
+        vs = s.get("best_vs_runner_up")
+        if ours["rank"] == 1:
+            tie = " (tied)" if len(overall) > 1 and overall[1]["mean"] == ours["mean"] else ""
+            text = (f"{head} REPRODUCED{tie}: C CR C CR has the lowest error of {len(overall)} masks, "
+                    f"{ours['mean']:.2%} ({where})")
+            if vs:
+                runner = by_bits[vs["runner_up"] if vs["best"] == PAPER_BEST else vs["best"]]
+                text += f"; vs runner-up {runner['mask']} ({runner['mean']:.2%}): {_gap(vs)}"
+        else:
+            text = (f"{head} NOT reproduced: best is {best['mask']} ({best['mean']:.2%}, {where}); "
+                    f"C CR C CR ranks {ours['rank']}/{len(overall)} ({ours['mean']:.2%})")
+            if "paper_best_vs_best" in s:
+                text += f", C CR C CR minus best: {_gap(s['paper_best_vs_best'])}"
+            if vs and vs["runner_up"] != PAPER_BEST:
+                runner = by_bits[vs["runner_up"]]
+                text += f"; best vs runner-up {runner['mask']} ({runner['mean']:.2%}): {_gap(vs)}"
+        lines.append(text)
+    return lines
+
+
+# -- summary.md, summary.json and the plots ------------------------------------------------
+
+def _pct(mean, half, n) -> str:
+    if n == 0:
+        return ""
+    if n == 1:
+        return f"{mean * 100:.2f} (n=1)"
+    return f"{mean * 100:.2f} ± {half * 100:.2f}"
+
+
+def _name(bits: str) -> str:
+    return mask_name(parse_mask(bits))
+
+
+PAPER_STEPS = 20 * 60000 // 100  # SGD steps per cell in the paper's grid
+
+
+def _short_training_note(summary: dict) -> list[str]:
+    tr = summary["config"]["training"]
+    steps = summary["epochs"] * math.ceil(tr["train_subset"] / tr["batch_size"])
+    if steps >= PAPER_STEPS:
+        return []
+    return [f"- **Short training**: {steps} SGD steps per cell against the paper's {PAPER_STEPS} (20 epochs of "
+            "60000 images). A ranking this early measures how fast each mask starts to learn and need not "
+            "match the converged one; `--preset paper` (a GPU job) tests the claim itself."]
+
+
+def _markdown(summary: dict, out_dir: Path) -> str:
+    cfg, tr = summary["config"], summary["config"]["training"]
+    sizes, seeds, masks = summary["sizes"], summary["seeds"], summary["masks"]
+    expected = len(masks) * len(sizes) * len(seeds)
+    train_text = "all 60000" if tr["train_subset"] == 60000 else f"the first {tr['train_subset']}"
+    val_text = "all 10000" if tr["val_subset"] == 10000 else f"the first {tr['val_subset']}"
+    resize_text = {"imresize": "`imresize(img, [N N])`, MATLAB bicubic (antialiased when shrinking): our "
+                               "assumption, the paper does not say how images were brought to N x N",
+                   "bilinear": "bilinear `imresize`", "nearest": "nearest-neighbour `imresize`",
+                   "pad": "zero padding, digit centred"}[tr["resize"]]
+    conv = "; ".join(f"N={n}: {', '.join(v)}" for n, v in summary["conv_impls"].items())
+    L = [f"# ReLU placement study: {out_dir.name}", "",
+         "Does `C CR C CR` (ReLU after conv2 and conv4) give the lowest error of the 16 ReLU placements of "
+         "MatConvNet's MNIST LeNet, as the paper claims? Mask names read conv1 to conv4 (`CR` = conv + ReLU); "
+         "bits likewise (`0101` = `C CR C CR`); the stock MatConvNet net is `C C CR C` (`0010`).", "",
+         "## Setup", "",
+         f"- Grid: {len(masks)} masks x N = {', '.join(map(str, sizes))} x seeds {', '.join(map(str, seeds))} "
+         f"= {expected} cells, {summary['epochs']} epochs each; finished {summary['cells_finished']}/{expected} "
+         f"cells ({summary['rows']} rows in `results.csv`)"
+         + (f", preset `{cfg['preset']}`" if cfg.get("preset") else "") + ".",
+         f"- Data: {tr['dataset']}, {train_text} training images, {val_text} validation (t10k) images; "
+         f"digits brought to N x N by {resize_text}; the mean image of all 60000 training images "
+         "(at N x N) subtracted, as `cnn_mnist` does.",
+         f"- Training: `cnn_train`'s SGD, learning rate {tr['learning_rate']}, batch {tr['batch_size']}, "
+         f"momentum {tr['momentum']}, weight decay {tr['weight_decay']}, {tr['precision']} arithmetic.",
+         "- Paired design: for a seed s, every mask and every N starts from the same weights "
+         "(`cnn_mnist_init(seed=s)`) and sees the same batches (`default_order(epoch, train, s)`), so masks "
+         "are compared from identical starts on identical data; the (N, seed) pairs are the units of the "
+         "paired tests below.",
+         f"- Device: {', '.join(summary['devices'])}; the masks of a (N, seed) were trained together as one "
+         f"fused network ({'/'.join(map(str, summary['fused_models']))} models; conv implementation {conv}). "
+         f"Training + validation wall time: {summary['training_seconds']:.0f} s in all.",
+         *_short_training_note(summary),
+         f"- Error measures: **image-level error** = {MEASURES['val_image_err'][1]}; **top1err** = "
+         f"{MEASURES['val_top1err'][1]}. Both are final-epoch validation errors, in %.", ""]
+    for measure, (label, _) in MEASURES.items():
+        s = summary["measures"][measure]
+        L += [f"## Final validation {label} (%, mean ± 95% CI over seeds, t distribution)", "",
+              "| mask | bits | " + " | ".join(f"N={n}" for n in sizes) + " | mean | rank |",
+              "|---|---|" + "---:|" * len(sizes) + "---:|---:|"]
+        overall = {e["mask_bits"]: e for e in s["overall"]}
+        for m in masks:
+            cells = []
+            for n in sizes:
+                c = s["table"][m][str(n)]
+                text = _pct(c["mean"], c["ci95"], c["n"])
+                cells.append(f"**{text}**" if m in s["best_per_size"].get(str(n), []) else text)
+            e = overall[m]
+            name = f"**{_name(m)}**" if m in (PAPER_BEST, STOCK) else _name(m)
+            mean = "" if math.isnan(e["mean"]) else f"{e['mean'] * 100:.2f}"
+            L.append(f"| {name} | {m} | " + " | ".join(cells) + f" | {mean} | {e['rank'] or ''} |")
+        L += ["", f"Bold: the lowest mean at that N. `mean`/`rank`: over the {s['pairs']} (N, seed) pairs "
+              "every mask finished.", ""]
+    L += ["## Best mask", "", "| N | " + " | ".join(label for label, _ in MEASURES.values()) + " |",
+          "|---|" + "---|" * len(MEASURES)]
+    for n in sizes:
+        L.append(f"| {n} | " + " | ".join(
+            " = ".join(f"`{_name(b)}`" for b in summary["measures"][k]["best_per_size"].get(str(n), []))
+            for k in MEASURES) + " |")
+    firsts = [summary["measures"][k]["overall"][0] for k in MEASURES]
+    L.append("| **overall** | " + " | ".join(f"`{e['mask']}`" if e["rank"] else "-" for e in firsts) + " |")
+    for label_bits, label in ((PAPER_BEST, "C CR C CR"), (STOCK, "C C CR C")):
+        if label_bits in masks:
+            L.append(f"| rank of `{label}` | " + " | ".join(
+                f"{next(e['rank'] for e in summary['measures'][k]['overall'] if e['mask_bits'] == label_bits) or '-'}"
+                f"/{len(masks)}" for k in MEASURES) + " |")
+    L += ["", "## Best vs runner-up (paired over (N, seed))", "",
+          "| measure | best | runner-up | pairs | mean diff (pp) | best lower in | paired t p | Wilcoxon p |",
+          "|---|---|---|---:|---:|---:|---:|---:|"]
+    for k, (label, _) in MEASURES.items():
+        t = summary["measures"][k].get("best_vs_runner_up")
+        if t:
+            L.append(f"| {label} | `{_name(t['best'])}` | `{_name(t['runner_up'])}` | {t['n']} | "
+                     f"{t['mean_diff'] * 100:+.3f} | {t['a_better']}/{t['n']} | {_p(t['t_p'])} | "
+                     f"{_p(t['wilcoxon_p']) if t['wilcoxon_p'] is not None else 'n/a (< 6 pairs)'} |")
+    L += ["", "Two-sided tests on the per-(N, seed) differences (`scipy.stats.ttest_rel`, `scipy.stats.wilcoxon`). "
+          "The best and runner-up are chosen by the same data, so these p-values are optimistic; differences "
+          "of one or two validation images are within noise.", "",
+          f"## Convergence: epochs until the validation image-level error is <= {summary['threshold']:.1%}", "",
+          "| mask | bits | cells reaching it | mean epochs (those cells) | slowest |", "|---|---|---:|---:|---:|"]
+    for m in masks:
+        c = summary["convergence"][m]
+        mean_epochs = "" if c["mean_epochs"] is None else f"{c['mean_epochs']:.1f}"
+        slowest = "" if c["max_epochs"] is None else str(c["max_epochs"])
+        L.append(f"| {_name(m)} | {m} | {c['reached']}/{c['cells']} | {mean_epochs} | {slowest} |")
+    L += ["", "## Dead ReLUs (final epoch; % of channels whose ReLU output is 0 on every validation image, "
+          "mean over N and seeds; blank = no ReLU there)", "",
+          "| mask | bits | conv1 | conv2 | conv3 | conv4 |", "|---|---|---:|---:|---:|---:|"]
+    for m in masks:
+        d = summary["dead_relu"][m]
+        L.append(f"| {_name(m)} | {m} | " + " | ".join(
+            "" if d[f"conv{i}"] is None else f"{d[f'conv{i}'] * 100:.1f}" for i in range(1, 5)) + " |")
+    L += ["", "Plots: `heatmap.png` (final error per mask and N, both measures), `curves.png` (validation "
+          "image-level error per epoch, mean over seeds).", "", "## Verdict", ""]
+    L += [f"- {line}" for line in summary["verdict"]]
+    if summary["caveat"]:
+        L += ["", summary["caveat"]]
+    return "\n".join(L) + "\n"
+
+
+def _plot_heatmap(summary: dict, file) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks, sizes = summary["masks"], summary["sizes"]
+    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.4 * len(sizes), 1.5 + 0.36 * len(masks)), squeeze=False)
+    for ax, (measure, (label, _)) in zip(axes[0], MEASURES.items()):
+        s = summary["measures"][measure]
+        grid = np.array([[s["table"][m][str(n)]["mean"] * 100 for n in sizes] for m in masks], dtype=float)
+        # colour on each column's own scale: the question is which mask is best at each N,
+        # and top1err grows with N (more output positions)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            low, high = np.nanmin(grid, axis=0), np.nanmax(grid, axis=0)
+            shade = (grid - low) / np.where(high > low, high - low, 1.0)
+        ax.imshow(np.ma.masked_invalid(shade), cmap="viridis_r", aspect="auto", vmin=0, vmax=1)
+        for i, m in enumerate(masks):
+            for j, n in enumerate(sizes):
+                if np.isfinite(grid[i, j]):
+                    best = m in s["best_per_size"].get(str(n), [])
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            fontweight="bold" if best else "normal",
+                            color="white" if shade[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(sizes)), [str(n) for n in sizes])
+        ax.set_yticks(range(len(masks)), [f"{_name(m)}  {m}" for m in masks], fontsize=8)
+        for tick, m in zip(ax.get_yticklabels(), masks):
+            if m == PAPER_BEST:
+                tick.set_color("tab:red")
+            elif m == STOCK:
+                tick.set_color("tab:blue")
+        ax.set_xlabel("input size N")
+        ax.set_title(f"final validation {label} (%)", fontsize=9)
+    fig.suptitle(f"mean over {len(summary['seeds'])} seed(s); bold = best at that N; "
+                 "colour: each column's own scale, light = low", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(summary: dict, file) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    sizes, masks, epochs = summary["sizes"], summary["masks"], summary["epochs"]
+    cols = min(len(sizes), 5)
+    rows = math.ceil(len(sizes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.5, 2.8 * rows), squeeze=False, sharey=True)
+    x = np.arange(1, epochs + 1)
+    for ax, n in zip(axes.flat, sizes):
+        for m in masks:
+            y = np.array([np.nan if v is None else v * 100 for v in summary["curves"][m][str(n)]])
+            if m == PAPER_BEST:
+                ax.plot(x, y, "-o", color="tab:red", lw=2.2, ms=3, label="C CR C CR", zorder=3)
+            elif m == STOCK:
+                ax.plot(x, y, "-o", color="tab:blue", lw=2.2, ms=3, label="C C CR C (stock)", zorder=3)
+            else:
+                ax.plot(x, y, "-", marker=".", color="0.6", lw=0.8, ms=3, label="other masks", zorder=1)
+        ax.set_title(f"N = {n}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(sizes):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val image-level error (%)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="upper right", fontsize=8)
+    fig.suptitle(f"validation image-level error per epoch, mean over {len(summary['seeds'])} seed(s)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.88, 0.95))
+    fig.savefig(file, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_summary(out_dir, summary: dict) -> None:
+    """``summary.json``, ``summary.md``, ``heatmap.png``, ``curves.png`` in ``out_dir`` (atomically)."""
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "summary.json", json.dumps(_plain_json(summary), indent=1) + "\n")
+    atomic_write_text(out_dir / "summary.md", _markdown(summary, out_dir))
+    for name, plot in (("heatmap.png", _plot_heatmap), ("curves.png", _plot_curves)):
+        atomic_write(out_dir / name, lambda f, plot=plot: plot(summary, f))
+
+
+def _plain_json(value):
+    """nan -> null (strict JSON), numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -1,0 +1,401 @@
+"""``python -m matconvnet_port.search``: the grid runner, its files, resuming, sharding, statistics.
+
+A tiny grid (4 masks x N in {28, 32} x 1 seed x 2 epochs, 200 training /
+100 validation images) runs through the real entry point
+(:func:`matconvnet_port.search.cli.main`, what ``__main__`` calls). The N x N
+data are cached across runs (the same arrays every run would build) and the
+time estimate is skipped; nothing else is replaced.
+"""
+
+import contextlib
+import functools
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from matconvnet_port.fused import FusedTrainer
+from matconvnet_port.models import ALL_MASKS, mask_bits, mask_name, parse_mask
+from matconvnet_port.search import cli, runner
+from matconvnet_port.search.grid import (PAPER_SIZES, Settings, UsageError, build_groups, parse_masks, parse_shard,
+                                         shard_groups)
+from matconvnet_port.search.results import COLUMNS, RUN_COLUMNS, read_results
+from matconvnet_port.search.summary import mean_ci, paired_test, summarise, verdict_lines
+
+MASKS = ["0101", "0010", "1111", "0000"]
+TINY = ["--masks", *MASKS, "--sizes", "28", "32", "--seeds", "1", "--epochs", "2",
+        "--train-subset", "200", "--val-subset", "100", "--conv", "grouped"]
+GROUP_EPOCHS = 2 * 2  # groups (N = 28, 32; seed 0) x epochs
+
+_cached_images = functools.lru_cache(maxsize=None)(runner.load_images.__wrapped__)
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    monkeypatch.setattr(runner, "load_images", _cached_images)
+    monkeypatch.setattr(runner, "estimate_seconds", lambda ctx, work: (0.0, "skipped in tests"))
+
+
+def run_cli(*argv):
+    """(exit code, stdout, stderr) of the command in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny grid run once, uninterrupted: (folder, stdout)."""
+    out = tmp_path_factory.mktemp("search") / "ref"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "load_images", _cached_images)
+        mp.setattr(runner, "estimate_seconds", lambda ctx, work: (0.0, "skipped in tests"))
+        code, stdout, stderr = run_cli(*TINY, "--out", out, "--save-nets")
+    assert code == 0, stderr
+    return out, stdout
+
+
+def numbers(rows):
+    """Rows keyed by cell and epoch, without the columns that describe the run (time, device)."""
+    return {(r["mask_bits"], r["input_size"], r["seed"], r["epoch"]):
+            {k: v for k, v in r.items() if k not in RUN_COLUMNS} for r in rows}
+
+
+def reference_numbers(reference):
+    return numbers(read_results(reference[0] / "results.csv"))
+
+
+def same_numbers(a, b):
+    def eq(x, y):
+        return x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
+    return a.keys() == b.keys() and all(eq(a[k][c], b[k][c]) for k in a for c in a[k])
+
+
+class CountingTrainEpoch:
+    """Wraps FusedTrainer.train_epoch: counts calls (and models), optionally interrupts one."""
+
+    def __init__(self, monkeypatch, interrupt_at=None):
+        self.calls, self.models, self.interrupt_at = 0, [], interrupt_at
+        original = FusedTrainer.train_epoch
+
+        def wrapped(trainer, *args, **kwargs):
+            self.calls += 1
+            if self.calls == self.interrupt_at:
+                raise KeyboardInterrupt
+            self.models.append(trainer.model.num_models)
+            return original(trainer, *args, **kwargs)
+        monkeypatch.setattr(FusedTrainer, "train_epoch", wrapped)
+
+
+# -- the whole pipeline ---------------------------------------------------------------------
+
+def test_tiny_grid_writes_every_output(reference):
+    out, stdout = reference
+    rows = read_results(out / "results.csv")
+    with open(out / "results.csv") as f:
+        assert f.readline().strip().split(",") == COLUMNS
+    assert len(rows) == len(MASKS) * 2 * 1 * 2  # cells x epochs
+    assert len({(r["mask_bits"], r["input_size"], r["seed"], r["epoch"]) for r in rows}) == len(rows)
+    assert {r["mask_bits"] for r in rows} == set(MASKS)
+    assert {r["input_size"] for r in rows} == {28, 32} and {r["epoch"] for r in rows} == {1, 2}
+    for r in rows:
+        bits = parse_mask(r["mask_bits"])
+        assert r["mask"] == mask_name(bits) and mask_bits(parse_mask(r["mask"])) == r["mask_bits"]
+        for i in range(4):  # dead-ReLU fraction exactly where that conv has a ReLU
+            value = r[f"dead_relu_conv{i + 1}"]
+            assert math.isnan(value) != bool(bits[i]), (r["mask"], i)
+            assert math.isnan(value) or 0 <= value <= 1
+        assert 0 <= r["val_image_err"] <= 1 and r["train_objective"] > 0
+        positions = (r["input_size"] // 4 - 6) ** 2  # MatConvNet counts errors at every output position
+        assert 0 <= r["val_top1err"] <= positions and r["val_top5err"] <= r["val_top1err"]
+        assert r["fused_models"] == len(MASKS) and r["device"] == "cpu" and r["conv_impl"] == "grouped"
+        assert r["seconds"] > 0
+
+    for name in ("heatmap.png", "curves.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        import matplotlib.pyplot as plt
+        assert plt.imread(out / name).ndim == 3
+
+    md = (out / "summary.md").read_text()
+    assert "## Final validation image-level error" in md and "## Final validation MatConvNet top1err" in md
+    for bits in MASKS:  # a table row per mask (C CR C CR and the stock mask in bold)
+        name = mask_name(parse_mask(bits))
+        assert f"| {name} | {bits} |" in md or f"| **{name}** | {bits} |" in md
+    assert "(n=1)" in md  # one seed: no confidence interval
+    assert "## Verdict" in md and "[image-level error]" in md and "[MatConvNet top1err]" in md
+    assert "Paired design" in md and "imresize" in md
+
+    summary = json.loads((out / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"summary.json is not strict JSON: {c}"))
+    assert set(summary["measures"]) == {"val_image_err", "val_top1err"}
+    assert summary["cells_finished"] == 8 and len(summary["verdict"]) == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["epochs"] == 2 and config["grid"]["masks"] == ["0000", "0010", "0101", "1111"]
+    assert "verdict" in stdout and "[image-level error]" in stdout and "[MatConvNet top1err]" in stdout
+
+
+def test_saved_nets_reproduce_the_recorded_validation_errors(reference):
+    # the fused model stores images and filters transposed; the saved MatConvNet net must not be
+    import torch
+
+    from matconvnet_port.netio import load_net
+    from matconvnet_port.train import error_multiclass
+
+    out = reference[0]
+    assert len(list((out / "nets").glob("*.mat"))) == len(MASKS) * 2
+    rows = {(r["mask_bits"], r["input_size"]): r for r in read_results(out / "results.csv") if r["epoch"] == 2}
+    for bits, n in (("0101", 32), ("1111", 28)):
+        net = load_net(out / "nets" / f"net-N{n}-seed0-{bits}.mat")
+        assert [layer["type"] for layer in net.layers].count("relu") == bits.count("1")
+        assert net.meta["inputSize"].ravel().tolist() == [n, n, 1]
+        images, labels = runner.load_images(n, "imresize", "mnist", None, 200, 100)
+        x, y = torch.from_numpy(images[200:]), torch.from_numpy(labels[200:])
+        with torch.no_grad():
+            scores = net.to_torch()(x)
+        top1 = float(error_multiclass(scores, y)[0]) / 100
+        image_err = float((scores.sum(dim=(2, 3)).argmax(1) + 1 != y).double().mean())
+        # same maths, differently blocked float32 sums: at most a near-tie may flip
+        assert abs(top1 - rows[(bits, n)]["val_top1err"]) <= 0.01 + 1e-12
+        assert abs(image_err - rows[(bits, n)]["val_image_err"]) <= 0.01 + 1e-12
+
+
+def test_rerun_of_a_finished_grid_trains_nothing(reference, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    counter = CountingTrainEpoch(monkeypatch)
+    code, _, _ = run_cli(*TINY, "--out", out)
+    assert code == 0 and counter.calls == 0
+    assert same_numbers(numbers(read_results(out / "results.csv")), reference_numbers(reference))
+
+
+@pytest.mark.parametrize("interrupt_at", [2, 3])  # in the 2nd epoch of group 1; in the 1st of group 2
+def test_interrupt_then_rerun_recomputes_nothing_finished(reference, tmp_path, monkeypatch, interrupt_at):
+    out = tmp_path / "run"
+    counter = CountingTrainEpoch(monkeypatch, interrupt_at=interrupt_at)
+    code, _, stderr = run_cli(*TINY, "--out", out)
+    assert code == 130 and "resume with:" in stderr
+    finished = interrupt_at - 1  # group-epochs completed before the interrupt
+    partial = read_results(out / "results.csv")
+    assert len(partial) == finished * len(MASKS)
+    assert not list(out.rglob("*.tmp"))
+
+    counter = CountingTrainEpoch(monkeypatch)
+    code, _, _ = run_cli(*TINY, "--out", out)
+    assert code == 0
+    assert counter.calls == GROUP_EPOCHS - finished  # no finished group-epoch trained twice
+    rows = read_results(out / "results.csv")
+    assert len(rows) == len(read_results(reference[0] / "results.csv"))
+    # resuming restores the weights and momenta exactly: the same numbers bit for bit
+    assert same_numbers(numbers(rows), numbers(read_results(reference[0] / "results.csv")))
+
+
+@pytest.mark.parametrize("bits", ["0101", "1111"])
+def test_cell_alone_equals_cell_in_fused_group(reference, tmp_path, bits):
+    # Alone, conv2..4 are ordinary convolutions; fused, grouped ones (4 groups). The maths is the same
+    # but the kernels block the sums differently: float32 rounding of ~1e-7 (measured 7e-8 after 4 SGD
+    # steps), hence rtol 1e-5 on objectives; an error count may flip only on a near-tie (<= 1 image).
+    code, _, _ = run_cli(*TINY[:1], bits, *TINY[1 + len(MASKS):], "--out", tmp_path / "alone")
+    assert code == 0
+    alone = numbers(read_results(tmp_path / "alone" / "results.csv"))
+    fused = {k: v for k, v in numbers(read_results(reference[0] / "results.csv")).items() if k[0] == bits}
+    assert alone.keys() == fused.keys() and len(alone) == 4
+    for key in alone:
+        for column in ("train_objective", "val_objective"):
+            assert alone[key][column] == pytest.approx(fused[key][column], rel=1e-5), (key, column)
+        for column in ("train_top1err", "train_top5err", "val_top1err", "val_top5err", "val_image_err"):
+            assert abs(alone[key][column] - fused[key][column]) <= 1 / 100 + 1e-12, (key, column)
+
+
+def test_shards_merged_equal_the_unsharded_run(reference, tmp_path):
+    shards = []
+    for i in (1, 2):
+        folder = tmp_path / f"shard{i}"
+        code, _, stderr = run_cli(*TINY, "--shard", f"{i}/2", "--out", folder)
+        assert code == 0, stderr
+        shards.append(read_results(folder / "results.csv"))
+    assert all(shards) and not {r["input_size"] for r in shards[0]} & {r["input_size"] for r in shards[1]}
+    code, stdout, stderr = run_cli("merge", tmp_path / "shard1", tmp_path / "shard2", "--out", tmp_path / "merged")
+    assert code == 0, stderr
+    merged = read_results(tmp_path / "merged" / "results.csv")
+    assert same_numbers(numbers(merged), numbers(read_results(reference[0] / "results.csv")))
+    for name in ("summary.md", "summary.json", "heatmap.png", "curves.png"):
+        assert (tmp_path / "merged" / name).is_file()
+    assert "[image-level error]" in stdout
+    # overlapping folders would count cells twice
+    code, _, stderr = run_cli("merge", tmp_path / "shard1", reference[0], "--out", tmp_path / "m2")
+    assert code == 2 and "in both" in stderr
+    code, _, stderr = run_cli("merge", tmp_path / "shard1", tmp_path / "shard1", "--out", tmp_path / "m3")
+    assert code == 2 and "twice" in stderr
+
+
+def test_added_masks_extend_the_grid_and_train_only_new_cells(reference, tmp_path, monkeypatch):
+    out = tmp_path / "grown"
+    shutil.copytree(reference[0], out)
+    counter = CountingTrainEpoch(monkeypatch)
+    code, _, _ = run_cli(*TINY[:1], *MASKS, "0110", *TINY[1 + len(MASKS):], "--out", out)
+    assert code == 0
+    assert counter.calls == GROUP_EPOCHS and set(counter.models) == {1}  # only C CR CR C, alone
+    rows = read_results(out / "results.csv")
+    assert len(rows) == 5 * 2 * 2
+    old = numbers(read_results(reference[0] / "results.csv"))
+    assert same_numbers({k: v for k, v in numbers(rows).items() if k in old}, old)
+    assert json.loads((out / "config.json").read_text())["grid"]["masks"] == ["0000", "0010", "0110", "0101", "1111"]
+
+
+def test_other_training_settings_in_the_same_folder_are_refused(reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    for option, value, name in (("--epochs", "3", "epochs"), ("--train-subset", "300", "train_subset"),
+                                ("--learning-rate", "0.01", "learning_rate"), ("--resize", "pad", "resize")):
+        argv = list(TINY)
+        if option in argv:
+            argv[argv.index(option) + 1] = value
+        else:
+            argv += [option, value]
+        code, _, stderr = run_cli(*argv, "--out", out)
+        assert code == 2 and name in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert same_numbers(numbers(read_results(out / "results.csv")), reference_numbers(reference))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--masks", "C CR X CR"], "unknown mask"),
+    (["--masks", "C", "CR", "C"], "incomplete mask"),
+    (["--masks", "01012"], "unknown mask"),
+    (["--sizes", "30"], "divisible by 4"),
+    (["--sizes", "24"], ">= 28"),
+    (["--sizes", "abc"], "not an integer"),
+    (["--data-dir", "/no/such/folder"], "no such folder"),
+    (["--shard", "3/2"], "--shard"),
+    (["--shard", "0/2"], "--shard"),
+    (["--shard", "half"], "--shard"),
+    (["--epochs", "0"], "--epochs"),
+    (["--train-subset", "60001"], "--train-subset"),
+    (["--device", "tpu"], "--device"),
+    (["--preset", "huge"], "invalid choice"),
+    (["merge", "/no/such/folder", "--out", "/tmp/x"], "no such folder"),
+    (["summary", "/no/such/folder"], "no config.json"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
+    code, stdout, stderr = run_cli(*argv, "--out", tmp_path / "x") if argv[0] not in ("merge", "summary") \
+        else run_cli(*argv)
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert "Traceback" not in stderr + stdout
+
+
+def test_module_entry_point_exits_2_without_traceback():
+    result = subprocess.run([sys.executable, "-m", "matconvnet_port.search", "--sizes", "30"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "python -m matconvnet_port.search: error: --sizes: N must be >= 28 and divisible by 4, got 30"]
+
+
+# -- the grid --------------------------------------------------------------------------------
+
+def test_mask_arguments():
+    assert parse_masks(["all"]) == ALL_MASKS
+    assert parse_masks(["C CR C CR"]) == ((0, 1, 0, 1),)
+    assert parse_masks(["C", "CR", "C", "CR", "0010", "0101"]) == ((0, 0, 1, 0), (0, 1, 0, 1))
+    with pytest.raises(UsageError):
+        parse_masks(["C", "CR"])
+
+
+def test_shards_partition_the_groups_deterministically():
+    groups = build_groups(ALL_MASKS, PAPER_SIZES, range(3))
+    for count in range(1, 8):
+        parts = [shard_groups(groups, i, count) for i in range(1, count + 1)]
+        keys = sorted((g.input_size, g.seed) for p in parts for g in p)
+        assert keys == sorted((g.input_size, g.seed) for g in groups)  # each group in exactly one shard
+        assert parts == [shard_groups(groups, i, count) for i in range(1, count + 1)]
+    assert parse_shard("2/8") == (2, 8)
+
+
+def test_groups_fuse_masks_conv1_bit_major():
+    group = build_groups(ALL_MASKS, [28], [0])[0]
+    assert [mask_bits(m) for m in group.masks][:4] == ["1111", "1110", "1101", "1100"]
+    assert group.masks[-1] == (0, 0, 0, 0)
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+def test_mean_ci_uses_the_t_distribution():
+    mean, half, n = mean_ci([1.0, 2.0, 3.0])
+    # t_{0.975, 2} = 4.302652729749464 (tables: 4.303), s = 1
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-12)
+    mean, half, n = mean_ci([0.25])
+    assert mean == 0.25 and math.isnan(half) and n == 1
+
+
+def test_paired_test_on_known_differences():
+    a = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    b = a + np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # a lower in every pair, d = -1..-6
+    t = paired_test(a, b)
+    # t = mean(d) / (s_d / sqrt(6)) = -3.5 / (1.8708287 / 2.4494897) = -4.5825757, 5 degrees of freedom
+    assert t["n"] == 6 and t["mean_diff"] == -3.5 and t["a_better"] == 6 and t["b_better"] == 0
+    assert t["t_p"] == pytest.approx(0.0059330, rel=1e-4)
+    assert t["wilcoxon_p"] == pytest.approx(2 / 2 ** 6)  # exact: all 6 signs negative, two-sided
+    few = paired_test([1.0, 2.0], [1.5, 2.0])
+    assert few["wilcoxon_p"] is None and few["n"] == 2
+    same = paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert same["mean_diff"] == 0 and math.isnan(same["t_p"])
+
+
+def synthetic_config(epochs):
+    settings = Settings(epochs=epochs, train_subset=60000, val_subset=10000, resize="imresize", dataset="mnist",
+                        learning_rate=0.001, batch_size=100, precision="fp32")
+    return {"training": settings.to_dict(), "threshold": 0.1}
+
+
+def _synthetic_rows(paper_best_gap):
+    """Final-epoch rows for 4 masks x 3 sizes x 3 seeds; C CR C CR's error is the others' minus the gap."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in (28, 32, 36):
+        for s in range(3):
+            base = 0.05 + 0.01 * rng.random()
+            for k, bits in enumerate(MASKS):
+                err = base + 0.002 * k + 0.0005 * rng.random() - (paper_best_gap if bits == "0101" else 0.0)
+                rows.append({"mask": mask_name(parse_mask(bits)), "mask_bits": bits, "input_size": n, "seed": s,
+                             "epoch": 1, "val_image_err": err, "val_top1err": err * (n // 4 - 6) ** 2,
+                             "seconds": 1.0, "device": "cpu", "conv_impl": "grouped", "fused_models": 4,
+                             **{f"dead_relu_conv{i}": 0.0 if parse_mask(bits)[i - 1] else math.nan
+                                for i in range(1, 5)}})
+    return rows
+
+
+def test_verdict_says_reproduced_and_significant_when_c_cr_c_cr_wins_everywhere():
+    config = synthetic_config(epochs=1)
+    summary = summarise(_synthetic_rows(0.01), config)
+    lines = verdict_lines(summary)
+    assert lines[0].startswith("[image-level error] REPRODUCED") and "(significant at 0.05)" in lines[0]
+    assert lines[1].startswith("[MatConvNet top1err] REPRODUCED")
+    test = summary["measures"]["val_image_err"]["best_vs_runner_up"]
+    assert test["best"] == "0101" and test["n"] == 9 and test["a_better"] == 9 and test["wilcoxon_p"] < 0.01
+
+
+def test_summary_of_an_unfinished_grid_uses_finished_cells_only():
+    rows = _synthetic_rows(0.01)
+    for r in rows:
+        r["epoch"] = 1
+    rows += [dict(r, epoch=2) for r in rows if r["mask_bits"] != "0101"]  # C CR C CR still at epoch 1
+    summary = summarise(rows, synthetic_config(epochs=2))
+    assert summary["cells_finished"] == 27 and summary["cells_started"] == 36
+    line = verdict_lines(summary)[0]
+    assert "C CR C CR has no finished cell yet" in line
+    overall = {e["mask_bits"]: e for e in summary["measures"]["val_image_err"]["overall"]}
+    assert overall["0101"]["rank"] is None and overall["0010"]["rank"] == 1
+
+
+def test_verdict_says_not_reproduced_when_another_mask_wins():
+    summary = summarise(_synthetic_rows(-0.01), synthetic_config(epochs=1))
+    line = verdict_lines(summary)[0]
+    assert line.startswith("[image-level error] NOT reproduced: best is C C CR C")
+    assert "C CR C CR ranks 4/4" in line
