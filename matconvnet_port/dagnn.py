@@ -49,6 +49,7 @@ from torch import nn
 
 from . import functional as fn
 from .errors import MatFormatError
+from .matio import cell_items
 from .precision import exact_fp32
 from .vl_nn import hwcn_to_nchw, nchw_to_hwcn
 
@@ -139,24 +140,11 @@ def _text(value, where: str) -> str:
     raise MatFormatError(f"{where}: expected a string, got {type(value).__name__}")
 
 
-def _cell_items(value) -> list:
-    """A MATLAB cell (object array or list) as a list, in MATLAB's linear order."""
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return list(value.reshape(-1, order="F"))
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, np.ndarray) and value.size == 0:
-        return []  # [] (0x0 double) where MATLAB code wrote an empty cell
-    return [value]
-
-
 def _names(value, where: str) -> list[str]:
     """A cell of strings (or one string) as a list of str."""
     if isinstance(value, str):
         return [value]
-    return [_text(v, f"{where}{{{k + 1}}}") for k, v in enumerate(_cell_items(value))]
+    return [_text(v, f"{where}{{{k + 1}}}") for k, v in enumerate(cell_items(value))]
 
 
 def _struct_items(value, where: str) -> list[dict]:
@@ -391,7 +379,7 @@ def _block_props(layer: dict, where: str) -> dict:
 
 
 def _conv_block(p: dict, b: str) -> _Block:
-    o = _opts(_cell_items(p["opts"]), f"{b}.opts", {"pad": "pad", "stride": "stride", "dilate": "dilate"})
+    o = _opts(cell_items(p["opts"]), f"{b}.opts", {"pad": "pad", "stride": "stride", "dilate": "dilate"})
     return _Conv(fn._pad4(_numbers(o.get("pad", p["pad"]), f"{b}.pad")),
                  fn._pos2(_numbers(o.get("stride", p["stride"]), f"{b}.stride"), "stride"),
                  fn._pos2(_numbers(o.get("dilate", p["dilate"]), f"{b}.dilate"), "dilate"),
@@ -399,14 +387,14 @@ def _conv_block(p: dict, b: str) -> _Block:
 
 
 def _convt_block(p: dict, b: str) -> _Block:
-    _opts(_cell_items(p["opts"]), f"{b}.opts", {})
+    _opts(cell_items(p["opts"]), f"{b}.opts", {})
     return _ConvTranspose(fn._pos2(_numbers(p["upsample"], f"{b}.upsample"), "upsample"),
                           fn._pad4(_numbers(p["crop"], f"{b}.crop"), "crop"),
                           int(_scalar(p["numGroups"], f"{b}.numGroups")), _flag(p["hasBias"], f"{b}.hasBias"))
 
 
 def _pooling_block(p: dict, b: str) -> _Block:
-    o = _opts(_cell_items(p["opts"]), f"{b}.opts", {"pad": "pad", "stride": "stride", "method": "method"})
+    o = _opts(cell_items(p["opts"]), f"{b}.opts", {"pad": "pad", "stride": "stride", "method": "method"})
     if any(d != 1 for d in _numbers(p["dilate"], f"{b}.dilate")):
         raise MatFormatError(f"{b}.dilate: vl_nnpool has no dilation, got {p['dilate']!r}")
     method = _text(o.get("method", p["method"]), f"{b}.method").lower()
@@ -418,7 +406,7 @@ def _pooling_block(p: dict, b: str) -> _Block:
 
 
 def _relu_block(p: dict, b: str) -> _Block:
-    o = _opts(_cell_items(p["opts"]), f"{b}.opts", {"leak": "leak"})
+    o = _opts(cell_items(p["opts"]), f"{b}.opts", {"leak": "leak"})
     return _ReLU(_scalar(o.get("leak", p["leak"]), f"{b}.leak"))
 
 
@@ -430,7 +418,7 @@ def _lrn_block(p: dict, b: str) -> _Block:
 
 
 def _batchnorm_block(p: dict, b: str) -> _Block:
-    _opts(_cell_items(p["opts"]), f"{b}.opts", {})
+    _opts(cell_items(p["opts"]), f"{b}.opts", {})
     return _BatchNorm(_scalar(p["epsilon"], f"{b}.epsilon"))
 
 
@@ -443,7 +431,7 @@ def _concat_block(p: dict, b: str) -> _Block:
 
 def _loss_block(p: dict, b: str) -> _Block:
     # dagnn.Loss calls vl_nnloss(x, c, [], 'loss', loss, opts{:}): options in opts win
-    o = _opts(_cell_items(p["opts"]), f"{b}.opts", _LOSS_OPTIONS)
+    o = _opts(cell_items(p["opts"]), f"{b}.opts", _LOSS_OPTIONS)
     loss = _text(o.pop("loss", p["loss"]), f"{b}.loss")
     for key in ("top_k", "threshold"):
         if key in o:
@@ -1002,7 +990,7 @@ def _plain_number(value):
 
 
 def _opts_list(layer: dict) -> list:
-    return list(_cell_items(layer.get("opts")))
+    return list(cell_items(layer.get("opts")))
 
 
 def _block_from_simplenn(layer: dict, name: str, where: str) -> tuple[str, dict, list]:

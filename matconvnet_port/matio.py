@@ -261,6 +261,23 @@ class StructArray:
         return f"StructArray(shape={self.shape}, fieldnames={self._fields})"
 
 
+def cell_items(value) -> list:
+    """A MATLAB cell (object array, list or tuple) as a list in MATLAB's linear (column-major) order.
+
+    ``None`` and an empty numeric array (``[]`` written where MATLAB code meant
+    an empty cell) give ``[]``; any other single value is a one-element list.
+    """
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return list(value.reshape(-1, order="F"))
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, np.ndarray) and value.size == 0:
+        return []
+    return [value]
+
+
 def cell(values=(), shape=None) -> np.ndarray:
     """Build a MATLAB cell array (numpy object array) from a sequence.
 

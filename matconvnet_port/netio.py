@@ -78,6 +78,7 @@ import torch
 from . import matio
 from .dagnn import DagNN
 from .errors import MatFormatError
+from .matio import cell_items
 from .simplenn import LAYER_TYPES, SimpleNN
 
 __all__ = ["load_net", "save_net", "load_checkpoint", "save_checkpoint", "net_from_struct",
@@ -106,16 +107,6 @@ def _plain(value):
             out[idx] = _plain(value[idx])
         return out
     return value
-
-
-def _cell_list(value) -> list:
-    if isinstance(value, list):
-        return value
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return list(value.reshape(-1, order="F"))
-    if isinstance(value, np.ndarray) and value.size == 0:
-        return []
-    return [value]
 
 
 def _dtype_name(a: np.ndarray) -> str:
@@ -221,7 +212,7 @@ def _simplenn_layer(value, where: str) -> dict:
         layer["precious"] = bool(_scalar_of(layer["precious"], f"{where}.precious")) \
             if np.asarray(layer["precious"]).size else False
     if "weights" in layer:
-        items = _cell_list(layer["weights"])
+        items = cell_items(layer["weights"])
         layer["weights"] = [_weight(v, f"{where}.weights{{{j + 1}}}") for j, v in enumerate(items)]
         _check_weights(kind, layer["weights"], layer, where)
     return layer
@@ -231,7 +222,7 @@ def _simplenn_from_struct(net: dict, where: str) -> SimpleNN:
     layers_value = net["layers"]
     if isinstance(layers_value, (dict, matio.StructArray)):
         raise MatFormatError(f"{where}.layers: expected a cell array of layer structs, got a struct")
-    layers = [_simplenn_layer(v, f"{where}.layers{{{i + 1}}}") for i, v in enumerate(_cell_list(layers_value))]
+    layers = [_simplenn_layer(v, f"{where}.layers{{{i + 1}}}") for i, v in enumerate(cell_items(layers_value))]
     meta = net.get("meta", {})
     meta = dict(meta) if isinstance(meta, dict) else {}
     for old in ("classes", "normalization"):
@@ -307,7 +298,7 @@ def _net_from_top_level(data: dict):
     value = _plain(data)
     if _is_dagnn(value):
         return DagNN.loadobj(value, "")
-    layers = [_simplenn_layer(v, f"layers{{{i + 1}}}") for i, v in enumerate(_cell_list(value["layers"]))]
+    layers = [_simplenn_layer(v, f"layers{{{i + 1}}}") for i, v in enumerate(cell_items(value["layers"]))]
     meta = dict(value["meta"]) if isinstance(value.get("meta"), dict) else {}
     for old in ("classes", "normalization"):
         if old in value and old not in meta:
@@ -350,7 +341,7 @@ def _simplenn_layer_to_mat(layer: dict, where: str) -> dict:
     out = {}
     for key, value in layer.items():
         if key == "weights":
-            out[key] = [_weight(v, f"{where}.weights{{{j + 1}}}") for j, v in enumerate(_cell_list(value))]
+            out[key] = [_weight(v, f"{where}.weights{{{j + 1}}}") for j, v in enumerate(cell_items(value))]
         elif key == "precious":
             out[key] = bool(_scalar_of(value, f"{where}.precious")) if np.asarray(value).size else False
         else:
@@ -426,7 +417,7 @@ def _state_from_mat(state) -> dict:
         return {}
     out = dict(state)
     if "solverState" in state:
-        out["solverState"] = [list(_cell_list(per_layer)) for per_layer in _cell_list(state["solverState"])]
+        out["solverState"] = [list(cell_items(per_layer)) for per_layer in cell_items(state["solverState"])]
     if isinstance(state.get("stats"), dict):
         out["stats"] = {k: (_stats_entry(v) if isinstance(v, dict) else v) for k, v in state["stats"].items()}
     return out
@@ -480,7 +471,7 @@ def _state_to_mat(state: dict) -> dict:
         if key == "solverState":
             cells = []
             for per_layer in value or []:
-                items = [] if per_layer is None else _cell_list(per_layer)
+                items = [] if per_layer is None else cell_items(per_layer)
                 arrays = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else _to_mat(v, "solverState")
                           for v in items]
                 # cnn_train leaves weightless layers with an empty 1 x 0 cell

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import layers as L
+from .matio import cell_items
 from .precision import exact_fp32
 from .vl_nn import hwcn_to_nchw, nchw_to_hwcn
 
@@ -83,16 +84,6 @@ class SimpleNN:
                 layer["weights"] = weights
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return list(value.reshape(-1, order="F"))
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
 def vl_simplenn_tidy(net) -> SimpleNN:
     """Fill in MatConvNet's defaults and upgrade old formats -- ``vl_simplenn_tidy``.
 
@@ -107,7 +98,7 @@ def vl_simplenn_tidy(net) -> SimpleNN:
     if isinstance(net, SimpleNN):
         layers, meta, extra = net.layers, net.meta, {}
     elif isinstance(net, dict):
-        layers, meta, extra = _as_list(net.get("layers")), dict(net.get("meta") or {}), net
+        layers, meta, extra = cell_items(net.get("layers")), dict(net.get("meta") or {}), net
     else:
         raise ValueError(f"net must be a SimpleNN or a dict with 'layers', got {type(net).__name__}")
     meta = copy.deepcopy(meta)
@@ -122,7 +113,7 @@ def vl_simplenn_tidy(net) -> SimpleNN:
         kind = layer["type"]
         if kind in ("conv", "convt", "bnorm") and "weights" not in layer:
             layer["weights"] = [layer.pop("filters", None), layer.pop("biases", None)]
-        layer["weights"] = _as_list(layer.get("weights"))
+        layer["weights"] = cell_items(layer.get("weights"))
         if kind == "bnorm" and len(layer["weights"]) < 3:
             channels = np.asarray(layer["weights"][0]).size
             layer["weights"].append(np.zeros((channels, 2), np.float32))
@@ -166,7 +157,7 @@ def _weight(i: int, layer: dict, j: int, ndim: int | None = None) -> torch.Tenso
 def _opts_dilate(layer: dict):
     """``dilate`` may also sit in ``opts`` as ``{'dilate', d}`` (MatConvNet passes opts through)."""
     dilate = layer.get("dilate", 1)
-    opts = _as_list(layer.get("opts"))
+    opts = cell_items(layer.get("opts"))
     for k in range(0, len(opts) - 1, 2):
         if isinstance(opts[k], str) and opts[k].lower() == "dilate":
             dilate = opts[k + 1]
@@ -204,7 +195,7 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
     if kind == "softmaxloss":
         return L.SoftMaxLoss()
     if kind == "loss":
-        opts = _as_list(layer.get("opts"))
+        opts = cell_items(layer.get("opts"))
         names = {"loss": "loss", "instanceWeights": "instance_weights", "classWeights": "class_weights",
                  "topK": "top_k", "threshold": "threshold", "normalise": "normalise"}
         options = {}
@@ -243,7 +234,7 @@ def _to_matconvnet(t: torch.Tensor | None, like) -> np.ndarray:
 
 
 def _layer_weights_from_module(m: nn.Module, layer: dict) -> list | None:
-    old = _as_list(layer.get("weights"))
+    old = cell_items(layer.get("weights"))
     pad = old + [None] * 3
     if isinstance(m, (L.Conv, L.ConvTranspose)):
         return [_to_matconvnet(m.weight, pad[0]), _to_matconvnet(m.bias, pad[1])]
@@ -368,7 +359,7 @@ def vl_simplenn(net: SimpleNN, x, dzdy=None, res=None, *, mode: str = "normal") 
                 if isinstance(m, L.BatchNorm):
                     moments = m.batch_moments if mode == "normal" else m.moments.detach()
                     grads.append(moments * outputs[i].shape[0])
-                like = _as_list(tidy.layers[i].get("weights")) + [None] * 3
+                like = cell_items(tidy.layers[i].get("weights")) + [None] * 3
                 results[i].dzdw = [_param_out(g, like[j], as_numpy) for j, g in enumerate(grads)]
     for i, m in enumerate(module.layers):
         if isinstance(m, L.DropOut) and m.mask is not None and mode == "normal":
