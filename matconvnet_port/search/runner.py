@@ -206,6 +206,15 @@ def choose_conv(ctx: RunContext, input_size: int, masks, x: torch.Tensor, y: tor
     return ctx.conv_by_size[input_size]
 
 
+def models_per_pass(ctx: RunContext, input_size: int, num_models: int) -> int:
+    """How many fused models one forward/backward pass trains: all on a GPU; on a CPU all below
+    N = 48, else 4 -- at N = 64 on a 2-core CPU all 16 at once ran at 0.32x the naive loop (a
+    460 MB working set per activation) and 4 per pass at 1.03x (benchmarks/bench_search.py)."""
+    if ctx.device.type == "cuda" or input_size < 48:
+        return num_models
+    return min(4, num_models)
+
+
 def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
     """Rough time of the pending work: one timed training step of the largest fused model at the
     smallest pending N on random data, scaled by :func:`cost_per_image` and the number of models."""
@@ -264,7 +273,8 @@ def train_cells(ctx: RunContext, group: Group, done: int, masks: list,
     conv = choose_conv(ctx, group.input_size, masks, x, y)
     model = FusedLeNet(masks, list(initial_weights(group.seed)), conv=conv).to(ctx.device)
     trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
-                           weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed)
+                           weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed,
+                           chunk_size=models_per_pass(ctx, group.input_size, len(masks)))
     del x, y  # the trainer keeps its own copies (images transposed): free the device memory
     if done > 0:
         trainer.load_state_dict(_stack_states([checkpoint["cells"][mask_bits(m)]["state"] for m in masks]))
