@@ -300,18 +300,14 @@ def _apply(A, mat, axis):
         work = torch.float32 if A.device.type == "mps" else torch.float64
         m = torch.from_numpy(mat).to(device=A.device, dtype=work)
         a = A.to(work).contiguous()
-        if post == 1:
-            y = a.reshape(pre, n_in) @ m.T
-        elif pre == 1:
-            y = m @ a.reshape(n_in, post)
-        else:
-            y = torch.matmul(m, a.reshape(pre, n_in, post))
-        return y.reshape(new_shape).to(A.dtype)
-    a = np.ascontiguousarray(A, dtype=np.float64)
-    if post == 1:
-        y = a.reshape(pre, n_in) @ mat.T
-    elif pre == 1:
-        y = mat @ a.reshape(n_in, post)
     else:
-        y = np.matmul(mat, a.reshape(pre, n_in, post))
-    return y.reshape(new_shape).astype(A.dtype, copy=False)
+        m, a = mat, np.ascontiguousarray(A, dtype=np.float64)
+    # the same three products in either library (both spell matmul `@`)
+    if post == 1:
+        y = a.reshape(pre, n_in) @ m.T
+    elif pre == 1:
+        y = m @ a.reshape(n_in, post)
+    else:
+        y = m @ a.reshape(pre, n_in, post)
+    y = y.reshape(new_shape)
+    return y.to(A.dtype) if _is_torch(A) else y.astype(A.dtype, copy=False)
