@@ -53,7 +53,9 @@ def test_each_fused_model_matches_cnn_train_alone(data, impl, tol, tmp_path):
                               val=val, random_seed=7, progress=False, device="cpu")
         for (fa, ba), (fb, bb) in zip(conv_weights(net), model.model_weights(k)):
             assert np.abs(fa - fb).max() / np.abs(fa).max() <= tol, f"mask {mask}: filters differ"
-            assert np.abs(ba.reshape(-1) - bb.reshape(-1)).max() / np.abs(ba).max() <= max(tol, 1e-5)
+            # biases start at 0 and are ~1e-6 after six steps, sums of cancelling gradient terms:
+            # measure them on their layer's scale (the filters'), as the weights are
+            assert np.abs(ba.reshape(-1) - bb.reshape(-1)).max() / np.abs(fa).max() <= tol
         assert fused_train.objective[k] == pytest.approx(info["train"][1]["objective"], rel=1e-4)
         assert fused_val.objective[k] == pytest.approx(info["val"][1]["objective"], rel=1e-4)
         assert abs(fused_val.top1err[k] - info["val"][1]["top1err"]) * len(val) <= 1
