@@ -220,27 +220,33 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
                      f"(supported: {', '.join(LAYER_TYPES)})")
 
 
-def _to_matconvnet(t: torch.Tensor | None, like) -> np.ndarray:
-    """A parameter back in MatConvNet layout, shaped like the original weight where it had one."""
+def param_to_matconvnet(t: torch.Tensor | None, like=None, as_numpy: bool = True):
+    """A parameter (or its derivative) back in MatConvNet layout.
+
+    4-D tensors go from K x FC x FH x FW to FH x FW x FC x K; the result takes
+    the shape of ``like`` (the weight it belongs to, e.g. 1 x K biases) when
+    that has as many elements. numpy results are copies, never views of the
+    parameter, so later training does not change them. ``None`` is MATLAB's
+    empty ``[]`` (0 x 0) for numpy, ``None`` for torch.
+    """
     if t is None:
-        return np.zeros((0, 0), np.float32)
-    a = t.detach().cpu()
-    if a.dim() == 4:
-        a = a.permute(2, 3, 1, 0)
-    a = a.numpy()
-    if like is not None and np.asarray(like).size == a.size:
-        a = a.reshape(np.asarray(like).shape)
-    return np.ascontiguousarray(a)
+        return np.zeros((0, 0), np.float32) if as_numpy else None
+    t = t.detach()
+    if t.dim() == 4:
+        t = t.permute(2, 3, 1, 0)
+    if like is not None and np.asarray(like).size == t.numel():
+        t = t.reshape(np.asarray(like).shape)
+    return t.cpu().numpy().copy() if as_numpy else t
 
 
 def _layer_weights_from_module(m: nn.Module, layer: dict) -> list | None:
     old = cell_items(layer.get("weights"))
     pad = old + [None] * 3
     if isinstance(m, (L.Conv, L.ConvTranspose)):
-        return [_to_matconvnet(m.weight, pad[0]), _to_matconvnet(m.bias, pad[1])]
+        return [param_to_matconvnet(m.weight, pad[0]), param_to_matconvnet(m.bias, pad[1])]
     if isinstance(m, L.BatchNorm):
-        return [_to_matconvnet(m.weight, pad[0]), _to_matconvnet(m.bias, pad[1]),
-                _to_matconvnet(m.moments, pad[2])]
+        return [param_to_matconvnet(m.weight, pad[0]), param_to_matconvnet(m.bias, pad[1]),
+                param_to_matconvnet(m.moments, pad[2])]
     return None
 
 
@@ -360,20 +366,8 @@ def vl_simplenn(net: SimpleNN, x, dzdy=None, res=None, *, mode: str = "normal") 
                     moments = m.batch_moments if mode == "normal" else m.moments.detach()
                     grads.append(moments * outputs[i].shape[0])
                 like = cell_items(tidy.layers[i].get("weights")) + [None] * 3
-                results[i].dzdw = [_param_out(g, like[j], as_numpy) for j, g in enumerate(grads)]
+                results[i].dzdw = [param_to_matconvnet(g, like[j], as_numpy) for j, g in enumerate(grads)]
     for i, m in enumerate(module.layers):
         if isinstance(m, L.DropOut) and m.mask is not None and mode == "normal":
             results[i + 1].aux = out(m.mask)
     return results
-
-
-def _param_out(t: torch.Tensor | None, like, as_numpy: bool):
-    """A parameter derivative in MatConvNet layout, shaped like the weight it belongs to."""
-    if t is None:
-        return np.zeros((0, 0), np.float32) if as_numpy else None
-    t = t.detach()
-    if t.dim() == 4:
-        t = t.permute(2, 3, 1, 0)
-    if like is not None and np.asarray(like).size == t.numel():
-        t = t.reshape(np.asarray(like).shape)
-    return t.cpu().numpy() if as_numpy else t

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from . import layers as L
 from .precision import exact_fp32
-from .simplenn import SimpleNN, SimpleNNModule, vl_simplenn_tidy
+from .simplenn import SimpleNN, SimpleNNModule, param_to_matconvnet, vl_simplenn_tidy
+from .vl_nn import hwcn_to_nchw
 
 __all__ = ["cnn_train", "sgd_update", "error_multiclass", "resolve_device", "default_order",
            "find_last_checkpoint"]
@@ -216,19 +217,15 @@ class _Solver:
         for i, j, p, buf, _, _ in self.entries:
             while len(state[i]) <= j:
                 state[i].append(np.zeros((0, 0), np.float32))
-            state[i][j] = _to_matconvnet(buf)
+            state[i][j] = param_to_matconvnet(buf)
         return state
 
 
-def _to_matconvnet(t: torch.Tensor) -> np.ndarray:
-    a = t.detach().cpu()
-    return (a.permute(2, 3, 1, 0) if a.dim() == 4 else a).numpy().copy()
-
-
 def _from_matconvnet(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A saved momentum buffer (MatConvNet layout) as a tensor shaped like its parameter."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     if like.dim() == 4:
-        t = t.reshape(t.shape + (1,) * (4 - t.dim())).permute(3, 2, 0, 1)
+        t = hwcn_to_nchw(t, "solverState")
     return t.reshape(like.shape).to(device=like.device, dtype=like.dtype).contiguous()
 
 
@@ -237,13 +234,12 @@ def _from_matconvnet(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 def _to_device_batch(images, labels, device, dtype):
+    """get_batch's H x W x C x N images and labels -> N x C x H x W and N (or N x C x H x W) tensors."""
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
-    if x.dim() < 4:
-        x = x.reshape(tuple(x.shape) + (1,) * (4 - x.dim()))
-    x = x.permute(3, 2, 0, 1).to(device=device, dtype=dtype, non_blocking=True).contiguous()
+    x = hwcn_to_nchw(x, "images").to(device=device, dtype=dtype, non_blocking=True).contiguous()
     c = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels, dtype=np.float64))
     n = x.shape[0]
-    c = c.reshape(n) if c.numel() == n else c.reshape(tuple(c.shape) + (1,) * (4 - c.dim())).permute(3, 2, 0, 1)
+    c = c.reshape(n) if c.numel() == n else hwcn_to_nchw(c, "labels")
     return x, c.to(device)
 
 

@@ -129,3 +129,19 @@ def test_tidy_upgrades_a_hand_written_old_format_dict():
     assert "filters" not in tidy.layers[0] and tidy.layers[0]["weights"][0] is not f
     assert np.array_equal(tidy.layers[0]["weights"][0], f)
     assert tidy.meta["classes"]["name"] == ["a", "b"] and "normalization" in tidy.meta
+
+
+def test_weights_written_back_are_copies_not_views_of_the_module():
+    """load_torch_weights must not alias the live parameters: training on would change the net."""
+    import torch
+    from matconvnet_port import cnn_mnist_init
+    net = cnn_mnist_init()
+    module = net.to_torch()
+    net.load_torch_weights(module)
+    before = [w.copy() for layer in net.layers for w in layer.get("weights", [])]
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    after = [w for layer in net.layers for w in layer.get("weights", [])]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
