@@ -128,6 +128,8 @@ def conv(x: torch.Tensor, f: torch.Tensor | None, b: torch.Tensor | None = None,
     sy, sx = _pos2(stride, "stride")
     dy, dx = _pos2(dilate, "dilate")
     n, c, h, w = x.shape
+    if b is not None and b.numel() > 0 and b.dtype != x.dtype:
+        raise ValueError(f"b has dtype {b.dtype} but x has {x.dtype}")
     if f is None or f.numel() == 0:
         k = c
         if b is not None and b.numel() not in (0, c):
@@ -153,8 +155,6 @@ def conv(x: torch.Tensor, f: torch.Tensor | None, b: torch.Tensor | None = None,
                 f"({h + pt + pb}x{w + pl + pr})")
         if b is not None and b.numel() not in (0, k):
             raise ValueError(f"b must have {k} elements (one per filter), got {b.numel()}")
-        if b is not None and b.numel() > 0 and b.dtype != x.dtype:
-            raise ValueError(f"b has dtype {b.dtype} but x has {x.dtype}")
         # the bias goes into the convolution kernel itself: one launch fewer, forward and backward
         bias = b.reshape(k) if b is not None and b.numel() > 0 else None
         if pt == pb and pl == pr:
@@ -162,8 +162,6 @@ def conv(x: torch.Tensor, f: torch.Tensor | None, b: torch.Tensor | None = None,
         # asymmetric padding cannot be expressed by conv2d's own padding
         return F.conv2d(F.pad(x, (pl, pr, pt, pb)), f, bias, (sy, sx), 0, (dy, dx), groups)
     if b is not None and b.numel() > 0:
-        if b.dtype != x.dtype:
-            raise ValueError(f"b has dtype {b.dtype} but x has {x.dtype}")
         y = y + b.reshape(1, k, 1, 1)
     return y
 
