@@ -138,6 +138,19 @@ def per_model(scores: torch.Tensor, num_models: int) -> torch.Tensor:
     return scores.reshape(b, num_models, NUM_CLASSES, h, w).transpose(0, 1).reshape(num_models * b, NUM_CLASSES, h, w)
 
 
+def labels_per_model(index: torch.Tensor, num_models: int) -> torch.Tensor:
+    """B class indices -> (M*B) x 1 x 1 x 1, matching :func:`per_model`'s rows."""
+    b = index.numel()
+    return index.reshape(1, b).expand(num_models, b).reshape(num_models * b, 1, 1, 1)
+
+
+def model_totals(losses: torch.Tensor, scores_pm: torch.Tensor, index_pm: torch.Tensor,
+                 num_models: int) -> torch.Tensor:
+    """Per-model sums over the batch: 3 x M rows [loss, top-1 errors, top-5 errors] (cnn_train's counts)."""
+    errors = error_multiclass(scores_pm, index_pm + 1, per_image=True)  # 2 x M*B
+    return torch.cat([losses.reshape(1, num_models, -1), errors.reshape(2, num_models, -1)]).sum(2)
+
+
 @dataclass
 class EpochStats:
     """Per-model statistics of one pass (numpy arrays of length M)."""
@@ -218,14 +231,12 @@ class FusedTrainer:
         for first, last in self.chunks:
             m = last - first
             scores_pm = per_model(self.model(x, models=(first, last)), m)
-            index_pm = index.reshape(1, b).expand(m, b).reshape(m * b, 1, 1, 1)
+            index_pm = labels_per_model(index, m)
             losses = fn.softmaxloss_per_image(scores_pm, index_pm)       # m*B per-image sums
             # the sum over models of each model's softmaxloss (normalise: / B)
             (losses.sum() / b).backward()
             with torch.no_grad():
-                errors = error_multiclass(scores_pm.detach(), index_pm + 1, per_image=True)  # 2 x m*B
-                totals[0, first:last] += losses.detach().reshape(m, b).sum(1)
-                totals[1:3, first:last] += errors.reshape(2, m, b).sum(2)
+                totals[:3, first:last] += model_totals(losses.detach(), scores_pm.detach(), index_pm, m)
         sgd_update(self.params, [p.grad for p in self.params], self.momenta, [1.0] * len(self.params),
                    [1.0] * len(self.params), learning_rate=lr, weight_decay=self.weight_decay,
                    momentum=self.momentum)
@@ -319,9 +330,8 @@ class FusedTrainer:
                 alive[i] = positive if alive[i] is None else alive[i] | positive
 
             scores_pm = per_model(self.model(x, track_alive), m)
-            index_pm = index.reshape(1, b).expand(m, b).reshape(m * b, 1, 1, 1)
-            totals[0] += fn.softmaxloss_per_image(scores_pm, index_pm).reshape(m, b).sum(1)
-            totals[1:3] += error_multiclass(scores_pm, index_pm + 1, per_image=True).reshape(2, m, b).sum(2)
+            index_pm = labels_per_model(index, m)
+            totals[:3] += model_totals(fn.softmaxloss_per_image(scores_pm, index_pm), scores_pm, index_pm, m)
             image_pred = scores_pm.sum(dim=(2, 3)).argmax(dim=1)
             totals[3] += (image_pred != index_pm.reshape(-1)).reshape(m, b).sum(1)
             if progress is not None:
