@@ -172,7 +172,7 @@ def keep_freed_memory() -> bool:
     machines those page faults cost as much as the arithmetic of LeNet's
     elementwise layers. Keeping the heap (``M_MMAP_MAX = 0``,
     ``M_TRIM_THRESHOLD`` huge) removes them; the process keeps its peak
-    memory. Linux/glibc only; returns whether it applied.
+    memory (up to 2 GiB of free heap top). Linux/glibc only; returns whether it applied.
     """
     import ctypes
     import ctypes.util
@@ -183,7 +183,8 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+        # mallopt takes a C int: the largest one (a bigger Python int wrapped to 0 = trim everything)
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
 

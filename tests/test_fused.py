@@ -8,13 +8,14 @@ by step (one step agrees to ~1e-7, six steps here to ~1e-5 for 'loop' and
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from matconvnet_port import cnn_mnist_init, functional as fn
-from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune
+from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune, keep_freed_memory
 from matconvnet_port.matio import read_mat
 from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
 from matconvnet_port.train import cnn_train, default_order
@@ -173,3 +174,27 @@ def test_chunked_passes_equal_one_pass(data):
         for (fa, _), (fb, _) in zip(out[0][0].model_weights(k), out[1][0].model_weights(k)):
             assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-5
     np.testing.assert_allclose(out[0][1].objective, out[1][1].objective, rtol=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_keep_freed_memory_stops_page_faults_on_reused_memory():
+    """Freed large tensors come back without new page faults (a trim threshold that wrapped
+    around to 0 once made every step fault its whole working set in again)."""
+    import resource
+
+    assert keep_freed_memory()
+
+    def churn():
+        a = torch.empty(12_000_000).fill_(1)  # 48 MB, then a smaller block above it, then free both
+        b = torch.empty(3_000_000).fill_(2)
+        del a
+        c = torch.empty(8_000_000).fill_(3)
+        del b, c
+
+    for _ in range(5):  # the heap grows to its steady shape
+        churn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        churn()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 2000, f"{faults} page faults (~{faults * 4 // 1024} MB) re-faulted"
