@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "conv", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
+    "conv", "conv_gemm", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
     "softmaxloss_per_image", "loss", "lrn", "bnorm", "dropout", "conv_output_size", "pool_output_size",
     "LOSS_TYPES",
 ]
@@ -164,6 +164,151 @@ def conv(x: torch.Tensor, f: torch.Tensor | None, b: torch.Tensor | None = None,
     if b is not None and b.numel() > 0:
         y = y + b.reshape(1, k, 1, 1)
     return y
+
+
+# im2col columns per block of images on the CPU: a block's columns stay in cache between
+# being written and being multiplied (and its input derivative between product and col2im)
+GEMM_BLOCK_BYTES = 8 << 20
+# at most this many numbers per column row, the bias is a column of ones (see _GemmConv)
+NARROW_COLUMNS = 64
+
+
+class _GemmConv(torch.autograd.Function):
+    """Grouped, unpadded, stride-1 correlation as im2col + (batched) GEMM on channels-last memory.
+
+    Memory order N x H x W x C: a window of the input is FH x FW runs of C
+    contiguous numbers, so im2col is one strided copy, and with the filters'
+    own channels-last order (K x FH x FW x FC) the product is a plain matrix
+    product per group. On the CPU the images go in blocks whose columns fit
+    in cache; the columns are rebuilt in backward rather than kept. For narrow
+    columns (conv1: 25 numbers) the bias rides in the product as a column of
+    ones -- a separate bias pass over the wide output would cost as much as
+    the product -- and its derivative comes out of the filter product.
+    """
+
+    @staticmethod
+    def _columns(x, groups, fh, fw, ones: bool = False):
+        n, h, w, c = x.shape  # channels-last view of the input
+        fc = c // groups
+        ho, wo = h - fh + 1, w - fw + 1
+        sn, sh, sw, _ = x.stride()
+        # groups x (n*ho*wo) x (fh*fw*fc): row (n, i, j) holds the window at (i, j) of group g
+        window = x.as_strided((groups, n, ho, wo, fh, fw, fc), (fc, sn, sh, sw, sh, sw, 1))
+        if not ones:
+            return window.reshape(groups, n * ho * wo, fh * fw * fc)
+        width = fh * fw * fc
+        cols = x.new_empty(groups, n * ho * wo, width + 1)
+        cols[:, :, :width].view(groups, n, ho, wo, fh, fw, fc).copy_(window)
+        cols[:, :, width].fill_(1)
+        return cols
+
+    @staticmethod
+    def _blocks(x, groups, fh, fw, fc):
+        n, h, w, _ = x.shape
+        per_image = groups * (h - fh + 1) * (w - fw + 1) * fh * fw * fc * x.element_size()
+        size = n if x.device.type != "cpu" else max(1, min(n, GEMM_BLOCK_BYTES // per_image))
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @staticmethod
+    def forward(ctx, x, f, b):
+        k, fc, fh, fw = f.shape
+        n, c, h, w = x.shape
+        groups, kg = c // fc, k // (c // fc)
+        ho, wo = h - fh + 1, w - fw + 1
+        xl = x.permute(0, 2, 3, 1).contiguous()
+        fm = f.permute(0, 2, 3, 1).reshape(groups, kg, fh * fw * fc)  # g x K/g x (fh*fw*fc)
+        ones = b is not None and groups == 1 and fh * fw * fc <= NARROW_COLUMNS
+        if ones:
+            fm = torch.cat([fm, b.reshape(1, k, 1)], dim=2)
+        y = x.new_empty(n, ho, wo, k)  # channels-last; group g owns channels g*K/g ..
+        for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc):
+            cols = _GemmConv._columns(xl[i:j], groups, fh, fw, ones)
+            if groups == 1:  # 2-D products take transposed operands as they are (bmm may copy them)
+                out = y[i:j].view(-1, k)
+                if b is None or ones:
+                    torch.mm(cols[0], fm[0].t(), out=out)
+                else:
+                    torch.addmm(b, cols[0], fm[0].t(), out=out)
+            else:
+                r = torch.bmm(cols, fm.transpose(1, 2)) if b is None else \
+                    torch.baddbmm(b.reshape(groups, 1, kg), cols, fm.transpose(1, 2))
+                y[i:j].view(-1, groups, kg).copy_(r.transpose(0, 1))
+        ctx.save_for_backward(xl, fm)
+        ctx.shape = (groups, fh, fw, b is not None, ones)
+        return y.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xl, fm = ctx.saved_tensors
+        groups, fh, fw, has_bias, ones = ctx.shape
+        n, k, ho, wo = dy.shape
+        kg, fc = k // groups, xl.shape[3] // groups
+        width = fh * fw * fc
+        gl = dy.permute(0, 2, 3, 1)  # n x ho x wo x K
+        want_f, want_x = ctx.needs_input_grad[0:2][::-1]
+        want_f = want_f or (ones and ctx.needs_input_grad[2])
+        dx = df = db = dxg = None
+        if has_bias and ctx.needs_input_grad[2] and not ones:
+            db = gl.sum((0, 1, 2))
+        if want_f:
+            dfm = fm.new_zeros(groups, kg, width + ones)
+        if want_x:
+            dxl = torch.zeros_like(xl)
+            # col2im target: each group's channel block as a view
+            dxg = dxl.reshape(n, xl.shape[1], xl.shape[2], groups, fc).permute(3, 0, 1, 2, 4)
+        for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc):
+            g = gl[i:j].reshape(-1, groups, kg).transpose(0, 1)  # g x rows x K/g
+            if groups > 1:
+                g = g.contiguous()
+            if want_f:
+                cols = _GemmConv._columns(xl[i:j], groups, fh, fw, ones)
+                if groups == 1:
+                    dfm[0].addmm_(g[0].t(), cols[0])
+                else:
+                    dfm.baddbmm_(g.transpose(1, 2), cols)
+            if want_x:
+                dcols = torch.bmm(g, fm[:, :, :width]).reshape(groups, j - i, ho, wo, fh, fw, fc)
+                for u in range(fh):
+                    for v in range(fw):
+                        dxg[:, i:j, u:u + ho, v:v + wo, :] += dcols[:, :, :, :, u, v, :]
+        if want_f:
+            dfm = dfm.reshape(k, width + ones)
+            df = dfm[:, :width].reshape(k, fh, fw, fc).permute(0, 3, 1, 2)
+            if ones and ctx.needs_input_grad[2]:
+                db = dfm[:, width].contiguous()
+        if want_x:
+            dx = dxl.permute(0, 3, 1, 2)
+        return dx, df, db
+
+
+def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`conv` without padding, stride or dilation, computed by im2col and matrix products.
+
+    The same function as ``conv(x, f, b)`` (filter groups included) --
+    ``y[n,k,i,j] = b[k] + sum_{c,u,v} f[k,c,u,v] x[n, g*FC + c, i+u, j+v]`` --
+    with the same derivatives, evaluated differently: on channels-last
+    memory, as one (batched over groups) matrix product per pass. Where the
+    convolution library is slow for a layer's shape (small channel counts,
+    fully connected layers, many groups on the CPU) this is faster; the fused
+    study trainer measures which to use per layer. The result is an NCHW
+    tensor in channels-last memory format (so are the derivatives of x and f).
+    """
+    _check_4d(x)
+    if f is None or f.dim() != 4:
+        raise ValueError(f"f must be 4-D K x FC x FH x FW, got {None if f is None else tuple(f.shape)}")
+    if f.dtype != x.dtype or (b is not None and b.numel() > 0 and b.dtype != x.dtype):
+        raise ValueError(f"f and b must have x's dtype {x.dtype}")
+    k, fc, fh, fw = f.shape
+    c, h, w = x.shape[1:]
+    if fc < 1 or c % fc != 0 or k % (c // fc) != 0:
+        raise ValueError(f"x has {c} channels and f is {k} x {fc}: not a valid filter grouping")
+    if fh > h or fw > w:
+        raise ValueError(f"f ({fh}x{fw}) is larger than the input ({h}x{w})")
+    if b is not None and b.numel() == 0:
+        b = None
+    if b is not None and b.numel() != k:
+        raise ValueError(f"b must have {k} elements (one per filter), got {b.numel()}")
+    return _GemmConv.apply(x, f, b)
 
 
 def convt(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None,

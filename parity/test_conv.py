@@ -1,8 +1,12 @@
-"""vl_nnconv against MatConvNet (reference_data/conv.mat): y, dzdx, dzdf, dzdb for every case."""
+"""vl_nnconv against MatConvNet (reference_data/conv.mat): y, dzdx, dzdf, dzdb for every case;
+the study's GEMM convolution (functional.conv_gemm) on every case it covers."""
 
+import numpy as np
 import pytest
+import torch
 
-from matconvnet_port import vl_nnconv
+from matconvnet_port import functional as fn, vl_nnconv
+from matconvnet_port.vl_nn import hwcn_to_nchw, nchw_to_hwcn
 from refdata import DEVICES, cases, check, to_device
 
 CASES = cases("conv.mat")
@@ -18,3 +22,26 @@ def test_vl_nnconv_matches_matconvnet(name, case, device):
     check(name, "dzdx", dzdx, case.dzdx)
     check(name, "dzdf", dzdf, case.dzdf)
     check(name, "dzdb", dzdb, case.dzdb)
+
+
+# the fused study trainer's im2col + GEMM convolution (no padding, stride or dilation; groups allowed)
+GEMM_CASES = [(n, c) for n, c in CASES
+              if c.f.size and not np.any(c.pad) and np.all(np.ravel(c.stride) == 1) and np.all(np.ravel(c.dilate) == 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,case", GEMM_CASES, ids=[n for n, _ in GEMM_CASES])
+def test_conv_gemm_matches_matconvnet(name, case, device):
+    x = hwcn_to_nchw(torch.from_numpy(np.ascontiguousarray(case.x))).to(device).requires_grad_(True)
+    f = torch.from_numpy(np.ascontiguousarray(case.f))
+    f = f.reshape(f.shape + (1,) * (4 - f.dim())).permute(3, 2, 0, 1).contiguous().to(device).requires_grad_(True)
+    b = torch.from_numpy(np.ascontiguousarray(case.b)).reshape(-1).to(device).requires_grad_(True)
+    y = fn.conv_gemm(x, f, b if b.numel() else None)
+    check(name, "y (gemm)", nchw_to_hwcn(y), case.y)
+    dzdy = hwcn_to_nchw(torch.from_numpy(np.ascontiguousarray(case.dzdy))).to(device)
+    inputs = (x, f, b) if b.numel() else (x, f)
+    grads = torch.autograd.grad(y, inputs, dzdy)
+    check(name, "dzdx (gemm)", nchw_to_hwcn(grads[0]), case.dzdx)
+    check(name, "dzdf (gemm)", grads[1].permute(2, 3, 1, 0), case.dzdf)
+    if b.numel():
+        check(name, "dzdb (gemm)", grads[2].reshape(case.dzdb.shape), case.dzdb)

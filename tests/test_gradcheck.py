@@ -37,6 +37,35 @@ def test_conv(pad, stride, dilate, groups):
     check(lambda x, f, b: fn.conv(x, f, b, pad=pad, stride=stride, dilate=dilate), x, f, b)
 
 
+@pytest.mark.parametrize("groups,filter_size,bias", [(1, (3, 2), True), (2, (3, 3), True), (3, (1, 1), False),
+                                                     (1, (5, 5), False), (6, (2, 3), True)])
+@pytest.mark.parametrize("block_bytes", [None, 1])  # one block; one image per block (the CPU's blocking)
+def test_conv_gemm_equals_conv_and_its_derivatives(groups, filter_size, bias, block_bytes, monkeypatch):
+    if block_bytes:
+        monkeypatch.setattr(fn, "GEMM_BLOCK_BYTES", block_bytes)
+    x = rand(3, 6, 7, 8)
+    f = rand(2 * groups, 6 // groups, *filter_size)
+    b = rand(f.shape[0]) if bias else None
+    inputs = (x, f, b) if bias else (x, f)
+    y = fn.conv_gemm(x, f, b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, fn.conv(x, f, b), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    for ours, ref in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(fn.conv(x, f, b), inputs, g)):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    check(lambda *a: fn.conv_gemm(*a), *inputs)
+
+
+def test_conv_gemm_rejects_what_it_does_not_cover():
+    x = rand(2, 6, 5, 5)
+    for f, message in ((rand(4, 4, 3, 3), "filter grouping"), (rand(4, 6, 6, 1), "larger than the input"),
+                       (rand(4, 6, 3, 3).float(), "dtype")):
+        with pytest.raises(ValueError, match=message):
+            fn.conv_gemm(x, f)
+    with pytest.raises(ValueError, match="b must have 4"):
+        fn.conv_gemm(x, rand(4, 6, 3, 3), rand(3))
+
+
 def test_conv_identity_filters():
     check(lambda x, b: fn.conv(x, None, b, pad=[1, 0, 0, 2], stride=[2, 1]), rand(2, 3, 5, 6), rand(3))
 
