@@ -184,6 +184,10 @@ class _GemmConv(torch.autograd.Function):
     columns (conv1: 25 numbers) the bias rides in the product as a column of
     ones -- a separate bias pass over the wide output would cost as much as
     the product -- and its derivative comes out of the filter product.
+    With ``pool`` the layer is followed by 2 x 2 max pooling with stride 2
+    (windows tiling the map, PyTorch's row-major tie rule) *inside* each
+    block, so the full-resolution output and its derivative never leave the
+    cache -- for conv1 at large N the widest tensors of the network.
     """
 
     @staticmethod
@@ -203,14 +207,32 @@ class _GemmConv(torch.autograd.Function):
         return cols
 
     @staticmethod
-    def _blocks(x, groups, fh, fw, fc):
+    def _blocks(x, groups, fh, fw, fc, k, pool):
         n, h, w, _ = x.shape
-        per_image = groups * (h - fh + 1) * (w - fw + 1) * fh * fw * fc * x.element_size()
+        ho, wo = h - fh + 1, w - fw + 1
+        per_image = groups * ho * wo * fh * fw * fc * x.element_size()
+        if pool:  # the block's full-resolution output must stay in cache too
+            per_image = max(per_image, 4 * ho * wo * k * x.element_size())
         size = n if x.device.type != "cpu" else max(1, min(n, GEMM_BLOCK_BYTES // per_image))
         return [(i, min(i + size, n)) for i in range(0, n, size)]
 
     @staticmethod
-    def forward(ctx, x, f, b):
+    def _product(xl, fm, b, ones, groups, fh, fw, out):
+        """out (images x ho x wo x K, channels-last) = the block's correlation."""
+        k = out.shape[3]
+        cols = _GemmConv._columns(xl, groups, fh, fw, ones)
+        if groups == 1:  # 2-D products take transposed operands as they are (bmm may copy them)
+            if b is None or ones:
+                torch.mm(cols[0], fm[0].t(), out=out.view(-1, k))
+            else:
+                torch.addmm(b, cols[0], fm[0].t(), out=out.view(-1, k))
+        else:
+            r = torch.bmm(cols, fm.transpose(1, 2)) if b is None else \
+                torch.baddbmm(b.reshape(groups, 1, k // groups), cols, fm.transpose(1, 2))
+            out.view(-1, groups, k // groups).copy_(r.transpose(0, 1))
+
+    @staticmethod
+    def forward(ctx, x, f, b, pool):
         k, fc, fh, fw = f.shape
         n, c, h, w = x.shape
         groups, kg = c // fc, k // (c // fc)
@@ -220,44 +242,59 @@ class _GemmConv(torch.autograd.Function):
         ones = b is not None and groups == 1 and fh * fw * fc <= NARROW_COLUMNS
         if ones:
             fm = torch.cat([fm, b.reshape(1, k, 1)], dim=2)
-        y = x.new_empty(n, ho, wo, k)  # channels-last; group g owns channels g*K/g ..
-        for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc):
-            cols = _GemmConv._columns(xl[i:j], groups, fh, fw, ones)
-            if groups == 1:  # 2-D products take transposed operands as they are (bmm may copy them)
-                out = y[i:j].view(-1, k)
-                if b is None or ones:
-                    torch.mm(cols[0], fm[0].t(), out=out)
-                else:
-                    torch.addmm(b, cols[0], fm[0].t(), out=out)
-            else:
-                r = torch.bmm(cols, fm.transpose(1, 2)) if b is None else \
-                    torch.baddbmm(b.reshape(groups, 1, kg), cols, fm.transpose(1, 2))
-                y[i:j].view(-1, groups, kg).copy_(r.transpose(0, 1))
-        ctx.save_for_backward(xl, fm)
-        ctx.shape = (groups, fh, fw, b is not None, ones)
+        blocks = _GemmConv._blocks(xl, groups, fh, fw, fc, k, pool)
+        if not pool:
+            y = x.new_empty(n, ho, wo, k)  # channels-last; group g owns channels g*K/g ..
+            for i, j in blocks:
+                _GemmConv._product(xl[i:j], fm, b, ones, groups, fh, fw, y[i:j])
+            ctx.save_for_backward(xl, fm)
+        else:
+            y = x.new_empty(n, ho // 2, wo // 2, k)
+            where = torch.empty((n, ho // 2, wo // 2, k), dtype=torch.long, device=x.device)
+            full = x.new_empty(blocks[0][1], ho, wo, k)  # one block at full resolution, reused
+            for i, j in blocks:
+                _GemmConv._product(xl[i:j], fm, b, ones, groups, fh, fw, full[:j - i])
+                pooled, index = F.max_pool2d_with_indices(full[:j - i].permute(0, 3, 1, 2), 2, 2)
+                y[i:j].copy_(pooled.permute(0, 2, 3, 1))
+                where[i:j].copy_(index.permute(0, 2, 3, 1))
+            ctx.save_for_backward(xl, fm, where)
+        ctx.shape = (groups, fh, fw, b is not None, ones, pool)
         return y.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, dy):
-        xl, fm = ctx.saved_tensors
-        groups, fh, fw, has_bias, ones = ctx.shape
-        n, k, ho, wo = dy.shape
+        groups, fh, fw, has_bias, ones, pool = ctx.shape
+        xl, fm = ctx.saved_tensors[:2]
+        n, k = dy.shape[:2]
+        ho, wo = xl.shape[1] - fh + 1, xl.shape[2] - fw + 1
         kg, fc = k // groups, xl.shape[3] // groups
         width = fh * fw * fc
-        gl = dy.permute(0, 2, 3, 1)  # n x ho x wo x K
+        gl = dy.permute(0, 2, 3, 1)  # n x ho x wo x K (pooled size with pool)
         want_f, want_x = ctx.needs_input_grad[0:2][::-1]
         want_f = want_f or (ones and ctx.needs_input_grad[2])
+        want_b = has_bias and ctx.needs_input_grad[2] and not ones
         dx = df = db = dxg = None
-        if has_bias and ctx.needs_input_grad[2] and not ones:
-            db = gl.sum((0, 1, 2))
         if want_f:
             dfm = fm.new_zeros(groups, kg, width + ones)
+        if want_b:
+            db = fm.new_zeros(k)
         if want_x:
             dxl = torch.zeros_like(xl)
             # col2im target: each group's channel block as a view
             dxg = dxl.reshape(n, xl.shape[1], xl.shape[2], groups, fc).permute(3, 0, 1, 2, 4)
-        for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc):
-            g = gl[i:j].reshape(-1, groups, kg).transpose(0, 1)  # g x rows x K/g
+        blocks = _GemmConv._blocks(xl, groups, fh, fw, fc, k, pool)
+        if pool:  # pooling's backward reads only the size and layout of its input
+            like = xl.new_empty(blocks[0][1], ho, wo, k).permute(0, 3, 1, 2)
+        for i, j in blocks:
+            if pool:  # the block's derivative before pooling, in cache
+                gb = torch.ops.aten.max_pool2d_with_indices_backward(
+                    gl[i:j].permute(0, 3, 1, 2), like[:j - i], [2, 2], [2, 2], [0, 0], [1, 1], False,
+                    ctx.saved_tensors[2][i:j].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            else:
+                gb = gl[i:j]
+            if want_b:
+                db += gb.sum((0, 1, 2))
+            g = gb.reshape(-1, groups, kg).transpose(0, 1)  # g x rows x K/g
             if groups > 1:
                 g = g.contiguous()
             if want_f:
@@ -278,10 +315,10 @@ class _GemmConv(torch.autograd.Function):
                 db = dfm[:, width].contiguous()
         if want_x:
             dx = dxl.permute(0, 3, 1, 2)
-        return dx, df, db
+        return dx, df, db, None
 
 
-def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None, *, max_pool: bool = False) -> torch.Tensor:
     """:func:`conv` without padding, stride or dilation, computed by im2col and matrix products.
 
     The same function as ``conv(x, f, b)`` (filter groups included) --
@@ -292,6 +329,10 @@ def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None) -
     fully connected layers, many groups on the CPU) this is faster; the fused
     study trainer measures which to use per layer. The result is an NCHW
     tensor in channels-last memory format (so are the derivatives of x and f).
+
+    ``max_pool=True`` returns ``pool(conv(x, f, b), 2, stride=2, tie_order='row')``
+    instead (the output's height and width must be even), computed block by
+    block so the full-resolution output and its derivative stay in cache.
     """
     _check_4d(x)
     if f is None or f.dim() != 4:
@@ -308,7 +349,9 @@ def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None) -
         b = None
     if b is not None and b.numel() != k:
         raise ValueError(f"b must have {k} elements (one per filter), got {b.numel()}")
-    return _GemmConv.apply(x, f, b)
+    if max_pool and ((h - fh + 1) % 2 or (w - fw + 1) % 2):
+        raise ValueError(f"max_pool needs an even output size, got {h - fh + 1}x{w - fw + 1}")
+    return _GemmConv.apply(x, f, b, bool(max_pool))
 
 
 def convt(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None,
