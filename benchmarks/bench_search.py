@@ -1,6 +1,6 @@
 """The study's training path vs a naive PyTorch baseline, on the same data and work.
 
-    python benchmarks/bench_search.py [--device cpu|cuda] [--sizes 28 64] [--images 2000]
+    python benchmarks/bench_search.py [--device cpu|cuda] [--sizes 28 64] [--images 2000] [--interleave]
 
 Work: 16 LeNets (the 16 ReLU masks), one epoch over ``--images`` MNIST
 images resized to N x N, batch 100, SGD with momentum 0.9 and weight decay
@@ -11,11 +11,12 @@ images resized to N x N, batch 100, SGD with momentum 0.9 and weight decay
     ``F.cross_entropy`` summed over the output map), data already on the device,
     no per-step ``.item()``; it runs first, in the process as a user has it;
 (b) ours: the search's training path, :class:`matconvnet_port.fused.FusedTrainer`
-    (all 16 models as one grouped network, CUDA graphs on GPU), with the
-    convolution implementation and models per pass chosen by ``autotune_plan``
-    (timed separately); on
-    the CPU it keeps freed memory (``fused.keep_freed_memory``), which the naive
-    loop does not do -- ``--same-allocator`` gives the naive loop that too.
+    (the 16 models as one network, CUDA graphs on GPU) with the plan the search
+    uses -- memory format, convolution per layer, models per pass: measured by
+    ``autotune_plan`` on CUDA (timed separately), ``default_plan`` on the CPU
+    (``--autotune`` measures there too); on the CPU it keeps freed memory
+    (``fused.keep_freed_memory``), which the naive loop does not do --
+    ``--same-allocator`` gives the naive loop that too.
 
 Printed per N: images x models per second for each, the ratio (b)/(a), and on
 CUDA the achieved fraction of the fp32 FLOP bound -- against the datasheet
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matconvnet_port import cnn_mnist_init
-from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune_plan
+from matconvnet_port.fused import FusedTrainer, autotune_plan, build, default_plan, plan_label
 from matconvnet_port.mnist import get_mnist_imdb
 from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
 from matconvnet_port.precision import set_precision
@@ -76,46 +77,92 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_naive(images, labels, device, batch_size=100) -> float:
+def naive_models(images, device, batch_size=100) -> list[nn.Sequential]:
     models = [naive_lenet(mask).to(device) for mask in ALL_MASKS]
-    targets = labels.to(device=device, dtype=torch.long) - 1
-    n = images.shape[0]
     # warm-up outside the timed region (cuDNN algorithm choice, allocator)
     for model in models[:2]:
         model(images[:batch_size]).sum().backward()
+        model.zero_grad(set_to_none=True)
     sync(device)
+    return models
+
+
+def naive_epoch(model, images, targets, batch_size=100) -> None:
+    """One epoch of one plain LeNet: the loop a PyTorch user writes."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
+    n = images.shape[0]
+    order = torch.randperm(n, device=images.device)
+    for t in range(0, n, batch_size):
+        idx = order[t:t + batch_size]
+        out = model(images[idx])
+        y = targets[idx].reshape(-1, 1, 1).expand(-1, out.shape[2], out.shape[3])
+        loss = F.cross_entropy(out, y, reduction="sum") / idx.numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def run_naive(images, labels, device, batch_size=100) -> float:
+    models = naive_models(images, device, batch_size)
+    targets = labels.to(device=device, dtype=torch.long) - 1
     start = time.perf_counter()
     for model in models:
-        opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
-        order = torch.randperm(n, device=device)
-        for t in range(0, n, batch_size):
-            idx = order[t:t + batch_size]
-            out = model(images[idx])
-            y = targets[idx].reshape(-1, 1, 1).expand(-1, out.shape[2], out.shape[3])
-            loss = F.cross_entropy(out, y, reduction="sum") / idx.numel()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        naive_epoch(model, images, targets, batch_size)
     sync(device)
     return time.perf_counter() - start
 
 
-def run_ours(images, labels, device, batch_size=100) -> tuple[float, str, dict]:
+def our_trainer(images, labels, device, batch_size=100, autotune=None) -> tuple[FusedTrainer, str, dict]:
+    """Our path as the search runs it: on CUDA the plan autotune_plan measures, on the CPU
+    fused.default_plan (the search does not autotune there; ``autotune=True`` times the
+    candidates too and uses the fastest). Warmed up (CUDA graph captured)."""
     weights = [[l["weights"][0], l["weights"][1]] for l in cnn_mnist_init(seed=0).layers if l["type"] == "conv"]
     masks = sorted(ALL_MASKS, reverse=True)
-    # a timed step or two per candidate: a CPU step of 16 models at N=64 takes seconds
-    plan, timings = autotune_plan(masks, weights, images, labels, batch_size=batch_size,
-                                  steps=3 if device.type == "cuda" else 1)
-    trainer = FusedTrainer(FusedLeNet(masks, weights, conv=plan["conv"]).to(device), images, labels,
-                           batch_size=batch_size, chunk_size=plan["chunk_size"])
-    impl = f"{plan['conv']}, {plan['chunk_size']} models per pass"
-    indices = np.arange(1, images.shape[0] + 1)
-    trainer.train_epoch(1, indices[:batch_size * 3])  # warm-up: graph capture
+    timings = {}
+    if autotune is None:
+        autotune = device.type == "cuda"
+    if autotune:
+        # a timed step or two per candidate: a CPU step of 16 models at N=64 takes seconds
+        plan, timings = autotune_plan(masks, weights, images, labels, batch_size=batch_size,
+                                      steps=3 if device.type == "cuda" else 1)
+    else:
+        plan = default_plan(device.type, images.shape[2], len(masks))
+    trainer = FusedTrainer(build(plan, masks, weights, device), images, labels, batch_size=batch_size,
+                           chunk_size=plan["chunk_size"])
+    trainer.train_epoch(1, np.arange(1, batch_size * 3 + 1))  # warm-up: graph capture
     sync(device)
+    return trainer, plan_label(plan), timings
+
+
+def run_ours(images, labels, device, batch_size=100, autotune=None) -> tuple[float, str, dict]:
+    trainer, impl, timings = our_trainer(images, labels, device, batch_size, autotune)
     start = time.perf_counter()
-    trainer.train_epoch(1, indices)
+    trainer.train_epoch(1, np.arange(1, images.shape[0] + 1))
     sync(device)
     return time.perf_counter() - start, impl, timings
+
+
+def run_interleaved(images, labels, device, batch_size=100, autotune=None) -> tuple[float, float, str, dict]:
+    """Both paths in 16 alternating slices -- naive model m's epoch, then 1/16 of our epoch's
+    steps -- so a machine whose speed drifts (shared cores) slows both alike. Returns
+    (naive seconds, our seconds, our plan, autotune timings)."""
+    trainer, impl, timings = our_trainer(images, labels, device, batch_size, autotune)
+    models = naive_models(images, device, batch_size)
+    targets = labels.to(device=device, dtype=torch.long) - 1
+    steps = np.arange(1, images.shape[0] + 1).reshape(-1, batch_size)
+    naive = ours = 0.0
+    for m, model in enumerate(models):
+        start = time.perf_counter()
+        naive_epoch(model, images, targets, batch_size)
+        sync(device)
+        naive += time.perf_counter() - start
+        part = steps[m * len(steps) // len(models):(m + 1) * len(steps) // len(models)].reshape(-1)
+        start = time.perf_counter()
+        if part.size:
+            trainer.train_epoch(1, part)
+        sync(device)
+        ours += time.perf_counter() - start
+    return naive, ours, impl, timings
 
 
 def measured_fp32_matmul_tflops(device) -> float:
@@ -137,7 +184,11 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 64])
     parser.add_argument("--images", type=int, default=None, help="images per epoch (default 2000 on CPU, 10000 on CUDA)")
     parser.add_argument("--skip-naive", action="store_true", help="time only our path (for the projection)")
+    parser.add_argument("--autotune", action="store_true", help="on the CPU, measure the candidate plans too")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate the two paths in 16 slices (robust to a machine whose speed drifts; "
+                             "on the CPU the naive loop then runs with our allocator settings too)")
     parser.add_argument("--same-allocator", action="store_true",
                         help="on CPU, keep freed memory for the naive loop too (a fairer kernel-only ratio)")
     args = parser.parse_args()
@@ -162,11 +213,21 @@ def main():
         images = imdb["images"]["data"][:, :, :, :n]
         data[size] = (torch.from_numpy(np.ascontiguousarray(images.transpose(3, 2, 0, 1))).to(device),
                       torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:n]))
-    # every naive run first: our path changes the process's allocator settings on the CPU
-    naive = {size: None if args.skip_naive else run_naive(*data[size], device) for size in args.sizes}
+    if n % 100:
+        parser.error("--images must be a multiple of the batch size (100)")
+    naive, interleaved = {}, {}
+    if args.interleave and not args.skip_naive:
+        for size in args.sizes:
+            naive[size], *interleaved[size] = run_interleaved(*data[size], device, autotune=args.autotune or None)
+    else:
+        # every naive run first: our path changes the process's allocator settings on the CPU
+        naive = {size: None if args.skip_naive else run_naive(*data[size], device) for size in args.sizes}
     results = []
     for size in args.sizes:
-        ours, impl, timings = run_ours(*data[size], device)
+        if size in interleaved:
+            ours, impl, timings = interleaved[size]
+        else:
+            ours, impl, timings = run_ours(*data[size], device, autotune=args.autotune or None)
         work = 16 * n
         row = {"size": size, "images": n, "ours_seconds": ours, "ours_rate": work / ours, "conv_impl": impl,
                "autotune_seconds_per_step": timings}

@@ -19,9 +19,18 @@ ReLUs are applied by :func:`~matconvnet_port.functional.channel_relu` on
 contiguous channel runs; data live on the device, a training step never synchronises with
 the host (statistics accumulate on the device and are read once per epoch),
 and on CUDA a whole step (forward, backward, update) is captured once as a
-CUDA graph and replayed. ``conv='grouped'`` runs each layer as one grouped
-convolution, ``'loop'`` as M convolutions on channel slices (same maths; which
-is faster depends on the device, see :func:`autotune`).
+CUDA graph and replayed. Where the 2x2 pooling windows tile the map, each
+max pooling runs before its ReLU (they commute exactly, derivatives and ties
+included), so the ReLU touches a quarter of the numbers.
+
+How the layers run is a *plan* (same maths, different speed per device):
+``memory_format`` 'nchw' or 'nhwc' (channels-last activations and filters),
+``conv`` per layer -- 'grouped' (one grouped convolution of the library:
+cuDNN / oneDNN), 'loop' (M convolutions on channel slices), 'gemm'
+(:func:`matconvnet_port.functional.conv_gemm`: im2col + batched matrix
+products; conv1's product serves every model at once) -- and models per pass.
+:func:`default_plan` is the measured CPU choice; :func:`autotune_plan` times
+candidates (the search does on CUDA).
 """
 
 from __future__ import annotations
@@ -38,10 +47,11 @@ from . import functional as fn
 from .models import CONV_SHAPES
 from .train import default_order, error_multiclass, sgd_update
 
-__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "CONV_IMPLS", "autotune", "autotune_plan",
-           "keep_freed_memory"]
+__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "LAYER_IMPLS", "MEMORY_FORMATS", "parse_conv",
+           "plan_label", "build", "default_plan", "candidate_plans", "autotune_plan", "keep_freed_memory"]
 
-CONV_IMPLS = ("grouped", "loop")
+LAYER_IMPLS = ("grouped", "loop", "gemm")
+MEMORY_FORMATS = ("nchw", "nhwc")
 NUM_CLASSES = 10
 
 
@@ -50,20 +60,25 @@ class FusedLeNet(nn.Module):
 
     ``masks``: M masks of 4 bits (ReLU after conv1..4). ``weights``: either
     one list of four ``[filters, biases]`` pairs in MatConvNet layout (shared
-    start for all M models, as the study uses) or M such lists.
+    start for all M models, as the study uses) or M such lists. ``conv``: a
+    layer implementation for all layers or four ('grouped', 'loop', 'gemm';
+    :func:`parse_conv`); ``memory_format``: 'nchw' or 'nhwc' (channels-last).
     ``forward(x)`` maps B x 1 x N x N images, stored transposed (see
     :meth:`prepare_images`), to B x (M*10) x w x h scores (model m owns
     channels ``m*10 .. m*10+9``; the spatial map is transposed too, which no
     statistic of the study depends on).
     """
 
-    def __init__(self, masks: Sequence[Sequence[int]], weights, *, conv: str = "grouped"):
+    def __init__(self, masks: Sequence[Sequence[int]], weights, *, conv="grouped", memory_format: str = "nchw"):
         super().__init__()
-        if conv not in CONV_IMPLS:
-            raise ValueError(f"conv must be one of {CONV_IMPLS}, got {conv!r}")
+        layer_impls = parse_conv(conv)
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
         self.masks = [tuple(int(b) for b in m) for m in masks]
         self.num_models = len(self.masks)
-        self.conv = conv
+        self.conv = layer_impls
+        self.memory_format = memory_format
+        layout = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
         per_model = weights if isinstance(weights[0][0], (list, tuple)) else [weights] * self.num_models
         if len(per_model) != self.num_models:
             raise ValueError(f"got weights for {len(per_model)} models and {self.num_models} masks")
@@ -80,7 +95,7 @@ class FusedLeNet(nn.Module):
                 fs.append(torch.from_numpy(np.ascontiguousarray(f.transpose(3, 2, 1, 0))))
                 b = np.asarray(model_weights[i][1], np.float32).reshape(-1)
                 bs.append(torch.from_numpy(b if b.size else np.zeros(shape[3], np.float32)))
-            self.weights.append(nn.Parameter(torch.cat(fs)))
+            self.weights.append(nn.Parameter(torch.cat(fs).contiguous(memory_format=layout)))
             self.biases.append(nn.Parameter(torch.cat(bs)))
         # which output channels of conv i are followed by a ReLU (model m's bit i)
         self.rectified = [[bool(m[i]) for m in self.masks for _ in range(shape[3])]
@@ -95,11 +110,17 @@ class FusedLeNet(nn.Module):
         """[f1, b1, f2, b2, f3, b3, f4, b4], the order of cnn_train's parameters."""
         return [p for pair in zip(self.weights, self.biases) for p in pair]
 
+    def _filters(self, i: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = CONV_SHAPES[i][3]
+        return self.weights[i][first * k:last * k], self.biases[i][first * k:last * k]
+
     def _conv(self, i: int, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         k = CONV_SHAPES[i][3]
-        f, b = self.weights[i][first * k:last * k], self.biases[i][first * k:last * k]
+        f, b = self._filters(i, first, last)
         count = last - first
-        if self.conv == "grouped" or i == 0 or count == 1:
+        if self.conv[i] == "gemm":
+            return fn.conv_gemm(x, f, b)
+        if self.conv[i] == "grouped" or i == 0 or count == 1:
             return fn.conv(x, f, b)
         xs = x.chunk(count, dim=1)
         return torch.cat([fn.conv(xs[m], f[m * k:(m + 1) * k], b[m * k:(m + 1) * k])
@@ -112,12 +133,25 @@ class FusedLeNet(nn.Module):
         """
         first, last = models or (0, self.num_models)
         for i in range(4):
-            k = CONV_SHAPES[i][3]
-            x = fn.channel_relu(self._conv(i, x, first, last), self.rectified[i][first * k:last * k])
+            fh, fw, _, k = CONV_SHAPES[i]
+            rectified = self.rectified[i][first * k:last * k]
+            # When the 2x2 windows tile the map, max pooling and ReLU commute exactly -- values,
+            # and MatConvNet's derivatives with its tie rule (a window with a positive maximum
+            # picks the same first maximum either way; one without gets derivative 0 either
+            # way) -- so the ReLU touches a quarter of the numbers. Transposed storage:
+            # row-major ties here are MatConvNet's column-major ones.
+            pool_first = i < 2 and (x.shape[2] - fh + 1) % 2 == 0 and (x.shape[3] - fw + 1) % 2 == 0
+            if pool_first and self.conv[i] == "gemm":  # pooled inside the product's cache-sized blocks
+                x = fn.conv_gemm(x, *self._filters(i, first, last), max_pool=True)
+            else:
+                x = self._conv(i, x, first, last)
+                if pool_first:
+                    x = fn.pool(x, 2, stride=2, method="max", tie_order="row")
+            x = fn.channel_relu(x, rectified)
             if relu_hook is not None:
+                # a channel is positive somewhere before pooling iff after it (tiled windows)
                 relu_hook(i, x)
-            if i < 2:
-                # transposed storage: row-major ties here are MatConvNet's column-major ones
+            if i < 2 and not pool_first:
                 x = fn.pool(x, 2, stride=2, method="max", tie_order="row")
         return x
 
@@ -360,26 +394,78 @@ class FusedTrainer:
                 m.copy_(s)
 
 
+def parse_conv(spec) -> tuple[str, str, str, str]:
+    """A layer implementation for all four convolutions, or four of them: 'gemm' or
+    'grouped,grouped,gemm,gemm' (or a sequence) -> a 4-tuple; one-line ValueError otherwise."""
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p) for p in spec]
+    if len(parts) == 1:
+        parts *= 4
+    if len(parts) != 4 or any(p not in LAYER_IMPLS for p in parts):
+        raise ValueError(f"conv must be one of {', '.join(LAYER_IMPLS)} or four of them separated by commas "
+                         f"(conv1..conv4), got {spec!r}")
+    return tuple(parts)
+
+
+def plan_label(plan: dict) -> str:
+    """'nhwc grouped,grouped,gemm,gemm x4': memory format, conv per layer, models per pass."""
+    conv = parse_conv(plan["conv"])
+    conv_text = conv[0] if len(set(conv)) == 1 else ",".join(conv)
+    chunk = plan.get("chunk_size")
+    return f"{plan.get('memory_format', 'nchw')} {conv_text}" + (f" x{chunk}" if chunk else "")
+
+
+def build(plan: dict, masks, weights, device) -> FusedLeNet:
+    """The :class:`FusedLeNet` a plan describes, on ``device``."""
+    return FusedLeNet(masks, weights, conv=plan["conv"], memory_format=plan.get("memory_format", "nchw")).to(device)
+
+
+def default_plan(device_type: str, input_size: int, num_models: int) -> dict:
+    """The plan to use without measuring (CPU), or the fallback (CUDA: :func:`autotune_plan` measures).
+
+    CPU: channels-last storage; im2col + GEMM for conv1 (one product for all
+    models: they share the input), conv3 (a fully connected layer at small N,
+    where the convolution library is slowest) and conv4; the library's grouped
+    convolution for conv2; 8 models per pass (their working set stays in
+    cache at large N). Measured on a 2-core CPU against the other candidates
+    (:func:`candidate_plans`, README). ``input_size`` is kept for plans that
+    depend on N. CUDA: cuDNN's grouped convolutions, every model in one pass.
+    """
+    if device_type == "cuda":
+        return {"memory_format": "nchw", "conv": ("grouped",) * 4, "chunk_size": num_models}
+    return {"memory_format": "nhwc", "conv": ("gemm", "grouped", "gemm", "gemm"),
+            "chunk_size": min(8, num_models)}
+
+
+def candidate_plans(device_type: str, num_models: int) -> list[dict]:
+    """What :func:`autotune_plan` times by default on this kind of device."""
+    g, m = "grouped", "gemm"
+    if device_type == "cuda":
+        return [{"memory_format": fmt, "conv": conv, "chunk_size": num_models}
+                for fmt, conv in (("nchw", (g,) * 4), ("nchw", ("loop",) * 4), ("nhwc", (g,) * 4),
+                                  ("nhwc", (m, g, m, m)))]
+    plans = [{"memory_format": "nhwc", "conv": (m, g, m, m), "chunk_size": c}
+             for c in sorted({num_models, min(8, num_models), min(2, num_models)}, reverse=True)]
+    return plans + [{"memory_format": "nhwc", "conv": (g, g, m, m), "chunk_size": min(8, num_models)}]
+
+
 def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
-                  steps: int = 3, candidates: Sequence[tuple[str, int]] | None = None) -> tuple[dict, dict]:
+                  steps: int = 3, candidates: Sequence[dict] | None = None) -> tuple[dict, dict]:
     """Time a few training steps of each way to run the fused models on this device; return the fastest.
 
-    A candidate is (conv implementation, models per pass); by default every
-    implementation with all models per pass, and on the CPU also 4 and 1
-    models per pass. Runs on throwaway copies (the caller's models are
-    untouched). Returns ({'conv': .., 'chunk_size': ..}, {label: seconds per step}).
+    A candidate is a plan: {'memory_format', 'conv' (per layer), 'chunk_size'
+    (models per pass)}; by default :func:`candidate_plans`. Runs on throwaway
+    copies (the caller's models are untouched). Returns (best plan,
+    {plan label: seconds per step}).
     """
     if candidates is None:
-        chunks = [len(masks)] if images.device.type == "cuda" else sorted({len(masks), min(4, len(masks)), 1},
-                                                                           reverse=True)
-        candidates = [(impl, c) for c in chunks for impl in (CONV_IMPLS if c > 1 else CONV_IMPLS[:1])]
-    timings = {}
+        candidates = candidate_plans(images.device.type, len(masks))
+    timings, plans = {}, {}
     n = min(images.shape[0], batch_size * (steps + 1))
     steps = max(1, n // batch_size - 1)  # time only full steps that the images allow
     indices = np.arange(1, n + 1)
-    for impl, chunk in candidates:
-        model = FusedLeNet(masks, weights, conv=impl).to(images.device)
-        trainer = FusedTrainer(model, images[:n], labels[:n], batch_size=batch_size, chunk_size=chunk)
+    for plan in candidates:
+        trainer = FusedTrainer(build(plan, masks, weights, images.device), images[:n], labels[:n],
+                               batch_size=batch_size, chunk_size=plan.get("chunk_size"))
         trainer.train_epoch(1, indices[:batch_size])  # warm-up (and graph capture)
         if images.device.type == "cuda":
             torch.cuda.synchronize()
@@ -387,16 +473,7 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
         trainer.train_epoch(1, indices[:batch_size * steps])
         if images.device.type == "cuda":
             torch.cuda.synchronize()
-        timings[f"{impl}/{chunk}"] = (time.perf_counter() - start) / steps
+        label = plan_label(plan)
+        timings[label], plans[label] = (time.perf_counter() - start) / steps, plan
     best = min(timings, key=timings.get)
-    impl, chunk = best.split("/")
-    return {"conv": impl, "chunk_size": int(chunk)}, timings
-
-
-def autotune(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
-             steps: int = 3) -> tuple[str, dict]:
-    """The fastest convolution implementation with all models per pass: (impl, {impl: seconds per step})."""
-    candidates = [(impl, len(masks)) for impl in CONV_IMPLS]
-    plan, timings = autotune_plan(masks, weights, images, labels, batch_size=batch_size, steps=steps,
-                                  candidates=candidates)
-    return plan["conv"], {label.split("/")[0]: t for label, t in timings.items()}
+    return plans[best], timings

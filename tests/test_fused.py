@@ -1,10 +1,11 @@
 """The study's fused trainer computes what cnn_train computes, model by model.
 
 Tolerances: the fused network stores images and filters transposed and
-(for 'grouped') convolves all models in one call, so its sums run in another
-order than cnn_train's; SGD amplifies such float32 rounding differences step
-by step (one step agrees to ~1e-7, six steps here to ~1e-5 for 'loop' and
-~1e-4 for 'grouped'), hence 1e-4 and 1e-3 relative to the largest weight.
+(for 'grouped') convolves all models in one call, or (for 'gemm') as matrix
+products on channels-last memory, so its sums run in another order than
+cnn_train's; SGD amplifies such float32 rounding differences step by step
+(one step agrees to ~1e-7, six steps here to ~1e-5 for 'loop' and ~1e-4 for
+'grouped'), hence 1e-4 and 1e-3 relative to the largest weight.
 """
 
 import os
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from matconvnet_port import cnn_mnist_init, functional as fn
-from matconvnet_port.fused import FusedLeNet, FusedTrainer, autotune, keep_freed_memory
+from matconvnet_port.fused import (FusedLeNet, FusedTrainer, autotune_plan, candidate_plans, default_plan,
+                                    keep_freed_memory, parse_conv, plan_label)
 from matconvnet_port.matio import read_mat
 from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
 from matconvnet_port.train import cnn_train, default_order
@@ -37,20 +39,25 @@ def conv_weights(net):
     return [[layer["weights"][0], layer["weights"][1]] for layer in net.layers if layer["type"] == "conv"]
 
 
-@pytest.mark.parametrize("impl,tol", [("loop", 1e-4), ("grouped", 1e-3)])
-def test_each_fused_model_matches_cnn_train_alone(data, impl, tol, tmp_path):
+PLANS = [("loop", "nchw", None, 1e-4), ("grouped", "nchw", None, 1e-3),
+         # the CPU default (GEMM for conv1/3/4, the library's grouped conv2), 2 models per pass
+         ("gemm,grouped,gemm,gemm", "nhwc", 2, 1e-3), ("gemm", "nhwc", None, 1e-3)]
+
+
+@pytest.mark.parametrize("impl,memory_format,chunk,tol", PLANS, ids=[f"{p[1]}-{p[0]}" for p in PLANS])
+def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chunk, tol, tmp_path):
     imdb, train, val = data
     images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
     labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
-    model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=7)), conv=impl)
-    trainer = FusedTrainer(model, images, labels, batch_size=100, seed=7)
+    model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=7)), conv=impl, memory_format=memory_format)
+    trainer = FusedTrainer(model, images, labels, batch_size=100, seed=7, chunk_size=chunk)
     for epoch in (1, 2):
         fused_train = trainer.train_epoch(epoch, train)
     fused_val = trainer.evaluate(val)
     for k, mask in enumerate(MASKS):
         net, info = cnn_train(cnn_mnist_init(mask, seed=7), imdb,
                               lambda db, b: (db["images"]["data"][:, :, :, b - 1], db["images"]["labels"][:, b - 1]),
-                              exp_dir=str(tmp_path / f"{impl}{k}"), num_epochs=2, batch_size=100, train=train,
+                              exp_dir=str(tmp_path / f"{memory_format}{k}"), num_epochs=2, batch_size=100, train=train,
                               val=val, random_seed=7, progress=False, device="cpu")
         for (fa, ba), (fb, bb) in zip(conv_weights(net), model.model_weights(k)):
             assert np.abs(fa - fb).max() / np.abs(fa).max() <= tol, f"mask {mask}: filters differ"
@@ -68,13 +75,14 @@ def test_channel_relu_is_relu_with_a_per_channel_leak_of_0_or_1():
     x[0, :, 0, 0] = 0.0  # MatConvNet's derivative at exactly 0 is 0 for a ReLU
     flags = [True, True, False, True, False, False, True, True, True, False, True, False]
     leak = torch.tensor([0.0 if f else 1.0 for f in flags], dtype=x.dtype).reshape(1, -1, 1, 1)
-    a = x.clone().requires_grad_(True)
-    b = x.clone().requires_grad_(True)
-    ya, yb = fn.channel_relu(a, flags), fn.relu(b, leak)
-    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
-    g = torch.randn_like(ya)
-    (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
-    torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    g = torch.randn_like(x)
+    for layout in (torch.contiguous_format, torch.channels_last):  # channel runs / broadcast floor
+        a = x.clone().contiguous(memory_format=layout).requires_grad_(True)
+        b = x.clone().requires_grad_(True)
+        ya, yb = fn.channel_relu(a, flags), fn.relu(b, leak)
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+        (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
     assert torch.autograd.gradcheck(lambda t: fn.channel_relu(t, flags), (torch.randn(2, 12, 3, 3, dtype=torch.float64, requires_grad=True),))
 
 
@@ -118,12 +126,41 @@ def test_labels_are_validated_once():
                      torch.tensor([0, 3]))
 
 
-def test_autotune_returns_a_measured_implementation(data):
+def test_autotune_returns_a_measured_plan(data):
     imdb, _, _ = data
     images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"][:, :, :, :400].transpose(3, 2, 0, 1)))
     labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:400])
-    best, timings = autotune(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1)
-    assert best in timings and set(timings) == {"grouped", "loop"}
+    candidates = candidate_plans("cpu", 2)
+    best, timings = autotune_plan(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1)
+    assert set(timings) == {plan_label(p) for p in candidates} and len(timings) == len(candidates)
+    assert best in candidates and timings[plan_label(best)] == min(timings.values())
+
+
+def test_plans_are_parsed_and_labelled():
+    assert parse_conv("gemm") == ("gemm",) * 4
+    assert parse_conv(" grouped, loop ,gemm,gemm") == ("grouped", "loop", "gemm", "gemm")
+    for bad in ("fast", "gemm,gemm", "grouped,grouped,gemm,gemm,gemm"):
+        with pytest.raises(ValueError, match="conv must be one of"):
+            parse_conv(bad)
+    with pytest.raises(ValueError, match="memory_format"):
+        FusedLeNet(MASKS, conv_weights(cnn_mnist_init()), memory_format="nwhc")
+    assert plan_label(default_plan("cpu", 28, 16)) == "nhwc gemm,grouped,gemm,gemm x8"
+    assert plan_label({"conv": "grouped"}) == "nchw grouped"
+
+
+def test_relu_and_pooling_commute_exactly_ties_included():
+    """FusedLeNet pools before its ReLUs when the windows tile the map: same values and derivatives."""
+    x = torch.randint(-2, 3, (3, 6, 8, 6)).double()  # integers: many ties, exact zeros
+    flags = [True, False, True, True, False, True]
+    g = torch.randn(3, 6, 4, 3, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = x.clone().contiguous(memory_format=layout).requires_grad_(True)
+        b = x.clone().contiguous(memory_format=layout).requires_grad_(True)
+        ya = fn.pool(fn.channel_relu(a, flags), 2, stride=2, tie_order="row")
+        yb = fn.channel_relu(fn.pool(b, 2, stride=2, tie_order="row"), flags)
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+        (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

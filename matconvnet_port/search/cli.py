@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..fused import parse_conv
 from ..mnist import RESIZE_METHODS, MnistDataError, load_mnist
 from ..models import mask_bits
 from ..precision import PRECISIONS, set_precision
@@ -68,8 +69,11 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="validation image-level error counted as converged (default: the preset's)")
     p.add_argument("--shard", metavar="I/K", help="run only the I-th of K slices of the (N, seed) groups")
-    p.add_argument("--conv", choices=("auto", "grouped", "loop"), default="auto",
-                   help="fused conv implementation (auto: autotuned on CUDA, by N on CPU)")
+    p.add_argument("--conv", default="auto",
+                   help="fused conv implementation: auto (measured on CUDA, the measured default on CPU), "
+                        "grouped, loop, gemm, or four of them for conv1..conv4, e.g. grouped,grouped,gemm,gemm")
+    p.add_argument("--memory-format", choices=("auto", "nchw", "nhwc"), default="auto",
+                   help="fused activation storage (auto: nhwc on CPU, measured on CUDA)")
     p.add_argument("--save-nets", "--keep-weights", dest="save_nets", action="store_true",
                    help="write each finished cell's net as a MatConvNet .mat file in OUT/nets/")
     return p
@@ -90,6 +94,11 @@ def _settings_and_grid(args, preset):
         raise UsageError(f"--learning-rate: must be > 0, got {args.learning_rate}")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise UsageError(f"--threshold: must be in (0, 1], got {args.threshold}")
+    if args.conv != "auto":
+        try:
+            parse_conv(args.conv)
+        except ValueError as e:
+            raise UsageError(f"--conv: {e}") from None
     masks = parse_masks(args.masks) if args.masks else tuple(preset.masks)
     sizes = parse_sizes(args.sizes) if args.sizes else tuple(preset.sizes)
     seeds = tuple(range(args.seeds if args.seeds is not None else preset.seeds))
@@ -163,6 +172,7 @@ def run(argv) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ctx = runner.RunContext(out_dir=out, settings=settings, device=device, conv=args.conv,
+                            memory_format=args.memory_format,
                             data_dir=args.data_dir, save_nets=args.save_nets, log=tqdm.write)
     groups = build_groups(masks, sizes, seeds)
     mine = shard_groups(groups, *shard)

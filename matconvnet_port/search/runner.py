@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..fused import FusedLeNet, FusedTrainer, autotune
+from ..fused import FusedLeNet, FusedTrainer, autotune_plan, build, default_plan, parse_conv, plan_label
 from ..mnist import get_mnist_imdb
 from ..models import CONV_SHAPES, cnn_mnist_init, mask_bits, mask_name
 from .grid import Group, Settings, cost_per_image, fused_order
@@ -49,12 +49,13 @@ class RunContext:
     out_dir: Path
     settings: Settings
     device: torch.device
-    conv: str = "auto"            # 'auto', 'grouped' or 'loop'
+    conv: str = "auto"            # 'auto', or a layer implementation / four of them (fused.parse_conv)
+    memory_format: str = "auto"   # 'auto', 'nchw' or 'nhwc'
     data_dir: str | None = None
     save_nets: bool = False
     log: Callable[[str], None] = print
     rows_by_group: dict = field(default_factory=dict)  # group key -> rows (mirror of the checkpoints)
-    conv_by_size: dict = field(default_factory=dict)
+    plan_by_size: dict = field(default_factory=dict)
 
     @property
     def device_label(self) -> str:
@@ -184,35 +185,31 @@ def _clock(seconds: float) -> str:
 
 # -- choosing the conv implementation and estimating the time --------------------------
 
-def choose_conv(ctx: RunContext, input_size: int, masks, x: torch.Tensor, y: torch.Tensor) -> str:
-    """'grouped' or 'loop' for this N: the user's choice, else autotuned on CUDA (once per N).
+def choose_plan(ctx: RunContext, input_size: int, masks, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """How the fused models of this N run (memory format, conv per layer, models per pass).
 
-    On a CPU autotuning costs more than it saves (a few steps of each at N = 64
-    take minutes) and its timings are at the mercy of other processes. Measured
-    on a 2-core CPU (16 models, s per step, grouped/loop): N = 28 0.5/0.6,
-    N = 36 1.4/1.4, N = 48 3.2/2.9, N = 64 15/11; 'loop' (many small kernels)
-    also suffered most when the CPU was shared. So 'grouped' below N = 48.
+    With ``--conv``/``--memory-format`` left on auto: on CUDA measured once per
+    N by :func:`~matconvnet_port.fused.autotune_plan`; on a CPU the measured
+    default :func:`~matconvnet_port.fused.default_plan` (autotuning there costs
+    more than it saves -- a few steps of each candidate at N = 64 take a
+    minute -- and its timings are at the mercy of other processes). A user's
+    choice replaces the corresponding part of the default.
     """
-    if ctx.conv != "auto":
-        return ctx.conv
-    if input_size not in ctx.conv_by_size:
-        if ctx.device.type == "cuda":
-            best, timings = autotune(masks, list(initial_weights(0)), x, y, batch_size=ctx.settings.batch_size)
+    key = (input_size, len(masks))
+    if key not in ctx.plan_by_size:
+        if ctx.device.type == "cuda" and ctx.conv == "auto" and ctx.memory_format == "auto":
+            plan, timings = autotune_plan(masks, list(initial_weights(0)), x, y, batch_size=ctx.settings.batch_size)
             ctx.log(f"autotune N={input_size} ({len(masks)} models): "
-                    + ", ".join(f"{k} {v * 1e3:.1f} ms/step" for k, v in timings.items()) + f" -> {best}")
-            ctx.conv_by_size[input_size] = best
+                    + ", ".join(f"{k} {v * 1e3:.1f} ms/step" for k, v in timings.items())
+                    + f" -> {plan_label(plan)}")
         else:
-            ctx.conv_by_size[input_size] = "grouped" if input_size < 48 else "loop"
-    return ctx.conv_by_size[input_size]
-
-
-def models_per_pass(ctx: RunContext, input_size: int, num_models: int) -> int:
-    """How many fused models one forward/backward pass trains: all on a GPU; on a CPU all below
-    N = 48, else 4 -- at N = 64 on a 2-core CPU all 16 at once ran at 0.32x the naive loop (a
-    460 MB working set per activation) and 4 per pass at 1.03x (benchmarks/bench_search.py)."""
-    if ctx.device.type == "cuda" or input_size < 48:
-        return num_models
-    return min(4, num_models)
+            plan = default_plan(ctx.device.type, input_size, len(masks))
+            if ctx.conv != "auto":
+                plan["conv"] = parse_conv(ctx.conv)
+            if ctx.memory_format != "auto":
+                plan["memory_format"] = ctx.memory_format
+        ctx.plan_by_size[key] = plan
+    return ctx.plan_by_size[key]
 
 
 def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
@@ -225,9 +222,9 @@ def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
     b = ctx.settings.batch_size
     x = torch.randn(8 * b, 1, n0, n0, device=ctx.device) * 50  # 8 batches: enough for autotune's steps
     y = torch.randint(1, 11, (8 * b,), device=ctx.device).double()
-    conv = choose_conv(ctx, n0, masks, x, y)
-    trainer = FusedTrainer(FusedLeNet(masks, list(initial_weights(0)), conv=conv).to(ctx.device), x, y,
-                           batch_size=b)
+    plan = choose_plan(ctx, n0, masks, x, y)
+    trainer = FusedTrainer(build(plan, masks, list(initial_weights(0)), ctx.device), x, y, batch_size=b,
+                           chunk_size=plan["chunk_size"])
     trainer.train_epoch(1, np.arange(1, b + 1))  # warm-up (and CUDA graph capture)
     start = time.perf_counter()
     trainer.train_epoch(2, np.arange(1, 2 * b + 1))
@@ -270,11 +267,12 @@ def train_cells(ctx: RunContext, group: Group, done: int, masks: list,
     train_indices = np.arange(1, s.train_subset + 1)
     val_indices = np.arange(s.train_subset + 1, s.train_subset + s.val_subset + 1)
 
-    conv = choose_conv(ctx, group.input_size, masks, x, y)
-    model = FusedLeNet(masks, list(initial_weights(group.seed)), conv=conv).to(ctx.device)
+    plan = choose_plan(ctx, group.input_size, masks, x, y)
+    conv = plan_label(plan)
+    model = build(plan, masks, list(initial_weights(group.seed)), ctx.device)
     trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
                            weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed,
-                           chunk_size=models_per_pass(ctx, group.input_size, len(masks)))
+                           chunk_size=plan["chunk_size"])
     del x, y  # the trainer keeps its own copies (images transposed): free the device memory
     if done > 0:
         trainer.load_state_dict(_stack_states([checkpoint["cells"][mask_bits(m)]["state"] for m in masks]))
