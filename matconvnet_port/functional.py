@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "conv", "conv_gemm", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
+    "conv", "conv_gemm", "linear_pair_gemm", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
     "softmaxloss_per_image", "loss", "lrn", "bnorm", "dropout", "conv_output_size", "pool_output_size",
     "LOSS_TYPES",
 ]
@@ -352,6 +352,97 @@ def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None, *
     if max_pool and ((h - fh + 1) % 2 or (w - fw + 1) % 2):
         raise ValueError(f"max_pool needs an even output size, got {h - fh + 1}x{w - fw + 1}")
     return _GemmConv.apply(x, f, b, bool(max_pool))
+
+
+class _LinearPairGemm(torch.autograd.Function):
+    """conv(conv(x, f1, b1), f2, b2) with a 1x1 f2 and nothing between: one product with the composed bank.
+
+    Per group: Y = X W1' + 1 b1', Z = Y W2' + 1 b2' = X (W2 W1)' + 1 (W2 b1 + b2)'. With
+    G = dZ' X and s = dZ' 1 the derivatives are dW1 = W2' G, db1 = W2' s, dW2 = G W1' + s b1',
+    db2 = s, dX = dZ (W2 W1) -- every product has the narrow second layer on one side.
+    """
+
+    @staticmethod
+    def forward(ctx, x, f1, b1, f2, b2):
+        k1, fc, fh, fw = f1.shape
+        k2 = f2.shape[0]
+        n, c, h, w = x.shape
+        groups = c // fc
+        k1g, k2g = k1 // groups, k2 // groups
+        ho, wo = h - fh + 1, w - fw + 1
+        xl = x.permute(0, 2, 3, 1).contiguous()
+        w1 = f1.permute(0, 2, 3, 1).reshape(groups, k1g, fh * fw * fc)
+        w2 = f2.reshape(groups, k2g, k1g)
+        wc = torch.bmm(w2, w1)                                             # g x k2g x width
+        bc = torch.baddbmm(b2.reshape(groups, k2g, 1), w2, b1.reshape(groups, k1g, 1))  # g x k2g x 1
+        z = x.new_empty(n, ho, wo, k2)
+        for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False):
+            cols = _GemmConv._columns(xl[i:j], groups, fh, fw)
+            r = torch.baddbmm(bc.transpose(1, 2), cols, wc.transpose(1, 2))  # g x rows x k2g
+            z[i:j].view(-1, groups, k2g).copy_(r.transpose(0, 1))
+        ctx.save_for_backward(xl, w1, b1, w2, wc)
+        ctx.shape = (groups, fh, fw)
+        return z.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, dz):
+        xl, w1, b1, w2, wc = ctx.saved_tensors
+        groups, fh, fw = ctx.shape
+        n, k2, ho, wo = dz.shape
+        k2g, k1g, width = k2 // groups, w1.shape[1], w1.shape[2]
+        fc = xl.shape[3] // groups
+        zl = dz.permute(0, 2, 3, 1)
+        gram = w1.new_zeros(groups, k2g, width)  # dZ' X per group
+        dx = dxg = None
+        if ctx.needs_input_grad[0]:
+            dxl = torch.zeros_like(xl)
+            dxg = dxl.reshape(n, xl.shape[1], xl.shape[2], groups, fc).permute(3, 0, 1, 2, 4)
+        for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False):
+            g = zl[i:j].reshape(-1, groups, k2g).transpose(0, 1).contiguous()  # g x rows x k2g
+            gram.baddbmm_(g.transpose(1, 2), _GemmConv._columns(xl[i:j], groups, fh, fw))
+            if dxg is not None:
+                dcols = torch.bmm(g, wc).reshape(groups, j - i, ho, wo, fh, fw, fc)
+                for u in range(fh):
+                    for v in range(fw):
+                        dxg[:, i:j, u:u + ho, v:v + wo, :] += dcols[:, :, :, :, u, v, :]
+        if dxg is not None:
+            dx = dxl.permute(0, 3, 1, 2)
+        s = zl.sum((0, 1, 2)).reshape(groups, k2g, 1)
+        w2t = w2.transpose(1, 2)
+        df1 = torch.bmm(w2t, gram).reshape(groups * k1g, fh, fw, fc).permute(0, 3, 1, 2)
+        db1 = torch.bmm(w2t, s).reshape(-1)
+        df2 = torch.baddbmm(s * b1.reshape(groups, 1, k1g), gram, w1.transpose(1, 2))
+        return dx, df1, db1, df2.reshape(k2, k1g, 1, 1), s.reshape(-1)
+
+
+def linear_pair_gemm(x: torch.Tensor, f1: torch.Tensor, b1: torch.Tensor, f2: torch.Tensor,
+                     b2: torch.Tensor) -> torch.Tensor:
+    """``conv(conv(x, f1, b1), f2, b2)`` for a 1 x 1 ``f2`` with no nonlinearity between them.
+
+    Two linear layers in a row are one linear map: computed as one
+    convolution with the composed filter bank ``f2 * f1`` (im2col + GEMM, as
+    :func:`conv_gemm`; groups as in :func:`conv`, the same G for both), with
+    the derivatives of both layers' filters and biases (see
+    :class:`_LinearPairGemm`). The same function and derivatives as the two
+    calls, in other float rounding; the cost of the wide middle layer is
+    gone. LeNet's conv3 -> conv4 is such a pair wherever no ReLU follows
+    conv3. Unpadded, stride 1; result NCHW in channels-last memory.
+    """
+    _check_4d(x)
+    if f1.dim() != 4 or f2.dim() != 4 or f2.shape[2:] != (1, 1):
+        raise ValueError(f"f1 must be K1 x FC x FH x FW and f2 K2 x C2 x 1 x 1, got {tuple(f1.shape)}, {tuple(f2.shape)}")
+    k1, fc = f1.shape[:2]
+    c = x.shape[1]
+    if fc < 1 or c % fc or k1 % (c // fc) or f2.shape[0] % (c // fc) or f2.shape[1] * (c // fc) != k1:
+        raise ValueError(f"x has {c} channels, f1 is {tuple(f1.shape)}, f2 {tuple(f2.shape)}: not a grouping "
+                         f"shared by both layers")
+    if f1.shape[2] > x.shape[2] or f1.shape[3] > x.shape[3]:
+        raise ValueError(f"f1 ({f1.shape[2]}x{f1.shape[3]}) is larger than the input ({x.shape[2]}x{x.shape[3]})")
+    if b1.numel() != k1 or b2.numel() != f2.shape[0]:
+        raise ValueError(f"b1 must have {k1} and b2 {f2.shape[0]} elements, got {b1.numel()} and {b2.numel()}")
+    if len({x.dtype, f1.dtype, b1.dtype, f2.dtype, b2.dtype}) != 1:
+        raise ValueError("x, f1, b1, f2 and b2 must have one dtype")
+    return _LinearPairGemm.apply(x, f1, b1.reshape(-1), f2, b2.reshape(-1))
 
 
 def convt(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None,

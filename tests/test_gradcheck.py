@@ -76,6 +76,28 @@ def test_conv_gemm_max_pool_is_conv_then_pool_ties_included(groups, bias, block_
           *([rand(2 * groups)] if bias else []))
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("block_bytes", [None, 1])
+def test_linear_pair_gemm_is_two_convolutions(groups, block_bytes, monkeypatch):
+    if block_bytes:
+        monkeypatch.setattr(fn, "GEMM_BLOCK_BYTES", block_bytes)
+    x = rand(3, 6, 7, 6)
+    f1, b1 = rand(4 * groups, 6 // groups, 3, 2), rand(4 * groups)
+    f2, b2 = rand(2 * groups, 4, 1, 1), rand(2 * groups)
+    inputs = (x, f1, b1, f2, b2)
+    ours = fn.linear_pair_gemm(*inputs)
+    ref = fn.conv(fn.conv(x, f1, b1), f2, b2)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    check(fn.linear_pair_gemm, *inputs)
+    with pytest.raises(ValueError, match="1 x 1"):
+        fn.linear_pair_gemm(x, f1, b1, rand(2 * groups, 4, 2, 1), b2)
+    with pytest.raises(ValueError, match="grouping"):
+        fn.linear_pair_gemm(x, f1, b1, rand(2 * groups, 3, 1, 1), b2)
+
+
 def test_conv_gemm_rejects_what_it_does_not_cover():
     x = rand(2, 6, 5, 5)
     for f, message in ((rand(4, 4, 3, 3), "filter grouping"), (rand(4, 6, 6, 1), "larger than the input"),
