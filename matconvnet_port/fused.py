@@ -28,7 +28,9 @@ How the layers run is a *plan* (same maths, different speed per device):
 ``conv`` per layer -- 'grouped' (one grouped convolution of the library:
 cuDNN / oneDNN), 'loop' (M convolutions on channel slices), 'gemm'
 (:func:`matconvnet_port.functional.conv_gemm`: im2col + batched matrix
-products; conv1's product serves every model at once) -- and models per pass.
+products; conv1's product serves every model at once) -- models per pass,
+and ``compose`` (conv3 and the 1x1 conv4 as one linear layer where no ReLU
+separates them: :func:`matconvnet_port.functional.linear_pair_gemm`).
 :func:`default_plan` is the measured CPU choice; :func:`autotune_plan` times
 candidates (the search does on CUDA).
 """
@@ -41,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional as fn
@@ -62,15 +65,21 @@ class FusedLeNet(nn.Module):
     one list of four ``[filters, biases]`` pairs in MatConvNet layout (shared
     start for all M models, as the study uses) or M such lists. ``conv``: a
     layer implementation for all layers or four ('grouped', 'loop', 'gemm';
-    :func:`parse_conv`); ``memory_format``: 'nchw' or 'nhwc' (channels-last).
+    :func:`parse_conv`); ``memory_format``: 'nchw' or 'nhwc' (channels-last);
+    ``compose``: in training, conv3 and conv4 of the models without a ReLU
+    between them run as one composed linear layer (same function and
+    derivatives; evaluation always runs the layers one by one).
     ``forward(x)`` maps B x 1 x N x N images, stored transposed (see
     :meth:`prepare_images`), to B x (M*10) x w x h scores (model m owns
     channels ``m*10 .. m*10+9``; the spatial map is transposed too, which no
     statistic of the study depends on).
     """
 
-    def __init__(self, masks: Sequence[Sequence[int]], weights, *, conv="grouped", memory_format: str = "nchw"):
+    def __init__(self, masks: Sequence[Sequence[int]], weights, *, conv="grouped", memory_format: str = "nchw",
+                 compose: bool = False):
         super().__init__()
+        self.compose = bool(compose)
+        self._subsets: dict = {}
         layer_impls = parse_conv(conv)
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
@@ -133,6 +142,8 @@ class FusedLeNet(nn.Module):
         """
         first, last = models or (0, self.num_models)
         for i in range(4):
+            if i == 2 and self.compose and self.training:
+                return self._composed_tail(x, first, last)
             fh, fw, _, k = CONV_SHAPES[i]
             rectified = self.rectified[i][first * k:last * k]
             # When the 2x2 windows tile the map, max pooling and ReLU commute exactly -- values,
@@ -154,6 +165,47 @@ class FusedLeNet(nn.Module):
             if i < 2 and not pool_first:
                 x = fn.pool(x, 2, stride=2, method="max", tie_order="row")
         return x
+
+    def _subset(self, first: int, last: int, device) -> tuple:
+        """Models of first..last-1 with / without the ReLU after conv3, and channel indices for both."""
+        key = (first, last, str(device))
+        if key not in self._subsets:
+            plain = [m for m in range(first, last) if self.masks[m][2]]
+            linear = [m for m in range(first, last) if not self.masks[m][2]]
+
+            def channels(ms, k, base):
+                return torch.tensor([(m - base) * k + j for m in ms for j in range(k)], device=device)
+
+            c3, k3, k4 = CONV_SHAPES[2][2], CONV_SHAPES[2][3], CONV_SHAPES[3][3]
+            back = torch.argsort(channels(plain + linear, k4, first))  # concatenated scores -> model order
+            self._subsets[key] = [(channels(ms, c3, first), channels(ms, k3, 0), channels(ms, k4, 0))
+                                  for ms in (plain, linear)] + [back, bool(plain), bool(linear)]
+        return self._subsets[key]
+
+    def _composed_tail(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """conv3 [ReLU] conv4 [ReLU] of models first..last-1 in training: where no ReLU follows
+        conv3, conv3 and the 1x1 conv4 are one linear map, computed as one composed layer
+        (:func:`~matconvnet_port.functional.linear_pair_gemm`: same function and derivatives,
+        without the cost of the 500-channel middle); the other models run as usual."""
+        (xc_p, k3_p, k4_p), (xc_l, k3_l, k4_l), back, any_plain, any_linear = self._subset(first, last, x.device)
+        f3, b3 = self.weights[2], self.biases[2]
+        f4, b4 = self.weights[3], self.biases[3]
+        parts = []
+        if any_plain:
+            y = x.index_select(1, xc_p)
+            for f, b, idx in ((f3, b3, k3_p), (f4, b4, k4_p)):
+                i = 2 if f is f3 else 3
+                conv = fn.conv_gemm if self.conv[i] == "gemm" else fn.conv
+                y = conv(y, f.index_select(0, idx), b.index_select(0, idx))
+                if i == 2:
+                    y = F.relu(y)  # every model here has it
+            parts.append(y)
+        if any_linear:
+            parts.append(fn.linear_pair_gemm(x.index_select(1, xc_l), f3.index_select(0, k3_l), b3.index_select(0, k3_l),
+                                             f4.index_select(0, k4_l), b4.index_select(0, k4_l)))
+        scores = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).index_select(1, back)
+        k = CONV_SHAPES[3][3]
+        return fn.channel_relu(scores, self.rectified[3][first * k:last * k])
 
     def model_weights(self, m: int) -> list[list[np.ndarray]]:
         """Model m's four [filters, biases] pairs in MatConvNet layout (FH x FW x FC x K, 1 x K)."""
@@ -407,16 +459,23 @@ def parse_conv(spec) -> tuple[str, str, str, str]:
 
 
 def plan_label(plan: dict) -> str:
-    """'nhwc grouped,grouped,gemm,gemm x4': memory format, conv per layer, models per pass."""
+    """'nhwc gemm,grouped,gemm,gemm x8 +compose': memory format, conv per layer, models per pass,
+    and whether conv3 and conv4 are composed where no ReLU separates them."""
     conv = parse_conv(plan["conv"])
     conv_text = conv[0] if len(set(conv)) == 1 else ",".join(conv)
     chunk = plan.get("chunk_size")
-    return f"{plan.get('memory_format', 'nchw')} {conv_text}" + (f" x{chunk}" if chunk else "")
+    return (f"{plan.get('memory_format', 'nchw')} {conv_text}" + (f" x{chunk}" if chunk else "")
+            + (" +compose" if plan.get("compose") else ""))
 
 
 def build(plan: dict, masks, weights, device) -> FusedLeNet:
     """The :class:`FusedLeNet` a plan describes, on ``device``."""
-    return FusedLeNet(masks, weights, conv=plan["conv"], memory_format=plan.get("memory_format", "nchw")).to(device)
+    return FusedLeNet(masks, weights, conv=plan["conv"], memory_format=plan.get("memory_format", "nchw"),
+                      compose=plan.get("compose", False)).to(device)
+
+
+# from this input size on, composing conv3 and conv4 (models without a ReLU between) pays on the CPU
+COMPOSE_FROM = 36
 
 
 def default_plan(device_type: str, input_size: int, num_models: int) -> dict:
@@ -426,26 +485,30 @@ def default_plan(device_type: str, input_size: int, num_models: int) -> dict:
     models: they share the input), conv3 (a fully connected layer at small N,
     where the convolution library is slowest) and conv4; the library's grouped
     convolution for conv2; 8 models per pass (their working set stays in
-    cache at large N). Measured on a 2-core CPU against the other candidates
-    (:func:`candidate_plans`, README). ``input_size`` is kept for plans that
-    depend on N. CUDA: cuDNN's grouped convolutions, every model in one pass.
+    cache at large N); from N = 36 on, conv3 and conv4 of the models without
+    a ReLU between them as one composed linear layer. Measured on a 2-core
+    CPU against the alternatives (README). CUDA: cuDNN's grouped convolutions,
+    every model in one pass.
     """
     if device_type == "cuda":
-        return {"memory_format": "nchw", "conv": ("grouped",) * 4, "chunk_size": num_models}
+        return {"memory_format": "nchw", "conv": ("grouped",) * 4, "chunk_size": num_models, "compose": False}
     return {"memory_format": "nhwc", "conv": ("gemm", "grouped", "gemm", "gemm"),
-            "chunk_size": min(8, num_models)}
+            "chunk_size": min(8, num_models), "compose": input_size >= COMPOSE_FROM}
 
 
-def candidate_plans(device_type: str, num_models: int) -> list[dict]:
+def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> list[dict]:
     """What :func:`autotune_plan` times by default on this kind of device."""
     g, m = "grouped", "gemm"
     if device_type == "cuda":
-        return [{"memory_format": fmt, "conv": conv, "chunk_size": num_models}
-                for fmt, conv in (("nchw", (g,) * 4), ("nchw", ("loop",) * 4), ("nhwc", (g,) * 4),
-                                  ("nhwc", (m, g, m, m)))]
-    plans = [{"memory_format": "nhwc", "conv": (m, g, m, m), "chunk_size": c}
-             for c in sorted({num_models, min(8, num_models), min(2, num_models)}, reverse=True)]
-    return plans + [{"memory_format": "nhwc", "conv": (g, g, m, m), "chunk_size": min(8, num_models)}]
+        return [{"memory_format": fmt, "conv": conv, "chunk_size": num_models, "compose": compose}
+                for fmt, conv, compose in (("nchw", (g,) * 4, False), ("nchw", ("loop",) * 4, False),
+                                           ("nhwc", (g,) * 4, False), ("nhwc", (m, g, m, m), False),
+                                           ("nhwc", (m, g, m, m), True))]
+    default = default_plan(device_type, input_size, num_models)
+    others = [dict(default, compose=not default["compose"]), dict(default, chunk_size=num_models),
+              dict(default, chunk_size=min(2, num_models)), dict(default, conv=(g, g, m, m))]
+    unique = {plan_label(p): p for p in [default] + others}
+    return list(unique.values())
 
 
 def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
@@ -458,7 +521,7 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
     {plan label: seconds per step}).
     """
     if candidates is None:
-        candidates = candidate_plans(images.device.type, len(masks))
+        candidates = candidate_plans(images.device.type, len(masks), images.shape[2])
     timings, plans = {}, {}
     n = min(images.shape[0], batch_size * (steps + 1))
     steps = max(1, n // batch_size - 1)  # time only full steps that the images allow

@@ -39,17 +39,21 @@ def conv_weights(net):
     return [[layer["weights"][0], layer["weights"][1]] for layer in net.layers if layer["type"] == "conv"]
 
 
-PLANS = [("loop", "nchw", None, 1e-4), ("grouped", "nchw", None, 1e-3),
-         # the CPU default (GEMM for conv1/3/4, the library's grouped conv2), 2 models per pass
-         ("gemm,grouped,gemm,gemm", "nhwc", 2, 1e-3), ("gemm", "nhwc", None, 1e-3)]
+PLANS = [("loop", "nchw", None, False, 1e-4), ("grouped", "nchw", None, False, 1e-3),
+         # the CPU default (GEMM for conv1/3/4, the library's grouped conv2), 2 models per pass,
+         # with and without composing conv3 and conv4 where no ReLU separates them
+         ("gemm,grouped,gemm,gemm", "nhwc", 2, False, 1e-3), ("gemm,grouped,gemm,gemm", "nhwc", 2, True, 1e-3),
+         ("gemm", "nhwc", None, True, 1e-3)]
 
 
-@pytest.mark.parametrize("impl,memory_format,chunk,tol", PLANS, ids=[f"{p[1]}-{p[0]}" for p in PLANS])
-def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chunk, tol, tmp_path):
+@pytest.mark.parametrize("impl,memory_format,chunk,compose,tol", PLANS,
+                         ids=[f"{p[1]}-{p[0]}-{p[2]}{'-compose' * p[3]}" for p in PLANS])
+def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chunk, compose, tol, tmp_path):
     imdb, train, val = data
     images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
     labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
-    model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=7)), conv=impl, memory_format=memory_format)
+    model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=7)), conv=impl, memory_format=memory_format,
+                       compose=compose)
     trainer = FusedTrainer(model, images, labels, batch_size=100, seed=7, chunk_size=chunk)
     for epoch in (1, 2):
         fused_train = trainer.train_epoch(epoch, train)
@@ -145,6 +149,7 @@ def test_plans_are_parsed_and_labelled():
     with pytest.raises(ValueError, match="memory_format"):
         FusedLeNet(MASKS, conv_weights(cnn_mnist_init()), memory_format="nwhc")
     assert plan_label(default_plan("cpu", 28, 16)) == "nhwc gemm,grouped,gemm,gemm x8"
+    assert plan_label(default_plan("cpu", 64, 16)) == "nhwc gemm,grouped,gemm,gemm x8 +compose"
     assert plan_label({"conv": "grouped"}) == "nchw grouped"
 
 

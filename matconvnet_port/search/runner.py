@@ -204,8 +204,8 @@ def choose_plan(ctx: RunContext, input_size: int, masks, x: torch.Tensor, y: tor
                     + f" -> {plan_label(plan)}")
         else:
             plan = default_plan(ctx.device.type, input_size, len(masks))
-            if ctx.conv != "auto":
-                plan["conv"] = parse_conv(ctx.conv)
+            if ctx.conv != "auto":  # the user's layers, one by one
+                plan["conv"], plan["compose"] = parse_conv(ctx.conv), False
             if ctx.memory_format != "auto":
                 plan["memory_format"] = ctx.memory_format
         ctx.plan_by_size[key] = plan
