@@ -192,14 +192,11 @@ class FusedLeNet(nn.Module):
         f4, b4 = self.weights[3], self.biases[3]
         parts = []
         if any_plain:
-            y = x.index_select(1, xc_p)
-            for f, b, idx in ((f3, b3, k3_p), (f4, b4, k4_p)):
-                i = 2 if f is f3 else 3
-                conv = fn.conv_gemm if self.conv[i] == "gemm" else fn.conv
-                y = conv(y, f.index_select(0, idx), b.index_select(0, idx))
-                if i == 2:
-                    y = F.relu(y)  # every model here has it
-            parts.append(y)
+            conv3 = fn.conv_gemm if self.conv[2] == "gemm" else fn.conv
+            conv4 = fn.conv_gemm if self.conv[3] == "gemm" else fn.conv
+            y = conv3(x.index_select(1, xc_p), f3.index_select(0, k3_p), b3.index_select(0, k3_p))
+            y = F.relu(y)  # every model of this part has the ReLU after conv3
+            parts.append(conv4(y, f4.index_select(0, k4_p), b4.index_select(0, k4_p)))
         if any_linear:
             parts.append(fn.linear_pair_gemm(x.index_select(1, xc_l), f3.index_select(0, k3_l), b3.index_select(0, k3_l),
                                              f4.index_select(0, k4_l), b4.index_select(0, k4_l)))

@@ -124,6 +124,19 @@ def test_evaluate_counts_dead_relus_only_where_there_are_relus(data):
     assert 0 <= stats.image_err.min() and stats.image_err.max() <= 1
 
 
+def test_composed_models_evaluate_layer_by_layer(data):
+    """compose only changes how training steps run: evaluation (and its dead-ReLU counts) is the same."""
+    imdb, _, val = data
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    stats = [FusedTrainer(FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=3)), conv="gemm", memory_format="nhwc",
+                                     compose=compose), images, labels).evaluate(val) for compose in (False, True)]
+    for name in ("objective", "top1err", "image_err"):
+        np.testing.assert_array_equal(getattr(stats[0], name), getattr(stats[1], name))
+    for i in range(1, 5):
+        np.testing.assert_array_equal(stats[0].dead_relu[i], stats[1].dead_relu[i])
+
+
 def test_labels_are_validated_once():
     with pytest.raises(ValueError, match="labels"):
         FusedTrainer(FusedLeNet(MASKS[:1], conv_weights(cnn_mnist_init())), torch.zeros(2, 1, 28, 28),
