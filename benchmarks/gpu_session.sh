@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one lent-device session, in one call (about 8 minutes on an H100):
+# The GPU checks of one lent-device session, in one call (at most ~8.5 minutes on an H100):
 #   1. the parity suite's CUDA cases and the fused trainer's CUDA tests,
 #   2. benchmarks/bench_search.py: fused search path vs 16 naive LeNets, N = 28..64,
 #   3. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 1 epoch x full MNIST,
@@ -29,7 +29,7 @@ timeout 160 python3 benchmarks/bench_search.py --device cuda --sizes 28 36 44 52
   --json "$OUT/bench_search_cuda.json" 2>&1 | clean | tail -12
 
 stage "paper slice: 16 masks x N=28..64 x 1 epoch x 60000/10000 images x 1 seed"
-timeout 230 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 1 --device cuda \
+timeout 300 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 1 --device cuda \
   --out /tmp/paper_slice 2>&1 | clean | tail -30
 cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
 cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"

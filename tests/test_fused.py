@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from matconvnet_port import cnn_mnist_init, functional as fn
-from matconvnet_port.fused import (FusedLeNet, FusedTrainer, autotune_plan, candidate_plans, default_plan,
+from matconvnet_port.fused import (FusedLeNet, FusedTrainer, autotune_plan, build, candidate_plans, default_plan,
                                     keep_freed_memory, parse_conv, plan_label)
 from matconvnet_port.matio import read_mat
 from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
@@ -213,6 +213,27 @@ def test_fused_cuda_matches_cpu(data):
         out.append(model.model_weights(2))
     for (fa, _), (fb, _) in zip(*out):
         assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("plan", [p for p in candidate_plans("cuda", len(MASKS)) if p["memory_format"] == "nhwc"],
+                         ids=lambda p: plan_label(p).replace(" ", "-"))
+def test_cuda_channels_last_plans_match_cpu_under_graph_replay(data, plan):
+    """The CUDA autotune's channels-last candidates (GEMM convs, composition) captured as CUDA graphs."""
+    imdb, train, _ = data
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
+    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    out = []
+    for device in ("cpu", "cuda"):
+        model = build(plan, MASKS, conv_weights(cnn_mnist_init(seed=6)), device)
+        trainer = FusedTrainer(model, images.to(device), labels, seed=6, chunk_size=plan["chunk_size"])
+        trainer.train_epoch(1, train)
+        out.append([model.model_weights(k) for k in range(len(MASKS))])
+    for k in range(len(MASKS)):
+        for (fa, _), (fb, _) in zip(out[0][k], out[1][k]):
+            assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-4
 
 
 def test_chunked_passes_equal_one_pass(data):
