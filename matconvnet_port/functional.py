@@ -232,6 +232,22 @@ class _GemmConv(torch.autograd.Function):
             out.view(-1, groups, k // groups).copy_(r.transpose(0, 1))
 
     @staticmethod
+    def _input_grad(xl, groups):
+        """(zeroed derivative of the channels-last input, its view groups x n x h x w x fc for col2im)."""
+        n, h, w, c = xl.shape
+        dxl = torch.zeros_like(xl)
+        return dxl, dxl.reshape(n, h, w, groups, c // groups).permute(3, 0, 1, 2, 4)
+
+    @staticmethod
+    def _col2im(dxg, dcols, i, j):
+        """Add a block's column derivatives (groups x images x ho x wo x fh x fw x fc) back onto
+        images i..j-1 of the input derivative: one strided add per filter tap."""
+        _, _, ho, wo, fh, fw, _ = dcols.shape
+        for u in range(fh):
+            for v in range(fw):
+                dxg[:, i:j, u:u + ho, v:v + wo, :] += dcols[:, :, :, :, u, v, :]
+
+    @staticmethod
     def forward(ctx, x, f, b, pool):
         k, fc, fh, fw = f.shape
         n, c, h, w = x.shape
@@ -265,7 +281,7 @@ class _GemmConv(torch.autograd.Function):
     def backward(ctx, dy):
         groups, fh, fw, has_bias, ones, pool = ctx.shape
         xl, fm = ctx.saved_tensors[:2]
-        n, k = dy.shape[:2]
+        k = dy.shape[1]
         ho, wo = xl.shape[1] - fh + 1, xl.shape[2] - fw + 1
         kg, fc = k // groups, xl.shape[3] // groups
         width = fh * fw * fc
@@ -279,9 +295,7 @@ class _GemmConv(torch.autograd.Function):
         if want_b:
             db = fm.new_zeros(k)
         if want_x:
-            dxl = torch.zeros_like(xl)
-            # col2im target: each group's channel block as a view
-            dxg = dxl.reshape(n, xl.shape[1], xl.shape[2], groups, fc).permute(3, 0, 1, 2, 4)
+            dxl, dxg = _GemmConv._input_grad(xl, groups)
         blocks = _GemmConv._blocks(xl, groups, fh, fw, fc, k, pool)
         if pool:  # pooling's backward reads only the size and layout of its input
             like = xl.new_empty(blocks[0][1], ho, wo, k).permute(0, 3, 1, 2)
@@ -305,9 +319,7 @@ class _GemmConv(torch.autograd.Function):
                     dfm.baddbmm_(g.transpose(1, 2), cols)
             if want_x:
                 dcols = torch.bmm(g, fm[:, :, :width]).reshape(groups, j - i, ho, wo, fh, fw, fc)
-                for u in range(fh):
-                    for v in range(fw):
-                        dxg[:, i:j, u:u + ho, v:v + wo, :] += dcols[:, :, :, :, u, v, :]
+                _GemmConv._col2im(dxg, dcols, i, j)
         if want_f:
             dfm = dfm.reshape(k, width + ones)
             df = dfm[:, :width].reshape(k, fh, fw, fc).permute(0, 3, 1, 2)
@@ -374,12 +386,10 @@ class _LinearPairGemm(torch.autograd.Function):
         w1 = f1.permute(0, 2, 3, 1).reshape(groups, k1g, fh * fw * fc)
         w2 = f2.reshape(groups, k2g, k1g)
         wc = torch.bmm(w2, w1)                                             # g x k2g x width
-        bc = torch.baddbmm(b2.reshape(groups, k2g, 1), w2, b1.reshape(groups, k1g, 1))  # g x k2g x 1
+        bc = torch.baddbmm(b2.reshape(groups, k2g, 1), w2, b1.reshape(groups, k1g, 1)).reshape(k2)
         z = x.new_empty(n, ho, wo, k2)
         for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False):
-            cols = _GemmConv._columns(xl[i:j], groups, fh, fw)
-            r = torch.baddbmm(bc.transpose(1, 2), cols, wc.transpose(1, 2))  # g x rows x k2g
-            z[i:j].view(-1, groups, k2g).copy_(r.transpose(0, 1))
+            _GemmConv._product(xl[i:j], wc, bc, False, groups, fh, fw, z[i:j])
         ctx.save_for_backward(xl, w1, b1, w2, wc)
         ctx.shape = (groups, fh, fw)
         return z.permute(0, 3, 1, 2)
@@ -388,23 +398,19 @@ class _LinearPairGemm(torch.autograd.Function):
     def backward(ctx, dz):
         xl, w1, b1, w2, wc = ctx.saved_tensors
         groups, fh, fw = ctx.shape
-        n, k2, ho, wo = dz.shape
+        _, k2, ho, wo = dz.shape
         k2g, k1g, width = k2 // groups, w1.shape[1], w1.shape[2]
         fc = xl.shape[3] // groups
         zl = dz.permute(0, 2, 3, 1)
         gram = w1.new_zeros(groups, k2g, width)  # dZ' X per group
         dx = dxg = None
         if ctx.needs_input_grad[0]:
-            dxl = torch.zeros_like(xl)
-            dxg = dxl.reshape(n, xl.shape[1], xl.shape[2], groups, fc).permute(3, 0, 1, 2, 4)
+            dxl, dxg = _GemmConv._input_grad(xl, groups)
         for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False):
             g = zl[i:j].reshape(-1, groups, k2g).transpose(0, 1).contiguous()  # g x rows x k2g
             gram.baddbmm_(g.transpose(1, 2), _GemmConv._columns(xl[i:j], groups, fh, fw))
             if dxg is not None:
-                dcols = torch.bmm(g, wc).reshape(groups, j - i, ho, wo, fh, fw, fc)
-                for u in range(fh):
-                    for v in range(fw):
-                        dxg[:, i:j, u:u + ho, v:v + wo, :] += dcols[:, :, :, :, u, v, :]
+                _GemmConv._col2im(dxg, torch.bmm(g, wc).reshape(groups, j - i, ho, wo, fh, fw, fc), i, j)
         if dxg is not None:
             dx = dxl.permute(0, 3, 1, 2)
         s = zl.sum((0, 1, 2)).reshape(groups, k2g, 1)
