@@ -123,10 +123,10 @@ class FusedLeNet(nn.Module):
         k = CONV_SHAPES[i][3]
         return self.weights[i][first * k:last * k], self.biases[i][first * k:last * k]
 
-    def _conv(self, i: int, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    def _conv(self, i: int, x: torch.Tensor, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """conv i+1 of the models whose filters are f, b, by this layer's implementation."""
         k = CONV_SHAPES[i][3]
-        f, b = self._filters(i, first, last)
-        count = last - first
+        count = f.shape[0] // k
         if self.conv[i] == "gemm":
             return fn.conv_gemm(x, f, b)
         if self.conv[i] == "grouped" or i == 0 or count == 1:
@@ -155,7 +155,7 @@ class FusedLeNet(nn.Module):
             if pool_first and self.conv[i] == "gemm":  # pooled inside the product's cache-sized blocks
                 x = fn.conv_gemm(x, *self._filters(i, first, last), max_pool=True)
             else:
-                x = self._conv(i, x, first, last)
+                x = self._conv(i, x, *self._filters(i, first, last))
                 if pool_first:
                     x = fn.pool(x, 2, stride=2, method="max", tie_order="row")
             x = fn.channel_relu(x, rectified)
@@ -179,7 +179,7 @@ class FusedLeNet(nn.Module):
             c3, k3, k4 = CONV_SHAPES[2][2], CONV_SHAPES[2][3], CONV_SHAPES[3][3]
             back = torch.argsort(channels(plain + linear, k4, first))  # concatenated scores -> model order
             self._subsets[key] = [(channels(ms, c3, first), channels(ms, k3, 0), channels(ms, k4, 0))
-                                  for ms in (plain, linear)] + [back, bool(plain), bool(linear)]
+                                  for ms in (plain, linear)] + [back]
         return self._subsets[key]
 
     def _composed_tail(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
@@ -187,17 +187,15 @@ class FusedLeNet(nn.Module):
         conv3, conv3 and the 1x1 conv4 are one linear map, computed as one composed layer
         (:func:`~matconvnet_port.functional.linear_pair_gemm`: same function and derivatives,
         without the cost of the 500-channel middle); the other models run as usual."""
-        (xc_p, k3_p, k4_p), (xc_l, k3_l, k4_l), back, any_plain, any_linear = self._subset(first, last, x.device)
+        (xc_p, k3_p, k4_p), (xc_l, k3_l, k4_l), back = self._subset(first, last, x.device)
         f3, b3 = self.weights[2], self.biases[2]
         f4, b4 = self.weights[3], self.biases[3]
         parts = []
-        if any_plain:
-            conv3 = fn.conv_gemm if self.conv[2] == "gemm" else fn.conv
-            conv4 = fn.conv_gemm if self.conv[3] == "gemm" else fn.conv
-            y = conv3(x.index_select(1, xc_p), f3.index_select(0, k3_p), b3.index_select(0, k3_p))
+        if k3_p.numel():
+            y = self._conv(2, x.index_select(1, xc_p), f3.index_select(0, k3_p), b3.index_select(0, k3_p))
             y = F.relu(y)  # every model of this part has the ReLU after conv3
-            parts.append(conv4(y, f4.index_select(0, k4_p), b4.index_select(0, k4_p)))
-        if any_linear:
+            parts.append(self._conv(3, y, f4.index_select(0, k4_p), b4.index_select(0, k4_p)))
+        if k3_l.numel():
             parts.append(fn.linear_pair_gemm(x.index_select(1, xc_l), f3.index_select(0, k3_l), b3.index_select(0, k3_l),
                                              f4.index_select(0, k4_l), b4.index_select(0, k4_l)))
         scores = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).index_select(1, back)

@@ -35,6 +35,13 @@ def data():
     return imdb, np.flatnonzero(sets == 1)[:300] + 1, np.flatnonzero(sets == 3)[:200] + 1
 
 
+def image_tensors(imdb, count=None):
+    """The imdb's first ``count`` images as n x 1 x H x W and their labels, as the trainer takes them."""
+    images = imdb["images"]["data"][:, :, :, :count]
+    return (torch.from_numpy(np.ascontiguousarray(images.transpose(3, 2, 0, 1))),
+            torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:count]))
+
+
 def conv_weights(net):
     return [[layer["weights"][0], layer["weights"][1]] for layer in net.layers if layer["type"] == "conv"]
 
@@ -50,8 +57,7 @@ PLANS = [("loop", "nchw", None, False, 1e-4), ("grouped", "nchw", None, False, 1
                          ids=[f"{p[1]}-{p[0]}-{p[2]}{'-compose' * p[3]}" for p in PLANS])
 def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chunk, compose, tol, tmp_path):
     imdb, train, val = data
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    images, labels = image_tensors(imdb)
     model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=7)), conv=impl, memory_format=memory_format,
                        compose=compose)
     trainer = FusedTrainer(model, images, labels, batch_size=100, seed=7, chunk_size=chunk)
@@ -111,8 +117,7 @@ def test_model_weights_round_trip_and_shapes():
 
 def test_evaluate_counts_dead_relus_only_where_there_are_relus(data):
     imdb, _, val = data
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    images, labels = image_tensors(imdb)
     model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=0)))
     with torch.no_grad():  # kill every unit of conv1 in model 3 (mask 1111): negative bias
         model.biases[0][3 * 20:4 * 20] = -1e6
@@ -127,8 +132,7 @@ def test_evaluate_counts_dead_relus_only_where_there_are_relus(data):
 def test_composed_models_evaluate_layer_by_layer(data):
     """compose only changes how training steps run: evaluation (and its dead-ReLU counts) is the same."""
     imdb, _, val = data
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    images, labels = image_tensors(imdb)
     stats = [FusedTrainer(FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=3)), conv="gemm", memory_format="nhwc",
                                      compose=compose), images, labels).evaluate(val) for compose in (False, True)]
     for name in ("objective", "top1err", "image_err"):
@@ -145,8 +149,7 @@ def test_labels_are_validated_once():
 
 def test_autotune_returns_a_measured_plan(data):
     imdb, _, _ = data
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"][:, :, :, :400].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1)[:400])
+    images, labels = image_tensors(imdb, 400)
     candidates = candidate_plans("cpu", 2)
     best, timings = autotune_plan(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1)
     assert set(timings) == {plan_label(p) for p in candidates} and len(timings) == len(candidates)
@@ -186,8 +189,8 @@ def test_cuda_graph_replay_equals_eager_steps(data):
     imdb, train, val = data
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1))).cuda()
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    images, labels = image_tensors(imdb)
+    images = images.cuda()
     results = []
     for graph in (False, True):
         model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=2)), conv="loop").cuda()
@@ -203,8 +206,7 @@ def test_cuda_graph_replay_equals_eager_steps(data):
 def test_fused_cuda_matches_cpu(data):
     imdb, train, val = data
     torch.backends.cudnn.allow_tf32 = False
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    images, labels = image_tensors(imdb)
     out = []
     for device in ("cpu", "cuda"):
         model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=4)), conv="grouped").to(device)
@@ -223,8 +225,7 @@ def test_cuda_channels_last_plans_match_cpu_under_graph_replay(data, plan):
     imdb, train, _ = data
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    images, labels = image_tensors(imdb)
     out = []
     for device in ("cpu", "cuda"):
         model = build(plan, MASKS, conv_weights(cnn_mnist_init(seed=6)), device)
@@ -239,8 +240,7 @@ def test_cuda_channels_last_plans_match_cpu_under_graph_replay(data, plan):
 def test_chunked_passes_equal_one_pass(data):
     """Training the models a few at a time (the CPU plan at large N) changes nothing but speed."""
     imdb, train, _ = data
-    images = torch.from_numpy(np.ascontiguousarray(imdb["images"]["data"].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(imdb["images"]["labels"].reshape(-1))
+    images, labels = image_tensors(imdb)
     out = []
     for chunk in (None, 2):
         model = FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=5)), conv="loop")
