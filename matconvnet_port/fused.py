@@ -37,6 +37,7 @@ candidates (the search does on CUDA).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -495,10 +496,15 @@ def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> 
     """What :func:`autotune_plan` times by default on this kind of device."""
     g, m = "grouped", "gemm"
     if device_type == "cuda":
+        # cuDNN (NCHW, channels-last, a call per model), im2col + batched GEMM for the layers
+        # where cuDNN's grouped kernels are weakest, and composition -- which wins depends on
+        # N and the GPU, so every combination that is not known to lose is timed
         return [{"memory_format": fmt, "conv": conv, "chunk_size": num_models, "compose": compose}
                 for fmt, conv, compose in (("nchw", (g,) * 4, False), ("nchw", ("loop",) * 4, False),
-                                           ("nhwc", (g,) * 4, False), ("nhwc", (m, g, m, m), False),
-                                           ("nhwc", (m, g, m, m), True))]
+                                           ("nchw", (g,) * 4, True), ("nchw", ("loop",) * 4, True), ("nhwc", (g,) * 4, False),
+                                           ("nhwc", (g,) * 4, True), ("nhwc", (m, g, m, m), False),
+                                           ("nhwc", (m, g, m, m), True), ("nhwc", (g, g, m, m), True),
+                                           ("nhwc", (m,) * 4, True))]
     default = default_plan(device_type, input_size, num_models)
     others = [dict(default, compose=not default["compose"]), dict(default, chunk_size=num_models),
               dict(default, chunk_size=min(2, num_models)), dict(default, conv=(g, g, m, m))]
@@ -521,17 +527,29 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
     n = min(images.shape[0], batch_size * (steps + 1))
     steps = max(1, n // batch_size - 1)  # time only full steps that the images allow
     indices = np.arange(1, n + 1)
+    failures = []
     for plan in candidates:
-        trainer = FusedTrainer(build(plan, masks, weights, images.device), images[:n], labels[:n],
-                               batch_size=batch_size, chunk_size=plan.get("chunk_size"))
-        trainer.train_epoch(1, indices[:batch_size])  # warm-up (and graph capture)
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        trainer.train_epoch(1, indices[:batch_size * steps])
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
         label = plan_label(plan)
+        try:
+            trainer = FusedTrainer(build(plan, masks, weights, images.device), images[:n], labels[:n],
+                                   batch_size=batch_size, chunk_size=plan.get("chunk_size"))
+            trainer.train_epoch(1, indices[:batch_size])  # warm-up (and graph capture)
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainer.train_epoch(1, indices[:batch_size * steps])
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+        except RuntimeError as e:  # e.g. out of device memory: the other candidates still run
+            failures.append(f"{label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            print(f"warning: autotune skipped plan {failures[-1]}", file=sys.stderr)
+            if images.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        finally:
+            trainer = None
         timings[label], plans[label] = (time.perf_counter() - start) / steps, plan
+    if not timings:
+        raise RuntimeError("autotune: every candidate plan failed: " + "; ".join(failures))
     best = min(timings, key=timings.get)
     return plans[best], timings

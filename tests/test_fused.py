@@ -50,7 +50,10 @@ PLANS = [("loop", "nchw", None, False, 1e-4), ("grouped", "nchw", None, False, 1
          # the CPU default (GEMM for conv1/3/4, the library's grouped conv2), 2 models per pass,
          # with and without composing conv3 and conv4 where no ReLU separates them
          ("gemm,grouped,gemm,gemm", "nhwc", 2, False, 1e-3), ("gemm,grouped,gemm,gemm", "nhwc", 2, True, 1e-3),
-         ("gemm", "nhwc", None, True, 1e-3)]
+         ("gemm", "nhwc", None, True, 1e-3),
+         # CUDA autotune candidates, here on the CPU: composition beside cuDNN-style grouped convs
+         ("grouped", "nchw", None, True, 1e-3), ("loop", "nchw", None, True, 1e-3),
+         ("grouped,grouped,gemm,gemm", "nhwc", None, True, 1e-3)]
 
 
 @pytest.mark.parametrize("impl,memory_format,chunk,compose,tol", PLANS,
@@ -156,6 +159,29 @@ def test_autotune_returns_a_measured_plan(data):
     assert best in candidates and timings[plan_label(best)] == min(timings.values())
 
 
+def test_autotune_skips_a_plan_that_fails_on_the_device(data, monkeypatch, capsys):
+    """A candidate that fails (out of device memory, say) is reported and skipped, not fatal."""
+    import matconvnet_port.fused as fused
+    imdb, _, _ = data
+    images, labels = image_tensors(imdb, 200)
+    candidates = candidate_plans("cpu", 2)[:2]
+    real_build = fused.build
+
+    def build(plan, *args):
+        if plan is candidates[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_build(plan, *args)
+
+    monkeypatch.setattr(fused, "build", build)
+    best, timings = autotune_plan(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1,
+                                  candidates=candidates)
+    assert best is candidates[1] and list(timings) == [plan_label(candidates[1])]
+    assert f"skipped plan {plan_label(candidates[0])}: CUDA out of memory" in capsys.readouterr().err
+    monkeypatch.setattr(fused, "build", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel")))
+    with pytest.raises(RuntimeError, match="every candidate plan failed"):
+        autotune_plan(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1, candidates=candidates)
+
+
 def test_plans_are_parsed_and_labelled():
     assert parse_conv("gemm") == ("gemm",) * 4
     assert parse_conv(" grouped, loop ,gemm,gemm") == ("grouped", "loop", "gemm", "gemm")
@@ -218,10 +244,12 @@ def test_fused_cuda_matches_cpu(data):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("plan", [p for p in candidate_plans("cuda", len(MASKS)) if p["memory_format"] == "nhwc"],
+@pytest.mark.parametrize("plan", [p for p in candidate_plans("cuda", len(MASKS))
+                                  if p["memory_format"] == "nhwc" or p["compose"]],
                          ids=lambda p: plan_label(p).replace(" ", "-"))
-def test_cuda_channels_last_plans_match_cpu_under_graph_replay(data, plan):
-    """The CUDA autotune's channels-last candidates (GEMM convs, composition) captured as CUDA graphs."""
+def test_cuda_plans_match_cpu_under_graph_replay(data, plan):
+    """The CUDA autotune's channels-last and composed candidates (GEMM convs, composition) captured as
+    CUDA graphs."""
     imdb, train, _ = data
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
