@@ -1,11 +1,14 @@
 """Project the full paper grid's time from a measured slice (a search results.csv).
 
-    python benchmarks/project_grid.py runs/<dir>/results.csv [--epochs 20 --seeds 3 --masks 16]
+    python benchmarks/project_grid.py runs/<dir>/results.csv [--epochs 20 --seeds 3 --masks 16] [--epoch K]
 
 ``seconds`` in results.csv is a cell-epoch's share of its fused group's epoch
 (training and validation). The projection sums, over the paper's sizes
 N = 28..64, the measured mean seconds per cell-epoch at that N times masks x
-epochs x seeds; sizes not measured are interpolated linearly in N.
+epochs x seeds; sizes not measured are interpolated linearly in N. By default
+it uses the slice's last epoch for the steady state and its first once: the
+first also pays one-time costs (CUDA graph capture, cuDNN's algorithm search
+for the training and evaluation shapes) that a 20-epoch run pays once.
 """
 
 import argparse
@@ -17,26 +20,47 @@ import numpy as np
 PAPER_SIZES = list(range(28, 65, 4))
 
 
+def project(per_size: dict, masks: int, epochs: int) -> float:
+    sizes = sorted(per_size)
+    mean = [float(np.mean(per_size[n])) for n in sizes]
+    return sum(float(np.interp(n, sizes, mean)) for n in PAPER_SIZES) * masks * epochs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--masks", type=int, default=16)
+    parser.add_argument("--epoch", type=int, default=None, help="project from this epoch's rows (default: the last)")
     args = parser.parse_args()
-    per_size = defaultdict(list)
+    by_epoch = defaultdict(lambda: defaultdict(list))
     with open(args.results, newline="") as f:
         for row in csv.DictReader(f):
-            per_size[int(row["input_size"])].append(float(row["seconds"]))
-    sizes = sorted(per_size)
-    mean = {n: float(np.mean(per_size[n])) for n in sizes}
-    print("measured seconds per cell-epoch (train + val, fused):")
-    for n in sizes:
-        print(f"  N={n}: {mean[n]:.3f} s  ({len(per_size[n])} cell-epochs)")
-    seconds = sum(float(np.interp(n, sizes, [mean[s] for s in sizes])) for n in PAPER_SIZES)
-    one_seed = seconds * args.masks * args.epochs
-    print(f"projected: one seed of the paper grid ({args.masks} masks x N=28..64 x {args.epochs} epochs) "
-          f"{one_seed / 60:.1f} min; {args.seeds} seeds {one_seed * args.seeds / 60:.1f} min")
+            by_epoch[int(row["epoch"])][int(row["input_size"])].append(float(row["seconds"]))
+    if not by_epoch:
+        raise SystemExit(f"{args.results}: no rows")
+    epoch = args.epoch or max(by_epoch)
+    if epoch not in by_epoch:
+        raise SystemExit(f"{args.results}: no rows of epoch {epoch} (has {sorted(by_epoch)})")
+    per_size = by_epoch[epoch]
+    print(f"measured seconds per cell-epoch (train + val, fused), epoch {epoch}:")
+    for n in sorted(per_size):
+        others = "".join(f", epoch {e}: {np.mean(by_epoch[e][n]):.3f} s" for e in sorted(by_epoch)
+                         if e != epoch and n in by_epoch[e])
+        print(f"  N={n}: {np.mean(per_size[n]):.3f} s  ({len(per_size[n])} cell-epochs{others})")
+    grid = f"one seed of the paper grid ({args.masks} masks x N=28..64 x {args.epochs} epochs)"
+    for e in sorted(by_epoch):
+        one_seed = project(by_epoch[e], args.masks, args.epochs)
+        print(f"  if every epoch took epoch {e}'s time: {grid} {one_seed / 60:.1f} min")
+    first = min(by_epoch)
+    if first == 1 and epoch > 1 and args.epochs > 1:  # one-time costs once, then the steady state
+        one_seed = project(by_epoch[1], args.masks, 1) + project(per_size, args.masks, args.epochs - 1)
+        how = f"epoch 1 once + {args.epochs - 1} x epoch {epoch}"
+    else:
+        one_seed = project(per_size, args.masks, args.epochs)
+        how = f"{args.epochs} x epoch {epoch}"
+    print(f"projected ({how}): {grid} {one_seed / 60:.1f} min; {args.seeds} seeds {one_seed * args.seeds / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -232,6 +232,16 @@ class _GemmConv(torch.autograd.Function):
             out.view(-1, groups, k // groups).copy_(r.transpose(0, 1))
 
     @staticmethod
+    def _add_filter_grad(dfm, g, xl, groups, fh, fw, ones=False):
+        """dfm (groups x K/g x width) += g' cols: g (groups x rows x K/g) is the block's output
+        derivative, cols its input's columns (rebuilt here rather than kept from forward)."""
+        cols = _GemmConv._columns(xl, groups, fh, fw, ones)
+        if groups == 1:
+            dfm[0].addmm_(g[0].t(), cols[0])
+        else:
+            dfm.baddbmm_(g.transpose(1, 2), cols)
+
+    @staticmethod
     def _input_grad(xl, groups):
         """(zeroed derivative of the channels-last input, its view groups x n x h x w x fc for col2im)."""
         n, h, w, c = xl.shape
@@ -312,11 +322,7 @@ class _GemmConv(torch.autograd.Function):
             if groups > 1:
                 g = g.contiguous()
             if want_f:
-                cols = _GemmConv._columns(xl[i:j], groups, fh, fw, ones)
-                if groups == 1:
-                    dfm[0].addmm_(g[0].t(), cols[0])
-                else:
-                    dfm.baddbmm_(g.transpose(1, 2), cols)
+                _GemmConv._add_filter_grad(dfm, g, xl[i:j], groups, fh, fw, ones)
             if want_x:
                 dcols = torch.bmm(g, fm[:, :, :width]).reshape(groups, j - i, ho, wo, fh, fw, fc)
                 _GemmConv._col2im(dxg, dcols, i, j)
@@ -330,7 +336,44 @@ class _GemmConv(torch.autograd.Function):
         return dx, df, db, None
 
 
-def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None, *, max_pool: bool = False) -> torch.Tensor:
+class _LibraryConvGemmFilterGrad(torch.autograd.Function):
+    """Grouped, unpadded, stride-1 correlation: the convolution library (cuDNN, oneDNN) for the
+    output and the input derivative, im2col + batched GEMM (:class:`_GemmConv`'s) for the filter
+    derivative -- the part of a grouped convolution's backward pass where cuDNN's float32
+    kernels are slowest, while its forward and input-derivative kernels avoid materialising
+    the columns."""
+
+    @staticmethod
+    def forward(ctx, x, f, b):
+        groups = x.shape[1] // f.shape[1]
+        ctx.save_for_backward(x, f)
+        ctx.shape = (groups, b is not None)
+        return F.conv2d(x, f, b, groups=groups)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, f = ctx.saved_tensors
+        groups, has_bias = ctx.shape
+        k, fc, fh, fw = f.shape
+        dx = df = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(dy, x, f, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                                                     groups, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            xl = x.permute(0, 2, 3, 1).contiguous()
+            gl = dy.permute(0, 2, 3, 1)
+            dfm = f.new_zeros(groups, k // groups, fh * fw * fc)
+            for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k, False):
+                g = gl[i:j].reshape(-1, groups, k // groups).transpose(0, 1).contiguous()
+                _GemmConv._add_filter_grad(dfm, g, xl[i:j], groups, fh, fw)
+            df = dfm.reshape(k, fh, fw, fc).permute(0, 3, 1, 2)
+        if has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, df, db
+
+
+def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None, *, max_pool: bool = False,
+              library_forward: bool = False) -> torch.Tensor:
     """:func:`conv` without padding, stride or dilation, computed by im2col and matrix products.
 
     The same function as ``conv(x, f, b)`` (filter groups included) --
@@ -345,6 +388,10 @@ def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None, *
     ``max_pool=True`` returns ``pool(conv(x, f, b), 2, stride=2, tie_order='row')``
     instead (the output's height and width must be even), computed block by
     block so the full-resolution output and its derivative stay in cache.
+
+    ``library_forward=True``: the convolution library computes the output and
+    the input derivative, and only the filter derivative is a GEMM (the
+    library's weakest kernel for many small groups on CUDA); not with ``max_pool``.
     """
     _check_4d(x)
     if f is None or f.dim() != 4:
@@ -363,6 +410,10 @@ def conv_gemm(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None, *
         raise ValueError(f"b must have {k} elements (one per filter), got {b.numel()}")
     if max_pool and ((h - fh + 1) % 2 or (w - fw + 1) % 2):
         raise ValueError(f"max_pool needs an even output size, got {h - fh + 1}x{w - fw + 1}")
+    if library_forward:
+        if max_pool:
+            raise ValueError("library_forward does not take max_pool (pool the result instead)")
+        return _LibraryConvGemmFilterGrad.apply(x, f, b)
     return _GemmConv.apply(x, f, b, bool(max_pool))
 
 

@@ -26,7 +26,11 @@ included), so the ReLU touches a quarter of the numbers.
 How the layers run is a *plan* (same maths, different speed per device):
 ``memory_format`` 'nchw' or 'nhwc' (channels-last activations and filters),
 ``conv`` per layer -- 'grouped' (one grouped convolution of the library:
-cuDNN / oneDNN), 'loop' (M convolutions on channel slices), 'gemm'
+cuDNN / oneDNN), 'loop' (M dense convolutions of the library, each model's
+slice in NCHW order, where its kernels are most complete), 'streams' (the
+same on CUDA, spread over :data:`STREAMS` CUDA streams so that small
+per-model kernels run side by side; 'loop' elsewhere), 'gemm_wgrad' (the
+library's grouped convolution, its filter derivative by im2col + GEMM), 'gemm'
 (:func:`matconvnet_port.functional.conv_gemm`: im2col + batched matrix
 products; conv1's product serves every model at once) -- models per pass,
 and ``compose`` (conv3 and the 1x1 conv4 as one linear layer where no ReLU
@@ -54,7 +58,9 @@ from .train import default_order, error_multiclass, sgd_update
 __all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "LAYER_IMPLS", "MEMORY_FORMATS", "parse_conv",
            "plan_label", "build", "default_plan", "candidate_plans", "autotune_plan", "keep_freed_memory"]
 
-LAYER_IMPLS = ("grouped", "loop", "gemm")
+LAYER_IMPLS = ("grouped", "loop", "streams", "gemm", "gemm_wgrad")
+# CUDA streams that the 'streams' layers spread their models over
+STREAMS = 4
 MEMORY_FORMATS = ("nchw", "nhwc")
 NUM_CLASSES = 10
 
@@ -81,6 +87,7 @@ class FusedLeNet(nn.Module):
         super().__init__()
         self.compose = bool(compose)
         self._subsets: dict = {}
+        self._streams: dict = {}
         layer_impls = parse_conv(conv)
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
@@ -128,13 +135,40 @@ class FusedLeNet(nn.Module):
         """conv i+1 of the models whose filters are f, b, by this layer's implementation."""
         k = CONV_SHAPES[i][3]
         count = f.shape[0] // k
-        if self.conv[i] == "gemm":
-            return fn.conv_gemm(x, f, b)
+        if self.conv[i] in ("gemm", "gemm_wgrad"):
+            return fn.conv_gemm(x, f, b, library_forward=self.conv[i] == "gemm_wgrad")
         if self.conv[i] == "grouped" or i == 0 or count == 1:
             return fn.conv(x, f, b)
-        xs = x.chunk(count, dim=1)
-        return torch.cat([fn.conv(xs[m], f[m * k:(m + 1) * k], b[m * k:(m + 1) * k])
-                          for m in range(count)], dim=1)
+        # each model's slice as a dense NCHW tensor: for float32 cuDNN converts channels-last to
+        # NCHW internally anyway (its kernels for that order), once per call and direction
+        xs = [c.contiguous() for c in x.chunk(count, dim=1)]
+        fs = [f[m * k:(m + 1) * k].contiguous() for m in range(count)]
+        if self.conv[i] == "streams" and x.is_cuda:
+            return torch.cat(self._on_streams(xs, fs, b, k), dim=1)
+        return torch.cat([fn.conv(xs[m], fs[m], b[m * k:(m + 1) * k]) for m in range(count)], dim=1)
+
+    def _on_streams(self, xs, fs, b, k) -> list[torch.Tensor]:
+        """The models' convolutions on :data:`STREAMS` side streams forked from and joined back
+        to the current one (a CUDA graph captures them as parallel branches). Autograd runs
+        each backward on its forward's stream and synchronises the streams itself."""
+        current = torch.cuda.current_stream()
+        streams = self._streams.setdefault(current.device, [torch.cuda.Stream(current.device)
+                                                            for _ in range(STREAMS)])
+        for stream in streams:
+            stream.wait_stream(current)
+        ys = []
+        for m, (x, f) in enumerate(zip(xs, fs)):
+            stream = streams[m % len(streams)]
+            with torch.cuda.stream(stream):
+                ys.append(fn.conv(x, f, b[m * k:(m + 1) * k]))
+            # memory made on one stream and used on another: the caching allocator must not
+            # hand it out again before the other stream is done (under capture it defers that)
+            x.record_stream(stream)
+            f.record_stream(stream)
+            ys[-1].record_stream(current)
+        for stream in streams:
+            current.wait_stream(stream)
+        return ys
 
     def forward(self, x: torch.Tensor, relu_hook=None, models: tuple[int, int] | None = None) -> torch.Tensor:
         """Scores of models ``first..last-1`` (default all): B x ((last-first)*10) x w x h.
@@ -496,20 +530,28 @@ def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> 
     """What :func:`autotune_plan` times by default on this kind of device."""
     g, m = "grouped", "gemm"
     if device_type == "cuda":
-        # cuDNN (NCHW, channels-last, a call per model), im2col + batched GEMM for the layers
-        # where cuDNN's grouped kernels are weakest, and composition -- which wins depends on
-        # N and the GPU, so every combination that is not known to lose is timed
+        # The first is autotune's reference: cuDNN's own grouped convolutions. Then cuDNN per
+        # model (in turn or on side streams), im2col + batched GEMM where cuDNN's grouped
+        # kernels are weakest (conv1, conv3, conv4), and composition. Which wins depends on N
+        # and the GPU; combinations that lost at every N on an H100 are left out (README).
+        s, w = "streams", "gemm_wgrad"
         return [{"memory_format": fmt, "conv": conv, "chunk_size": num_models, "compose": compose}
-                for fmt, conv, compose in (("nchw", (g,) * 4, False), ("nchw", ("loop",) * 4, False),
-                                           ("nchw", (g,) * 4, True), ("nchw", ("loop",) * 4, True), ("nhwc", (g,) * 4, False),
+                for fmt, conv, compose in (("nchw", (g,) * 4, False), ("nchw", ("loop",) * 4, True),
                                            ("nhwc", (g,) * 4, True), ("nhwc", (m, g, m, m), False),
-                                           ("nhwc", (m, g, m, m), True), ("nhwc", (g, g, m, m), True),
-                                           ("nhwc", (m,) * 4, True))]
+                                           ("nhwc", (m, g, m, m), True), ("nhwc", (m, "loop", m, m), True),
+                                           ("nhwc", (m, s, m, m), False), ("nhwc", (m, s, m, m), True),
+                                           ("nhwc", (m, w, m, m), False), ("nhwc", (m, w, m, m), True))]
     default = default_plan(device_type, input_size, num_models)
     others = [dict(default, compose=not default["compose"]), dict(default, chunk_size=num_models),
               dict(default, chunk_size=min(2, num_models)), dict(default, conv=(g, g, m, m))]
     unique = {plan_label(p): p for p in [default] + others}
     return list(unique.values())
+
+
+# autotune rejects a candidate whose gradients after one step differ from the reference
+# candidate's by more than this, relative to their largest magnitude (float32 summation-order
+# differences are ~1e-6; a wrong kernel or a broken capture is off by far more)
+AUTOTUNE_TOLERANCE = 1e-3
 
 
 def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
@@ -518,8 +560,12 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
 
     A candidate is a plan: {'memory_format', 'conv' (per layer), 'chunk_size'
     (models per pass)}; by default :func:`candidate_plans`. Runs on throwaway
-    copies (the caller's models are untouched). Returns (best plan,
-    {plan label: seconds per step}).
+    copies (the caller's models are untouched). Every candidate must compute
+    what the first one (the reference) computes: after the first step, its
+    momenta (the negated gradients) must agree within
+    :data:`AUTOTUNE_TOLERANCE`; one that does not, or that fails to run (out of
+    device memory, say), is reported on stderr and skipped. Returns (best
+    plan, {plan label: seconds per step}).
     """
     if candidates is None:
         candidates = candidate_plans(images.device.type, len(masks), images.shape[2])
@@ -527,13 +573,26 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
     n = min(images.shape[0], batch_size * (steps + 1))
     steps = max(1, n // batch_size - 1)  # time only full steps that the images allow
     indices = np.arange(1, n + 1)
-    failures = []
+    failures, reference = [], None
+
+    def skip(label, why):
+        failures.append(f"{label}: {why}")
+        print(f"warning: autotune skipped plan {failures[-1]}", file=sys.stderr)
+
     for plan in candidates:
         label = plan_label(plan)
         try:
             trainer = FusedTrainer(build(plan, masks, weights, images.device), images[:n], labels[:n],
                                    batch_size=batch_size, chunk_size=plan.get("chunk_size"))
-            trainer.train_epoch(1, indices[:batch_size])  # warm-up (and graph capture)
+            trainer.train_epoch(1, indices[:batch_size])  # warm-up (and graph capture): one step
+            if reference is None:
+                reference = (label, [m.detach().clone() for m in trainer.momenta])
+            else:
+                error = max(float((m - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                            for m, r in zip(trainer.momenta, reference[1]))
+                if not error <= AUTOTUNE_TOLERANCE:  # NaN fails too
+                    skip(label, f"its gradients differ from {reference[0]}'s by {error:.1e} (relative)")
+                    continue
             if images.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -541,8 +600,7 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
             if images.device.type == "cuda":
                 torch.cuda.synchronize()
         except RuntimeError as e:  # e.g. out of device memory: the other candidates still run
-            failures.append(f"{label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            print(f"warning: autotune skipped plan {failures[-1]}", file=sys.stderr)
+            skip(label, str(e).splitlines()[0] if str(e) else type(e).__name__)
             if images.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue

@@ -53,7 +53,10 @@ PLANS = [("loop", "nchw", None, False, 1e-4), ("grouped", "nchw", None, False, 1
          ("gemm", "nhwc", None, True, 1e-3),
          # CUDA autotune candidates, here on the CPU: composition beside cuDNN-style grouped convs
          ("grouped", "nchw", None, True, 1e-3), ("loop", "nchw", None, True, 1e-3),
-         ("grouped,grouped,gemm,gemm", "nhwc", None, True, 1e-3)]
+         ("grouped,grouped,gemm,gemm", "nhwc", None, True, 1e-3),
+         # conv2 per model in NCHW slices of channels-last activations ('streams' is 'loop' off CUDA)
+         ("gemm,loop,gemm,gemm", "nhwc", None, False, 1e-3), ("gemm,streams,gemm,gemm", "nhwc", None, True, 1e-3),
+         ("gemm,gemm_wgrad,gemm,gemm", "nhwc", None, True, 1e-3)]
 
 
 @pytest.mark.parametrize("impl,memory_format,chunk,compose,tol", PLANS,
@@ -159,32 +162,57 @@ def test_autotune_returns_a_measured_plan(data):
     assert best in candidates and timings[plan_label(best)] == min(timings.values())
 
 
+def autotune_with_build(data, monkeypatch, build, count):
+    """autotune_plan over the first ``count`` CPU candidates of 2 models, building each plan's model
+    with ``build(plan, candidates, real_build, *args)``; returns (candidates, best, timings)."""
+    import matconvnet_port.fused as fused
+    images, labels = image_tensors(data[0], 200)
+    candidates = candidate_plans("cpu", 2)[:count]
+    real_build = fused.build
+    monkeypatch.setattr(fused, "build", lambda plan, *args: build(plan, candidates, real_build, *args))
+    best, timings = autotune_plan(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1,
+                                  candidates=candidates)
+    monkeypatch.setattr(fused, "build", real_build)
+    return candidates, best, timings
+
+
 def test_autotune_skips_a_plan_that_fails_on_the_device(data, monkeypatch, capsys):
     """A candidate that fails (out of device memory, say) is reported and skipped, not fatal."""
-    import matconvnet_port.fused as fused
-    imdb, _, _ = data
-    images, labels = image_tensors(imdb, 200)
-    candidates = candidate_plans("cpu", 2)[:2]
-    real_build = fused.build
-
-    def build(plan, *args):
+    def out_of_memory(plan, candidates, real_build, *args):
         if plan is candidates[0]:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_build(plan, *args)
 
-    monkeypatch.setattr(fused, "build", build)
-    best, timings = autotune_plan(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1,
-                                  candidates=candidates)
+    candidates, best, timings = autotune_with_build(data, monkeypatch, out_of_memory, 2)
     assert best is candidates[1] and list(timings) == [plan_label(candidates[1])]
     assert f"skipped plan {plan_label(candidates[0])}: CUDA out of memory" in capsys.readouterr().err
-    monkeypatch.setattr(fused, "build", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel")))
+
+    def no_kernel(*args):
+        raise RuntimeError("no kernel")
+
     with pytest.raises(RuntimeError, match="every candidate plan failed"):
-        autotune_plan(MASKS[:2], conv_weights(cnn_mnist_init()), images, labels, steps=1, candidates=candidates)
+        autotune_with_build(data, monkeypatch, no_kernel, 2)
+
+
+def test_autotune_rejects_a_plan_that_computes_something_else(data, monkeypatch, capsys):
+    """A candidate whose first-step gradients differ from the reference candidate's is never chosen."""
+    def wrong_conv2(plan, candidates, real_build, *args):
+        model = real_build(plan, *args)
+        if plan is candidates[1]:  # a wrong kernel, as it were: conv2's filters off by 1 %
+            with torch.no_grad():
+                model.weights[1].mul_(1.01)
+        return model
+
+    candidates, best, timings = autotune_with_build(data, monkeypatch, wrong_conv2, 3)
+    assert plan_label(candidates[1]) not in timings and len(timings) == 2 and best is not candidates[1]
+    err = capsys.readouterr().err
+    assert f"skipped plan {plan_label(candidates[1])}: its gradients differ from {plan_label(candidates[0])}" in err
 
 
 def test_plans_are_parsed_and_labelled():
     assert parse_conv("gemm") == ("gemm",) * 4
     assert parse_conv(" grouped, loop ,gemm,gemm") == ("grouped", "loop", "gemm", "gemm")
+    assert parse_conv("gemm,streams,gemm,gemm") == ("gemm", "streams", "gemm", "gemm")
     for bad in ("fast", "gemm,gemm", "grouped,grouped,gemm,gemm,gemm"):
         with pytest.raises(ValueError, match="conv must be one of"):
             parse_conv(bad)

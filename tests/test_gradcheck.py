@@ -40,20 +40,23 @@ def test_conv(pad, stride, dilate, groups):
 @pytest.mark.parametrize("groups,filter_size,bias", [(1, (3, 2), True), (2, (3, 3), True), (3, (1, 1), False),
                                                      (1, (5, 5), False), (6, (2, 3), True)])
 @pytest.mark.parametrize("block_bytes", [None, 1])  # one block; one image per block (the CPU's blocking)
-def test_conv_gemm_equals_conv_and_its_derivatives(groups, filter_size, bias, block_bytes, monkeypatch):
+@pytest.mark.parametrize("library_forward", [False, True])  # all GEMM; only the filter derivative
+def test_conv_gemm_equals_conv_and_its_derivatives(groups, filter_size, bias, block_bytes, library_forward,
+                                                   monkeypatch):
     if block_bytes:
         monkeypatch.setattr(fn, "GEMM_BLOCK_BYTES", block_bytes)
     x = rand(3, 6, 7, 8)
     f = rand(2 * groups, 6 // groups, *filter_size)
     b = rand(f.shape[0]) if bias else None
     inputs = (x, f, b) if bias else (x, f)
-    y = fn.conv_gemm(x, f, b)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    y = fn.conv_gemm(x, f, b, library_forward=library_forward)
+    if not library_forward:
+        assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, fn.conv(x, f, b), rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     for ours, ref in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(fn.conv(x, f, b), inputs, g)):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    check(lambda *a: fn.conv_gemm(*a), *inputs)
+    check(lambda *a: fn.conv_gemm(*a, library_forward=library_forward), *inputs)
 
 
 @pytest.mark.parametrize("groups,bias", [(1, True), (1, False), (3, True)])
@@ -108,6 +111,8 @@ def test_conv_gemm_rejects_what_it_does_not_cover():
         fn.conv_gemm(x, rand(4, 6, 3, 3), rand(3))
     with pytest.raises(ValueError, match="even output size"):
         fn.conv_gemm(x, rand(4, 6, 3, 3), max_pool=True)  # 3 x 3 output
+    with pytest.raises(ValueError, match="library_forward does not take max_pool"):
+        fn.conv_gemm(x, rand(4, 6, 2, 2), max_pool=True, library_forward=True)
 
 
 def test_conv_identity_filters():
