@@ -530,17 +530,19 @@ def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> 
     """What :func:`autotune_plan` times by default on this kind of device."""
     g, m = "grouped", "gemm"
     if device_type == "cuda":
-        # The first is autotune's reference: cuDNN's own grouped convolutions. Then cuDNN per
-        # model (in turn or on side streams), im2col + batched GEMM where cuDNN's grouped
-        # kernels are weakest (conv1, conv3, conv4), and composition. Which wins depends on N
-        # and the GPU; combinations that lost at every N on an H100 are left out (README).
+        # The first is autotune's reference: cuDNN's own grouped convolutions. Then im2col +
+        # batched GEMM where cuDNN's grouped kernels are weakest (conv1, conv4, conv3 of small
+        # maps), cuDNN per model for conv2/conv3 (in turn, or on side streams: conv3's kernels
+        # leave the GPU part idle), and composition. Which wins depends on N and the GPU;
+        # combinations that lost at every N on an H100 are left out (README, Speed).
         s, w = "streams", "gemm_wgrad"
         return [{"memory_format": fmt, "conv": conv, "chunk_size": num_models, "compose": compose}
-                for fmt, conv, compose in (("nchw", (g,) * 4, False), ("nchw", ("loop",) * 4, True),
-                                           ("nhwc", (g,) * 4, True), ("nhwc", (m, g, m, m), False),
-                                           ("nhwc", (m, g, m, m), True), ("nhwc", (m, "loop", m, m), True),
+                for fmt, conv, compose in (("nchw", (g,) * 4, False),
+                                           ("nhwc", (m, g, m, m), False), ("nhwc", (m, g, m, m), True),
                                            ("nhwc", (m, s, m, m), False), ("nhwc", (m, s, m, m), True),
-                                           ("nhwc", (m, w, m, m), False), ("nhwc", (m, w, m, m), True))]
+                                           ("nhwc", (m, w, m, m), False), ("nhwc", (m, "loop", m, m), True),
+                                           ("nhwc", (m, g, s, m), True), ("nhwc", (m, s, s, m), True),
+                                           ("nhwc", (m, "loop", s, m), True))]
     default = default_plan(device_type, input_size, num_models)
     others = [dict(default, compose=not default["compose"]), dict(default, chunk_size=num_models),
               dict(default, chunk_size=min(2, num_models)), dict(default, conv=(g, g, m, m))]

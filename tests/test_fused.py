@@ -56,7 +56,7 @@ PLANS = [("loop", "nchw", None, False, 1e-4), ("grouped", "nchw", None, False, 1
          ("grouped,grouped,gemm,gemm", "nhwc", None, True, 1e-3),
          # conv2 per model in NCHW slices of channels-last activations ('streams' is 'loop' off CUDA)
          ("gemm,loop,gemm,gemm", "nhwc", None, False, 1e-3), ("gemm,streams,gemm,gemm", "nhwc", None, True, 1e-3),
-         ("gemm,gemm_wgrad,gemm,gemm", "nhwc", None, True, 1e-3)]
+         ("gemm,gemm_wgrad,gemm,gemm", "nhwc", None, True, 1e-3), ("gemm,streams,streams,gemm", "nhwc", None, True, 1e-3)]
 
 
 @pytest.mark.parametrize("impl,memory_format,chunk,compose,tol", PLANS,
