@@ -71,7 +71,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/K", help="run only the I-th of K slices of the (N, seed) groups")
     p.add_argument("--conv", default="auto",
                    help="fused conv implementation: auto (measured on CUDA, the measured default on CPU), "
-                        "grouped, loop, gemm, or four of them for conv1..conv4, e.g. grouped,grouped,gemm,gemm")
+                        "grouped, loop, streams, gemm, gemm_wgrad, or four of them for conv1..conv4, e.g. "
+                        "gemm,streams,gemm,gemm")
     p.add_argument("--memory-format", choices=("auto", "nchw", "nhwc"), default="auto",
                    help="fused activation storage (auto: nhwc on CPU, measured on CUDA)")
     p.add_argument("--save-nets", "--keep-weights", dest="save_nets", action="store_true",
