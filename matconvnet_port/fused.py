@@ -552,10 +552,9 @@ def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> 
 
 # autotune rejects a candidate whose gradients after one step differ from the candidates'
 # consensus (their elementwise median) by more than this, relative to the largest magnitude.
-# Correct plans differ by float32 rounding: ~1e-6 for the GEMM and implicit-GEMM kernels, but up
-# to 1.7e-3 on an H100 where cuDNN's algorithm search picks FFT or Winograd kernels, which round
-# differently (seen for the grouped conv2 at N = 40..64); a wrong kernel or a broken capture is
-# off by O(1).
+# Correct plans differ by float32 rounding: ~1e-6 between GEMM-based plans, but up to 1.7e-3 on an
+# H100 between plans whose convolutions cuDNN's benchmark mode serves with different algorithms
+# (FFT-based ones among them; seen at N = 40..64); a wrong kernel or a broken capture is off by O(1).
 AUTOTUNE_TOLERANCE = 1e-2
 
 
