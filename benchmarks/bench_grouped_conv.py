@@ -16,11 +16,11 @@ to use or to write.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench_layers import timed
 from matconvnet_port import functional as fn
 from matconvnet_port.fused import STREAMS
 from matconvnet_port.models import CONV_SHAPES
@@ -36,22 +36,6 @@ def input_side(size: int, layer: int) -> int:
         if i < 2:
             side //= 2
     return side
-
-
-def timed(fn_, device, reps: int) -> float:
-    """Median seconds of fn_() over reps runs (after two warm-up runs)."""
-    for _ in range(2):
-        fn_()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn_()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def library_passes(x, f, groups):

@@ -17,31 +17,18 @@ same kernels).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 from bench_search import FP32_PEAK, executed_flops_per_image, flops_per_image, sync
 from matconvnet_port import cnn_mnist_init
-from matconvnet_port.fused import FusedTrainer, build, candidate_plans, plan_label
+from matconvnet_port.fused import FusedTrainer, candidate_plans, plan_label, time_plan
 from matconvnet_port.mnist import get_mnist_imdb
 from matconvnet_port.models import ALL_MASKS
 from matconvnet_port.precision import set_precision
 
 BATCH = 100
-
-
-def time_plan(plan, masks, weights, images, labels, steps: int, graphs: bool = True) -> tuple[float, FusedTrainer]:
-    """Seconds per training step of ``plan`` (after a warm-up step that also captures the graph)."""
-    trainer = FusedTrainer(build(plan, masks, weights, images.device), images, labels, batch_size=BATCH,
-                           chunk_size=plan["chunk_size"], use_cuda_graph=graphs and images.device.type == "cuda")
-    trainer.train_epoch(1, np.arange(1, BATCH + 1))
-    sync(images.device)
-    start = time.perf_counter()
-    trainer.train_epoch(1, np.arange(1, BATCH * steps + 1))
-    sync(images.device)
-    return (time.perf_counter() - start) / steps, trainer
 
 
 def profile(trainer: FusedTrainer, device, rows: int = 18) -> None:
@@ -90,7 +77,8 @@ def main():
                 torch.backends.cudnn.benchmark = cudnn_benchmark
                 label = plan_label(plan) + ("" if cudnn_benchmark else " (cudnn.benchmark off)")
                 try:
-                    seconds, trainer = time_plan(plan, masks, weights, images, labels, args.steps)
+                    seconds, trainer, _ = time_plan(plan, masks, weights, images, labels, batch_size=BATCH,
+                                                    steps=args.steps)
                 except RuntimeError as e:  # one failing candidate must not hide the others' timings
                     print(f"N={size} {label}: failed: {str(e).splitlines()[0]}")
                     continue

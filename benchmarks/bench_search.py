@@ -47,17 +47,23 @@ FP32_PEAK = {"H100": 67.0, "H200": 67.0, "A100": 19.5}
 PAPER_SIZES = list(range(28, 65, 4))
 
 
+def layer_macs(size: int) -> list[int]:
+    """Multiply-adds per image of conv1..conv4 of the LeNet at input N."""
+    spatial, macs = size, []
+    for i, (fh, fw, fc, k) in enumerate(CONV_SHAPES):
+        spatial = spatial - fh + 1
+        macs.append(spatial * spatial * fh * fw * fc * k)
+        if i < 2:
+            spatial //= 2
+    return macs
+
+
 def flops_per_image(size: int) -> dict:
     """Multiply-adds x 2 of the LeNet at input N: forward, and the training step
     (forward + input and weight gradients, no input gradient for conv1)."""
-    spatial, fwd, bwd = size, 0, 0
-    for i, (fh, fw, fc, k) in enumerate(CONV_SHAPES):
-        spatial = spatial - fh + 1
-        macs = spatial * spatial * fh * fw * fc * k
-        fwd += 2 * macs
-        bwd += 2 * macs * (1 if i == 0 else 2)
-        if i < 2:
-            spatial //= 2
+    macs = layer_macs(size)
+    fwd = 2 * sum(macs)
+    bwd = 2 * sum(m * (1 if i == 0 else 2) for i, m in enumerate(macs))
     return {"forward": fwd, "train": fwd + bwd}
 
 
@@ -65,18 +71,11 @@ def executed_flops_per_image(size: int, masks, compose: bool) -> float:
     """Training FLOPs per image summed over ``masks`` as a plan executes them: with ``compose``,
     a model without a ReLU after conv3 runs conv3 -> conv4 as one composed 4x4x50x10 layer
     (forward, filter and input products: 3 x its forward), not as the two layers."""
-    total = 0.0
+    macs = layer_macs(size)
+    pair = 2 * (macs[2] + macs[3]) * 3  # conv3 + conv4, fwd + 2 bwd
+    composed = 2 * macs[2] // CONV_SHAPES[2][3] * CONV_SHAPES[3][3] * 3  # the 10-wide composed bank
     nominal = flops_per_image(size)["train"]
-    spatial = size
-    for i, (fh, fw, _, _) in enumerate(CONV_SHAPES[:3]):
-        spatial = (spatial - fh + 1) // (2 if i < 2 else 1)
-    fh, fw, fc, k3 = CONV_SHAPES[2]
-    k4 = CONV_SHAPES[3][3]
-    pair = 2 * spatial * spatial * (fh * fw * fc * k3 + k3 * k4) * 3  # conv3 + conv4, fwd + 2 bwd
-    composed = 2 * spatial * spatial * fh * fw * fc * k4 * 3
-    for mask in masks:
-        total += nominal - (pair - composed if compose and not mask[2] else 0)
-    return total
+    return float(sum(nominal - (pair - composed if compose and not mask[2] else 0) for mask in masks))
 
 
 def naive_lenet(mask) -> nn.Sequential:
@@ -257,13 +256,14 @@ def main():
             tflops = flops_per_image(size)["train"] * work / ours / 1e12
             row.update(tflops=tflops, fraction_of_peak=tflops / peak if peak else None,
                        fraction_of_measured_matmul=tflops / ceiling)
-            if "+compose" in impl:  # the composed conv3/conv4 do less arithmetic than the count
+            composed = "+compose" in impl  # the composed conv3/conv4 do less arithmetic than the count
+            if composed:
                 line += " | nominal LeNet FLOPs:"
                 row["flops_nominal"] = True
             line += f" | {tflops:.1f} TFLOP/s = {tflops / ceiling:.0%} of measured fp32 matmul"
             if peak:
                 line += f", {tflops / peak:.0%} of datasheet fp32 peak"
-            if "+compose" in impl:
+            if composed:
                 executed = executed_flops_per_image(size, ALL_MASKS, True) * n / ours / 1e12
                 row.update(tflops_executed=executed)
                 line += f" | executed FLOPs: {executed:.1f} TFLOP/s"

@@ -232,6 +232,12 @@ class _GemmConv(torch.autograd.Function):
             out.view(-1, groups, k // groups).copy_(r.transpose(0, 1))
 
     @staticmethod
+    def _rows(t, groups):
+        """A channels-last block (images x ho x wo x K) as groups x rows x K/g, contiguous: the
+        layout of an output derivative in the batched products."""
+        return t.reshape(-1, groups, t.shape[-1] // groups).transpose(0, 1).contiguous()
+
+    @staticmethod
     def _add_filter_grad(dfm, g, xl, groups, fh, fw, ones=False):
         """dfm (groups x K/g x width) += g' cols: g (groups x rows x K/g) is the block's output
         derivative, cols its input's columns (rebuilt here rather than kept from forward)."""
@@ -318,9 +324,7 @@ class _GemmConv(torch.autograd.Function):
                 gb = gl[i:j]
             if want_b:
                 db += gb.sum((0, 1, 2))
-            g = gb.reshape(-1, groups, kg).transpose(0, 1)  # g x rows x K/g
-            if groups > 1:
-                g = g.contiguous()
+            g = _GemmConv._rows(gb, groups)
             if want_f:
                 _GemmConv._add_filter_grad(dfm, g, xl[i:j], groups, fh, fw, ones)
             if want_x:
@@ -364,8 +368,7 @@ class _LibraryConvGemmFilterGrad(torch.autograd.Function):
             gl = dy.permute(0, 2, 3, 1)
             dfm = f.new_zeros(groups, k // groups, fh * fw * fc)
             for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k, False):
-                g = gl[i:j].reshape(-1, groups, k // groups).transpose(0, 1).contiguous()
-                _GemmConv._add_filter_grad(dfm, g, xl[i:j], groups, fh, fw)
+                _GemmConv._add_filter_grad(dfm, _GemmConv._rows(gl[i:j], groups), xl[i:j], groups, fh, fw)
             df = dfm.reshape(k, fh, fw, fc).permute(0, 3, 1, 2)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
@@ -458,8 +461,8 @@ class _LinearPairGemm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dxl, dxg = _GemmConv._input_grad(xl, groups)
         for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False):
-            g = zl[i:j].reshape(-1, groups, k2g).transpose(0, 1).contiguous()  # g x rows x k2g
-            gram.baddbmm_(g.transpose(1, 2), _GemmConv._columns(xl[i:j], groups, fh, fw))
+            g = _GemmConv._rows(zl[i:j], groups)
+            _GemmConv._add_filter_grad(gram, g, xl[i:j], groups, fh, fw)
             if dxg is not None:
                 _GemmConv._col2im(dxg, torch.bmm(g, wc).reshape(groups, j - i, ho, wo, fh, fw, fc), i, j)
         if dxg is not None:

@@ -56,7 +56,8 @@ from .models import CONV_SHAPES
 from .train import default_order, error_multiclass, sgd_update
 
 __all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "LAYER_IMPLS", "MEMORY_FORMATS", "parse_conv",
-           "plan_label", "build", "default_plan", "candidate_plans", "autotune_plan", "keep_freed_memory"]
+           "plan_label", "build", "default_plan", "candidate_plans", "time_plan", "autotune_plan",
+           "keep_freed_memory"]
 
 LAYER_IMPLS = ("grouped", "loop", "streams", "gemm", "gemm_wgrad")
 # CUDA streams that the 'streams' layers spread their models over
@@ -71,7 +72,7 @@ class FusedLeNet(nn.Module):
     ``masks``: M masks of 4 bits (ReLU after conv1..4). ``weights``: either
     one list of four ``[filters, biases]`` pairs in MatConvNet layout (shared
     start for all M models, as the study uses) or M such lists. ``conv``: a
-    layer implementation for all layers or four ('grouped', 'loop', 'gemm';
+    layer implementation for all layers or four (:data:`LAYER_IMPLS`,
     :func:`parse_conv`); ``memory_format``: 'nchw' or 'nhwc' (channels-last);
     ``compose``: in training, conv3 and conv4 of the models without a ReLU
     between them run as one composed linear layer (same function and
@@ -576,6 +577,26 @@ def _first_step_outliers(momenta: dict) -> dict:
     return {label: d for label, d in distance.items() if not d <= AUTOTUNE_TOLERANCE}
 
 
+def time_plan(plan: dict, masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
+              steps: int = 3, use_cuda_graph: bool | None = None) -> tuple[float, "FusedTrainer", list]:
+    """Seconds per training step of ``plan`` over ``steps`` steps on ``images``, after a warm-up
+    step (which also captures the CUDA graph); returns (seconds, the trainer, its momenta after
+    the warm-up step -- the negated first-step gradients -- as copies)."""
+    trainer = FusedTrainer(build(plan, masks, weights, images.device), images, labels, batch_size=batch_size,
+                           chunk_size=plan.get("chunk_size"), use_cuda_graph=use_cuda_graph)
+    indices = np.arange(1, batch_size * steps + 1)
+    trainer.train_epoch(1, indices[:batch_size])
+    first = [m.detach().clone() for m in trainer.momenta]
+    cuda = images.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.train_epoch(1, indices)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps, trainer, first
+
+
 def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 100,
                   steps: int = 3, candidates: Sequence[dict] | None = None) -> tuple[dict, dict]:
     """Time a few training steps of each way to run the fused models on this device; return the fastest.
@@ -596,31 +617,18 @@ def autotune_plan(masks, weights, images: torch.Tensor, labels: torch.Tensor, *,
     timings, plans, momenta = {}, {}, {}
     n = min(images.shape[0], batch_size * (steps + 1))
     steps = max(1, n // batch_size - 1)  # time only full steps that the images allow
-    indices = np.arange(1, n + 1)
     failures = []
     for plan in candidates:
         label = plan_label(plan)
         try:
-            trainer = FusedTrainer(build(plan, masks, weights, images.device), images[:n], labels[:n],
-                                   batch_size=batch_size, chunk_size=plan.get("chunk_size"))
-            trainer.train_epoch(1, indices[:batch_size])  # warm-up (and graph capture): one step
-            momenta[label] = [m.detach().clone() for m in trainer.momenta]
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            trainer.train_epoch(1, indices[:batch_size * steps])
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
+            timings[label], trainer, momenta[label] = time_plan(plan, masks, weights, images[:n], labels[:n],
+                                                                batch_size=batch_size, steps=steps)
+            plans[label], trainer = plan, None
         except RuntimeError as e:  # e.g. out of device memory: the other candidates still run
             failures.append(f"{label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             print(f"warning: autotune skipped plan {failures[-1]}", file=sys.stderr)
-            momenta.pop(label, None)
             if images.device.type == "cuda":
                 torch.cuda.empty_cache()
-            continue
-        finally:
-            trainer = None
-        timings[label], plans[label] = (time.perf_counter() - start) / steps, plan
     if not timings:
         raise RuntimeError("autotune: every candidate plan failed: " + "; ".join(failures))
     outliers = _first_step_outliers(momenta)
