@@ -24,6 +24,7 @@ argument at fault for shapes or options MatConvNet would reject.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -667,14 +668,22 @@ def channel_relu(x: torch.Tensor, rectified: Sequence[bool]) -> torch.Tensor:
     _check_4d(x)
     if len(rectified) != x.shape[1]:
         raise ValueError(f"rectified has {len(rectified)} flags for {x.shape[1]} channels")
-    runs, start = [], 0
-    for c in range(1, len(rectified) + 1):
-        if c == len(rectified) or bool(rectified[c]) != bool(rectified[start]):
-            runs.append((start, c, bool(rectified[start])))
-            start = c
+    runs = _channel_runs(tuple(map(bool, rectified)))
     if len(runs) == 1:
         return F.relu(x) if runs[0][2] else x
-    return _ChannelReLU.apply(x, tuple(runs))
+    return _ChannelReLU.apply(x, runs)
+
+
+@functools.lru_cache(maxsize=256)
+def _channel_runs(flags: tuple) -> tuple:
+    """((start, stop, rectified), ...) for the runs of equal flags -- the fused trainer asks for
+    the same few masks at every step, so they are worked out once."""
+    runs, start = [], 0
+    for c in range(1, len(flags) + 1):
+        if c == len(flags) or flags[c] != flags[start]:
+            runs.append((start, c, flags[start]))
+            start = c
+    return tuple(runs)
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
