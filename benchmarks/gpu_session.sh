@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks of one lent-device session, in one call (~6.5 minutes on an H100; every stage
+# The GPU checks of one lent-device session, in one call (~7 minutes on an H100; every stage
 # has its own time limit and the script goes on when one fails):
-#   1. the parity suite's CUDA cases and the fused trainer's CUDA tests (every CUDA candidate plan
-#      under graph replay against the CPU),
-#   2. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 2 epochs x full MNIST
+#   1. the parity suite's CUDA cases, the fused trainer's and the lanes' CUDA tests (every CUDA
+#      candidate plan under graph replay against the CPU; two trainers on CUDA streams),
+#   2. benchmarks/bench_lanes.py: the grid's ten sizes (300 steps each) one after the other vs
+#      2 and 3 lanes side by side -- decides whether --lanes should default above 1 on CUDA,
+#   3. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 2 epochs x full MNIST
 #      (the second epoch is the steady state: the first also captures graphs and searches cuDNN
 #      algorithms), and the full-grid projection from it (benchmarks/project_grid.py),
-#   3. benchmarks/bench_plans.py at N = 64: every candidate plan, nominal and executed TFLOP/s,
-#      and the fastest plan's kernels,
-#   4. benchmarks/bench_search.py: the search's path vs 16 naive LeNets, N = 28 and 64.
+#   4. benchmarks/bench_search.py: the search's path vs 16 naive LeNets, N = 28 and 64, if time is left.
+# (benchmarks/bench_plans.py --profile, every plan at N = 64 and its kernels, ran in earlier sessions.)
 # Everything printed goes to $OUT/log.txt; the slice's results.csv and summary.md and the
 # benchmark JSON are copied next to it (few files: the device tool returns at most eight).
 # benchmarks/gpu_explore.sh is the shorter look at single kernels that came before this.
@@ -27,7 +28,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
 stage "pytest: CUDA parity and fused-trainer cases"
-timeout 40 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py 2>&1 | tail -12
+timeout 50 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py 2>&1 | tail -12
+
+stage "bench_lanes: N = 28..64 one after the other vs side by side"
+timeout 200 python3 benchmarks/bench_lanes.py --device cuda --steps 300 --lanes 2 3 \
+  --json "$OUT/bench_lanes_cuda.json" 2>&1 | clean | tail -20
 
 stage "paper slice: 16 masks x N=28..64 x 2 epochs x 60000/10000 images x 1 seed"
 timeout 300 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 2 --device cuda \
@@ -35,9 +40,6 @@ timeout 300 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 
 cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
 cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"
 python3 benchmarks/project_grid.py /tmp/paper_slice/results.csv
-
-stage "bench_plans: every candidate plan at N = 64 and the fastest plan's kernels"
-timeout 45 python3 benchmarks/bench_plans.py --device cuda --sizes 64 --steps 6 --profile 2>&1 | clean
 
 stage "bench_search (ours vs naive, N = 28 and 64)"
 timeout 70 python3 benchmarks/bench_search.py --device cuda --sizes 28 64 --images 10000 \

@@ -57,7 +57,7 @@ from .train import default_order, error_multiclass, sgd_update
 
 __all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "LAYER_IMPLS", "MEMORY_FORMATS", "parse_conv",
            "plan_label", "build", "default_plan", "candidate_plans", "time_plan", "autotune_plan",
-           "keep_freed_memory"]
+           "keep_freed_memory", "Backlog", "run_to_end"]
 
 LAYER_IMPLS = ("grouped", "loop", "streams", "gemm", "gemm_wgrad")
 # CUDA streams that the 'streams' layers spread their models over
@@ -306,6 +306,56 @@ def keep_freed_memory() -> bool:
         return False
 
 
+# CUDA batches a trainer keeps queued ahead of the device when run side by side with others
+BACKLOG = 8
+
+
+class Backlog:
+    """What a trainer's step generators yield: the CUDA event to wait for before resuming them.
+
+    After queueing a batch, :meth:`queued` returns the completion event of the
+    batch :data:`BACKLOG` batches back (None while fewer are queued): a
+    scheduler that resumes a generator only once that event has completed keeps
+    each trainer's queue short, so that several trainers on separate streams
+    advance at their own pace and none starves while another waits for the host.
+    Before reading results back to the host, :meth:`drained` returns the event
+    of everything queued: resumed after it, the read does not block. On a CPU
+    both return None (nothing to wait for). Run alone (:func:`run_to_end`) the
+    events are ignored: the host then runs ahead as far as CUDA lets it.
+    """
+
+    def __init__(self, device: torch.device, depth: int = BACKLOG):
+        self.cuda = device.type == "cuda"
+        self.depth = depth
+        self.events: list = []
+
+    def _record(self):
+        event = torch.cuda.Event()
+        event.record()  # on the current stream: the generator's own
+        return event
+
+    def queued(self):
+        if not self.cuda:
+            return None
+        self.events.append(self._record())
+        return self.events.pop(0) if len(self.events) > self.depth else None
+
+    def drained(self):
+        if not self.cuda:
+            return None
+        self.events.clear()
+        return self._record()
+
+
+def run_to_end(steps):
+    """Run a step generator (:meth:`FusedTrainer.train_epoch_steps`, ...) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
 class FusedTrainer:
     """Trains a :class:`FusedLeNet` with cnn_train's SGD on device-resident data.
 
@@ -391,11 +441,28 @@ class FusedTrainer:
 
     def train_epoch(self, epoch: int, train_indices: np.ndarray, order=None, progress=None) -> EpochStats:
         """One epoch of cnn_train over ``train_indices`` (1-based), shuffled as cnn_train does."""
+        return run_to_end(self.train_epoch_steps(epoch, train_indices, order, progress))
+
+    @torch.no_grad()
+    def evaluate(self, indices: np.ndarray, progress=None) -> EpochStats:
+        """Test-mode pass over ``indices`` (1-based): MatConvNet's val statistics, the
+        image-level error (scores summed over locations, then argmax) and dead ReLUs
+        (a channel whose ReLU output is 0 at every location of every image)."""
+        return run_to_end(self.evaluate_steps(indices, progress))
+
+    # -- the same, a batch at a time, for running several trainers side by side ----
+    # Generators: each yields after queueing a batch's work (see :class:`Backlog` for what it
+    # yields) and returns the EpochStats. `run_to_end` runs one alone; the search's lanes
+    # (matconvnet_port.search.lanes) interleave several, each on its own CUDA stream.
+
+    def train_epoch_steps(self, epoch: int, train_indices: np.ndarray, order=None, progress=None):
+        """:meth:`train_epoch` as a generator (see :class:`Backlog`)."""
         lr = float(self.rates[min(epoch, self.rates.size) - 1])
         order = default_order(epoch, train_indices, self.seed) if order is None else np.asarray(order)
         order_dev = torch.as_tensor(order - 1, dtype=torch.long, device=self.device)
         m = self.model.num_models
         totals = torch.zeros(3, m, device=self.device, dtype=torch.float64)
+        backlog = Backlog(self.device)
         start = time.perf_counter()
         self.model.train()
         for t in range(0, len(order), self.batch_size):
@@ -419,41 +486,45 @@ class FusedTrainer:
                 self._step(x, index, lr, totals)
             if progress is not None:
                 progress(b)
+            yield backlog.queued()
         for graph, _, _, st in self._graphs.values():
             totals += st
             st.zero_()
+        yield backlog.drained()
         totals = totals.cpu().numpy()
         n = len(order)
         return EpochStats(objective=totals[0] / n, top1err=totals[1] / n, top5err=totals[2] / n, num=n,
                           seconds=time.perf_counter() - start)
 
-    @torch.no_grad()
-    def evaluate(self, indices: np.ndarray, progress=None) -> EpochStats:
-        """Test-mode pass over ``indices`` (1-based): MatConvNet's val statistics, the
-        image-level error (scores summed over locations, then argmax) and dead ReLUs
-        (a channel whose ReLU output is 0 at every location of every image)."""
+    def evaluate_steps(self, indices: np.ndarray, progress=None):
+        """:meth:`evaluate` as a generator (see :class:`Backlog`)."""
         m = self.model.num_models
         start = time.perf_counter()
         self.model.eval()
         idx_all = torch.as_tensor(np.asarray(indices) - 1, dtype=torch.long, device=self.device)
         totals = torch.zeros(4, m, device=self.device, dtype=torch.float64)
         alive = [None] * 4
-        for t in range(0, idx_all.numel(), self.eval_batch_size):
-            idx = idx_all[t:t + self.eval_batch_size]
-            b = idx.numel()
-            x = self.images.index_select(0, idx)
-            index = self.class_index.index_select(0, idx)
-            def track_alive(i, y):
-                positive = (y > 0).any(dim=3).any(dim=2).any(dim=0)
-                alive[i] = positive if alive[i] is None else alive[i] | positive
+        backlog = Backlog(self.device)
 
-            scores_pm = per_model(self.model(x, track_alive), m)
-            index_pm = labels_per_model(index, m)
-            totals[:3] += model_totals(fn.softmaxloss_per_image(scores_pm, index_pm), scores_pm, index_pm, m)
-            image_pred = scores_pm.sum(dim=(2, 3)).argmax(dim=1)
-            totals[3] += (image_pred != index_pm.reshape(-1)).reshape(m, b).sum(1)
+        def track_alive(i, y):
+            positive = (y > 0).any(dim=3).any(dim=2).any(dim=0)
+            alive[i] = positive if alive[i] is None else alive[i] | positive
+
+        for t in range(0, idx_all.numel(), self.eval_batch_size):
+            with torch.no_grad():  # (a generator's frames do not keep the caller's grad mode)
+                idx = idx_all[t:t + self.eval_batch_size]
+                b = idx.numel()
+                x = self.images.index_select(0, idx)
+                index = self.class_index.index_select(0, idx)
+                scores_pm = per_model(self.model(x, track_alive), m)
+                index_pm = labels_per_model(index, m)
+                totals[:3] += model_totals(fn.softmaxloss_per_image(scores_pm, index_pm), scores_pm, index_pm, m)
+                image_pred = scores_pm.sum(dim=(2, 3)).argmax(dim=1)
+                totals[3] += (image_pred != index_pm.reshape(-1)).reshape(m, b).sum(1)
             if progress is not None:
                 progress(b)
+            yield backlog.queued()
+        yield backlog.drained()
         totals = totals.cpu().numpy()
         n = idx_all.numel()
         dead = {}

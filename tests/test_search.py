@@ -78,11 +78,12 @@ def same_numbers(a, b):
 
 
 class CountingTrainEpoch:
-    """Wraps FusedTrainer.train_epoch: counts calls (and models), optionally interrupts one."""
+    """Wraps FusedTrainer.train_epoch_steps (what the runner trains an epoch with): counts calls
+    (and models), optionally interrupts one."""
 
     def __init__(self, monkeypatch, interrupt_at=None):
         self.calls, self.models, self.interrupt_at = 0, [], interrupt_at
-        original = FusedTrainer.train_epoch
+        original = FusedTrainer.train_epoch_steps
 
         def wrapped(trainer, *args, **kwargs):
             self.calls += 1
@@ -90,7 +91,7 @@ class CountingTrainEpoch:
                 raise KeyboardInterrupt
             self.models.append(trainer.model.num_models)
             return original(trainer, *args, **kwargs)
-        monkeypatch.setattr(FusedTrainer, "train_epoch", wrapped)
+        monkeypatch.setattr(FusedTrainer, "train_epoch_steps", wrapped)
 
 
 # -- the whole pipeline ---------------------------------------------------------------------
@@ -197,6 +198,31 @@ def test_interrupt_then_rerun_recomputes_nothing_finished(reference, tmp_path, m
     assert same_numbers(numbers(rows), numbers(read_results(reference[0] / "results.csv")))
 
 
+def test_lanes_train_the_same_numbers(reference, tmp_path):
+    out = tmp_path / "lanes"
+    code, stdout, stderr = run_cli(*TINY, "--lanes", "2", "--out", out)
+    assert code == 0, stderr
+    rows = read_results(out / "results.csv")
+    assert same_numbers(numbers(rows), reference_numbers(reference))
+    assert all(r["conv_impl"].endswith(", 2 lanes") for r in rows)  # seconds of a shared device
+
+
+@pytest.mark.parametrize("interrupt_at", [2, 3, 4])
+def test_lanes_interrupted_then_rerun_recompute_nothing_finished(reference, tmp_path, monkeypatch, interrupt_at):
+    out = tmp_path / "run"
+    CountingTrainEpoch(monkeypatch, interrupt_at=interrupt_at)
+    code, _, stderr = run_cli(*TINY, "--lanes", "2", "--out", out)
+    assert code == 130 and "resume with:" in stderr
+    partial = read_results(out / "results.csv")
+    finished = len(partial) // len(MASKS)  # group-epochs both lanes completed before the interrupt
+    assert len(partial) == finished * len(MASKS) and not list(out.rglob("*.tmp"))
+
+    counter = CountingTrainEpoch(monkeypatch)
+    code, _, _ = run_cli(*TINY, "--lanes", "2", "--out", out)
+    assert code == 0 and counter.calls == GROUP_EPOCHS - finished
+    assert same_numbers(numbers(read_results(out / "results.csv")), reference_numbers(reference))
+
+
 @pytest.mark.parametrize("bits", ["0101", "1111"])
 def test_cell_alone_equals_cell_in_fused_group(reference, tmp_path, bits):
     # Alone, conv2..4 are ordinary convolutions; fused, grouped ones (4 groups). The maths is the same
@@ -281,6 +307,7 @@ def test_other_training_settings_in_the_same_folder_are_refused(reference, tmp_p
     (["--device", "tpu"], "--device"),
     (["--conv", "fast"], "--conv"),
     (["--conv", "gemm,gemm"], "--conv"),
+    (["--lanes", "0"], "--lanes"),
     (["--memory-format", "nwhc"], "invalid choice"),
     (["--preset", "huge"], "invalid choice"),
     (["merge", "/no/such/folder", "--out", "/tmp/x"], "no such folder"),

@@ -75,6 +75,9 @@ def _run_parser() -> argparse.ArgumentParser:
                         "gemm,streams,gemm,gemm")
     p.add_argument("--memory-format", choices=("auto", "nchw", "nhwc"), default="auto",
                    help="fused activation storage (auto: nhwc on CPU, measured on CUDA)")
+    p.add_argument("--lanes", type=int, default=1, metavar="K",
+                   help="train K (N, seed) groups side by side, each on its own CUDA stream, to fill a GPU that "
+                        "small N leave idle; the same numbers (default 1; benchmarks/bench_lanes.py measures it)")
     p.add_argument("--save-nets", "--keep-weights", dest="save_nets", action="store_true",
                    help="write each finished cell's net as a MatConvNet .mat file in OUT/nets/")
     return p
@@ -89,7 +92,7 @@ def _check_range(name: str, value, low, high=None) -> None:
 def _settings_and_grid(args, preset):
     """The training settings and the grid: the preset's values overridden by explicit options."""
     for name, low, high in (("--epochs", 1, None), ("--seeds", 1, None), ("--train-subset", 1, 60000),
-                            ("--val-subset", 1, 10000), ("--batch-size", 1, None)):
+                            ("--val-subset", 1, 10000), ("--batch-size", 1, None), ("--lanes", 1, None)):
         _check_range(name, getattr(args, name[2:].replace("-", "_")), low, high)
     if args.learning_rate <= 0:
         raise UsageError(f"--learning-rate: must be > 0, got {args.learning_rate}")
@@ -173,7 +176,7 @@ def run(argv) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ctx = runner.RunContext(out_dir=out, settings=settings, device=device, conv=args.conv,
-                            memory_format=args.memory_format,
+                            memory_format=args.memory_format, lanes=args.lanes,
                             data_dir=args.data_dir, save_nets=args.save_nets, log=tqdm.write)
     groups = build_groups(masks, sizes, seeds)
     mine = shard_groups(groups, *shard)

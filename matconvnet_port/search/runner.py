@@ -1,4 +1,4 @@
-"""Training the grid, one group (N, seed) at a time, resumably.
+"""Training the grid, one group (N, seed) at a time or ``--lanes`` at a time side by side, resumably.
 
 For each group: load the N x N data once (:func:`load_images`, shared by the
 seeds of that N), build one :class:`~matconvnet_port.fused.FusedLeNet` with
@@ -16,7 +16,9 @@ group later are trained as a new fused model from the same start.
 Resuming: a cell whose checkpoint says ``epochs_done = e`` restarts at epoch
 e + 1 from the stored weights and momenta (cells at different epochs are
 trained as separate fused models, since a fused model steps all its models
-on the same batch).
+on the same batch). With lanes (:mod:`~matconvnet_port.search.lanes`) every
+plan is chosen first, alone on the device, and two runs of one group never
+overlap (they share its checkpoint).
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..fused import FusedLeNet, FusedTrainer, autotune_plan, build, default_plan, parse_conv, plan_label
+from ..fused import FusedLeNet, FusedTrainer, autotune_plan, build, default_plan, parse_conv, plan_label, run_to_end
 from ..mnist import get_mnist_imdb
 from ..models import CONV_SHAPES, cnn_mnist_init, mask_bits, mask_name
 from .grid import Group, Settings, cost_per_image, fused_order
+from .lanes import run_in_lanes
 from .results import atomic_torch_save, write_results
 
 __all__ = ["RunContext", "GridProgress", "load_images", "initial_weights", "pending_work", "work_images",
-           "estimate_seconds", "train_cells", "run_groups", "read_all_rows", "regenerate_results", "checkpoint_path"]
+           "estimate_seconds", "train_cells", "train_cells_steps", "run_groups", "read_all_rows", "regenerate_results", "checkpoint_path"]
 
 CPU_EVAL_COST = 0.5  # an evaluated image costs about half a trained one (measured on CPU)
 
@@ -53,6 +56,7 @@ class RunContext:
     memory_format: str = "auto"   # 'auto', 'nchw' or 'nhwc'
     data_dir: str | None = None
     save_nets: bool = False
+    lanes: int = 1                # groups trained side by side (search.lanes)
     log: Callable[[str], None] = print
     rows_by_group: dict = field(default_factory=dict)  # group key -> rows (mirror of the checkpoints)
     plan_by_size: dict = field(default_factory=dict)
@@ -66,7 +70,7 @@ class RunContext:
 
 # -- data and initial weights ---------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)  # one N at a time: full MNIST at N = 64 is 1.1 GB
+@functools.lru_cache(maxsize=2)  # the N of two lanes at a time: full MNIST at N = 64 is 1.1 GB
 def load_images(input_size: int, resize: str, dataset: str, data_dir: str | None, train_subset: int,
                 val_subset: int) -> tuple[np.ndarray, np.ndarray]:
     """(images n x 1 x N x N float32, labels n, 1-based): the training subset then the validation subset."""
@@ -257,6 +261,11 @@ def _row(mask, group: Group, epoch: int, m: int, train, val, seconds: float, num
 def train_cells(ctx: RunContext, group: Group, done: int, masks: list,
                 progress: GridProgress | None = None) -> None:
     """Train ``masks`` of ``group`` from epoch ``done`` + 1 to the last, as one fused model."""
+    run_to_end(train_cells_steps(ctx, group, done, masks, progress))
+
+
+def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, progress: GridProgress | None = None):
+    """:func:`train_cells` as a step generator (:class:`~matconvnet_port.fused.Backlog`), for lanes."""
     s = ctx.settings
     path = checkpoint_path(ctx.out_dir, group)
     checkpoint = load_checkpoint(path, group)
@@ -268,7 +277,8 @@ def train_cells(ctx: RunContext, group: Group, done: int, masks: list,
     val_indices = np.arange(s.train_subset + 1, s.train_subset + s.val_subset + 1)
 
     plan = choose_plan(ctx, group.input_size, masks, x, y)
-    conv = plan_label(plan)
+    # with lanes the seconds are those of a shared device: say so where they are written
+    conv = plan_label(plan) + (f", {ctx.lanes} lanes" if ctx.lanes > 1 else "")
     model = build(plan, masks, list(initial_weights(group.seed)), ctx.device)
     trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
                            weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed,
@@ -281,8 +291,8 @@ def train_cells(ctx: RunContext, group: Group, done: int, masks: list,
 
     for epoch in range(done + 1, s.epochs + 1):
         start = time.perf_counter()
-        train = trainer.train_epoch(epoch, train_indices, progress=advance)
-        val = trainer.evaluate(val_indices, progress=advance)
+        train = yield from trainer.train_epoch_steps(epoch, train_indices, progress=advance)
+        val = yield from trainer.evaluate_steps(val_indices, progress=advance)
         seconds = (time.perf_counter() - start) / num_models
         rows = [_row(mask, group, epoch, m, train, val, seconds, num_models, ctx.device_label, conv)
                 for m, mask in enumerate(masks)]
@@ -328,8 +338,27 @@ def _save_nets(ctx: RunContext, group: Group, model: FusedLeNet, masks: list) ->
 
 
 def run_groups(ctx: RunContext, work, progress: GridProgress | None = None) -> None:
-    """Train every pending (group, epochs done, masks) of ``work`` in order."""
+    """Train every pending (group, epochs done, masks) of ``work``: in order, or ``ctx.lanes`` at a
+    time side by side (:func:`~matconvnet_port.search.lanes.run_in_lanes`)."""
     ctx.rows_by_group.update(read_all_rows(ctx.out_dir))
-    for group, done, masks in work:
-        train_cells(ctx, group, done, masks, progress=progress)
+    if ctx.lanes <= 1:
+        for group, done, masks in work:
+            train_cells(ctx, group, done, masks, progress=progress)
+        return
+    _choose_plans_first(ctx, work)
+    s = ctx.settings
+    run_in_lanes(work, lambda job: train_cells_steps(ctx, *job, progress=progress), lanes=ctx.lanes,
+                 device=ctx.device, group=lambda job: job[0].key,
+                 cost=lambda job: cost_per_image(job[0].input_size) * len(job[2]) * (s.epochs - job[1]))
 
+
+def _choose_plans_first(ctx: RunContext, work) -> None:
+    """Every plan the work needs, chosen before the lanes start: autotuning times steps alone on the
+    device (on random images, as :func:`estimate_seconds`; its consensus check needs no real data)."""
+    b = ctx.settings.batch_size
+    for group, _, masks in work:
+        if (group.input_size, len(masks)) not in ctx.plan_by_size:
+            n = group.input_size
+            x = torch.randn(8 * b, 1, n, n, device=ctx.device) * 50
+            y = torch.randint(1, 11, (8 * b,), device=ctx.device).double()
+            choose_plan(ctx, n, masks, x, y)
