@@ -125,19 +125,28 @@ def sgd_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], mo
     first as ``cnn_train`` does); the multipliers are per parameter. Works on
     stacked parameters of several models alike (the update is elementwise).
     """
+    # parameters with the same multipliers are updated together by torch's multi-tensor kernels
+    # (one launch per operation for all of them, the same elementwise arithmetic)
+    groups: dict = {}
     for j in reversed(range(len(params))):
-        w, m = params[j], momenta[j]
-        this_decay = weight_decay * float(decay_mults[j])
         this_lr = learning_rate * float(lr_mults[j])
-        if this_lr == 0 and this_decay == 0:
-            continue
-        g = grads[j] * grad_scale if grad_scale != 1.0 else grads[j]
-        g = torch.add(g, w, alpha=this_decay) if this_decay else g
-        m.mul_(momentum).sub_(g)
+        this_decay = weight_decay * float(decay_mults[j])
+        if this_lr != 0 or this_decay != 0:
+            groups.setdefault((this_lr, this_decay), []).append(j)
+    for (this_lr, this_decay), js in groups.items():
+        w = [params[j] for j in js]
+        m = [momenta[j] for j in js]
+        g = [grads[j] for j in js]
+        if grad_scale != 1.0:
+            g = torch._foreach_mul(g, grad_scale)
+        if this_decay:
+            g = torch._foreach_add(g, w, alpha=this_decay)
+        torch._foreach_mul_(m, momentum)
+        torch._foreach_sub_(m, g)
         if nesterov:
-            w.add_(momentum * m - g, alpha=this_lr)
+            torch._foreach_add_(w, torch._foreach_sub(torch._foreach_mul(m, momentum), g), alpha=this_lr)
         else:
-            w.add_(m, alpha=this_lr)
+            torch._foreach_add_(w, m, alpha=this_lr)
 
 
 def find_last_checkpoint(exp_dir: str) -> int:
