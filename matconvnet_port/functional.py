@@ -258,11 +258,22 @@ class _GemmConv(torch.autograd.Function):
     @staticmethod
     def _col2im(dxg, dcols, i, j):
         """Add a block's column derivatives (groups x images x ho x wo x fh x fw x fc) back onto
-        images i..j-1 of the input derivative: one strided add per filter tap."""
-        _, _, ho, wo, fh, fw, _ = dcols.shape
-        for u in range(fh):
-            for v in range(fw):
-                dxg[:, i:j, u:u + ho, v:v + wo, :] += dcols[:, :, :, :, u, v, :]
+        images i..j-1 of the input derivative.
+
+        Tap (u, v) adds onto rows u..u+ho-1 and columns v..v+wo-1. Taps whose u differ by a
+        multiple of ho (and v by one of wo) cover disjoint, adjacent rectangles: one strided add
+        serves each such class, min(ho, fh) x min(wo, fw) adds instead of fh x fw -- one at all
+        for a fully connected layer (LeNet's conv3 at N = 28), where every add is a kernel launch.
+        """
+        g, n, ho, wo, fh, fw, fc = dcols.shape
+        for r in range(min(ho, fh)):
+            a = -(-(fh - r) // ho)  # taps u = r, r + ho, ... below fh
+            for c in range(min(wo, fw)):
+                b = -(-(fw - c) // wo)
+                # target rows r + p*ho + i (tap p of the class, output row i), columns alike
+                target = dxg[:, i:j, r:r + a * ho, c:c + b * wo, :].unflatten(2, (a, ho)).unflatten(4, (b, wo))
+                taps = dcols[:, :, :, :, r::ho, c::wo, :]           # g x n x ho x wo x a x b x fc
+                target += taps.permute(0, 1, 4, 2, 5, 3, 6)          # -> g x n x a x ho x b x wo x fc
 
     @staticmethod
     def forward(ctx, x, f, b, pool):

@@ -37,8 +37,11 @@ def test_conv(pad, stride, dilate, groups):
     check(lambda x, f, b: fn.conv(x, f, b, pad=pad, stride=stride, dilate=dilate), x, f, b)
 
 
+# filter sizes against the 7 x 8 input: outputs larger and smaller than the filter, and 1 x 1 (a fully
+# connected layer), so that col2im's classes of non-overlapping taps hold one to several taps
 @pytest.mark.parametrize("groups,filter_size,bias", [(1, (3, 2), True), (2, (3, 3), True), (3, (1, 1), False),
-                                                     (1, (5, 5), False), (6, (2, 3), True)])
+                                                     (1, (5, 5), False), (6, (2, 3), True), (1, (7, 8), True),
+                                                     (2, (6, 3), False)])
 @pytest.mark.parametrize("block_bytes", [None, 1])  # one block; one image per block (the CPU's blocking)
 @pytest.mark.parametrize("library_forward", [False, True])  # all GEMM; only the filter derivative
 def test_conv_gemm_equals_conv_and_its_derivatives(groups, filter_size, bias, block_bytes, library_forward,
