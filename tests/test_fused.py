@@ -86,7 +86,9 @@ def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chu
         assert abs(fused_val.top5err[k] - info["val"][1]["top5err"]) * len(val) <= 1
 
 
-def test_channel_relu_is_relu_with_a_per_channel_leak_of_0_or_1():
+@pytest.mark.parametrize("masked_numel", [0, 1 << 30])  # a kernel per run of flags; broadcast masks
+def test_channel_relu_is_relu_with_a_per_channel_leak_of_0_or_1(masked_numel, monkeypatch):
+    monkeypatch.setattr(fn, "MASKED_RELU_NUMEL", masked_numel)
     x = torch.randn(3, 12, 5, 4, dtype=torch.float64)
     x[0, :, 0, 0] = 0.0  # MatConvNet's derivative at exactly 0 is 0 for a ReLU
     flags = [True, True, False, True, False, False, True, True, True, False, True, False]
@@ -100,6 +102,21 @@ def test_channel_relu_is_relu_with_a_per_channel_leak_of_0_or_1():
         (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
         torch.testing.assert_close(ga, gb, rtol=0, atol=0)
     assert torch.autograd.gradcheck(lambda t: fn.channel_relu(t, flags), (torch.randn(2, 12, 3, 3, dtype=torch.float64, requires_grad=True),))
+
+
+def test_channel_relu_paths_agree_on_zeros_and_non_finite_numbers(monkeypatch):
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1.5, -2.0, 3e-39])
+    x = special[torch.randperm(8 * 32, generator=torch.Generator().manual_seed(0)) % 8].reshape(2, 8, 4, 4)
+    g = special[torch.randperm(8 * 32, generator=torch.Generator().manual_seed(1)) % 8].reshape(2, 8, 4, 4)
+    flags = [True, False, True, True, False, True, False, False]  # 6 runs
+    out = []
+    for numel in (0, 1 << 30):
+        monkeypatch.setattr(fn, "MASKED_RELU_NUMEL", numel)
+        a = x.clone().requires_grad_(True)
+        y = fn.channel_relu(a, flags)
+        out.append((y.detach(), torch.autograd.grad(y, a, g)[0]))
+    for u, v in zip(*out):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
 
 
 def test_row_ties_on_transposed_images_are_matconvnet_column_ties():
