@@ -203,40 +203,47 @@ class FusedLeNet(nn.Module):
         return x
 
     def _subset(self, first: int, last: int, device) -> tuple:
-        """Models of first..last-1 with / without the ReLU after conv3, and channel indices for both."""
+        """Models of first..last-1 regrouped, those with the ReLU after conv3 first, then those
+        without: (their count in each part, and for the regrouped order the channel indices of
+        conv3's input, conv3's filters and conv4's filters, and the scores' way back)."""
         key = (first, last, str(device))
         if key not in self._subsets:
             plain = [m for m in range(first, last) if self.masks[m][2]]
             linear = [m for m in range(first, last) if not self.masks[m][2]]
 
-            def channels(ms, k, base):
-                return torch.tensor([(m - base) * k + j for m in ms for j in range(k)], device=device)
+            def channels(k, base):
+                return torch.tensor([(m - base) * k + j for m in plain + linear for j in range(k)], device=device)
 
             c3, k3, k4 = CONV_SHAPES[2][2], CONV_SHAPES[2][3], CONV_SHAPES[3][3]
-            back = torch.argsort(channels(plain + linear, k4, first))  # concatenated scores -> model order
-            self._subsets[key] = [(channels(ms, c3, first), channels(ms, k3, 0), channels(ms, k4, 0))
-                                  for ms in (plain, linear)] + [back]
+            back = torch.argsort(channels(k4, first))  # regrouped scores -> model order
+            self._subsets[key] = (len(plain), len(linear), channels(c3, first), channels(k3, 0), channels(k4, 0),
+                                  back)
         return self._subsets[key]
 
     def _composed_tail(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """conv3 [ReLU] conv4 [ReLU] of models first..last-1 in training: where no ReLU follows
         conv3, conv3 and the 1x1 conv4 are one linear map, computed as one composed layer
         (:func:`~matconvnet_port.functional.linear_pair_gemm`: same function and derivatives,
-        without the cost of the 500-channel middle); the other models run as usual."""
-        (xc_p, k3_p, k4_p), (xc_l, k3_l, k4_l), back = self._subset(first, last, x.device)
-        f3, b3 = self.weights[2], self.biases[2]
-        f4, b4 = self.weights[3], self.biases[3]
+        without the cost of the 500-channel middle); the other models run as usual. The two
+        parts are gathered once per tensor (one kernel each way, not one per part)."""
+        plain, linear, xc, k3, k4, back = self._subset(first, last, x.device)
+        c3, n3, n4 = CONV_SHAPES[2][2], CONV_SHAPES[2][3], CONV_SHAPES[3][3]
+
+        def parts_of(t, dim, width):  # split, not sliced: one cat joins the parts' derivatives
+            return t.split([plain * width, linear * width], dim=dim)
+
+        xs = parts_of(x.index_select(1, xc), 1, c3)
+        f3, b3 = (parts_of(t.index_select(0, k3), 0, n3) for t in (self.weights[2], self.biases[2]))
+        f4, b4 = (parts_of(t.index_select(0, k4), 0, n4) for t in (self.weights[3], self.biases[3]))
         parts = []
-        if k3_p.numel():
-            y = self._conv(2, x.index_select(1, xc_p), f3.index_select(0, k3_p), b3.index_select(0, k3_p))
+        if plain:
+            y = self._conv(2, xs[0], f3[0], b3[0])
             y = F.relu(y)  # every model of this part has the ReLU after conv3
-            parts.append(self._conv(3, y, f4.index_select(0, k4_p), b4.index_select(0, k4_p)))
-        if k3_l.numel():
-            parts.append(fn.linear_pair_gemm(x.index_select(1, xc_l), f3.index_select(0, k3_l), b3.index_select(0, k3_l),
-                                             f4.index_select(0, k4_l), b4.index_select(0, k4_l)))
+            parts.append(self._conv(3, y, f4[0], b4[0]))
+        if linear:
+            parts.append(fn.linear_pair_gemm(xs[1], f3[1], b3[1], f4[1], b4[1]))
         scores = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).index_select(1, back)
-        k = CONV_SHAPES[3][3]
-        return fn.channel_relu(scores, self.rectified[3][first * k:last * k])
+        return fn.channel_relu(scores, self.rectified[3][first * n4:last * n4])
 
     def model_weights(self, m: int) -> list[list[np.ndarray]]:
         """Model m's four [filters, biases] pairs in MatConvNet layout (FH x FW x FC x K, 1 x K)."""
