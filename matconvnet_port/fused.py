@@ -206,20 +206,21 @@ class FusedLeNet(nn.Module):
 
     def _subset(self, first: int, last: int, device) -> tuple:
         """Models of first..last-1 regrouped, those with the ReLU after conv3 first, then those
-        without: (their count in each part, and for the regrouped order the channel indices of
-        conv3's input, conv3's filters and conv4's filters, and the scores' way back)."""
+        without: (their count in each part, and channel permutations to the regrouped order of
+        conv3's input, conv3's and conv4's filters, and of the scores -- each with its inverse)."""
         key = (first, last, str(device))
         if key not in self._subsets:
             plain = [m for m in range(first, last) if self.masks[m][2]]
             linear = [m for m in range(first, last) if not self.masks[m][2]]
 
-            def channels(k, base):
-                return torch.tensor([(m - base) * k + j for m in plain + linear for j in range(k)], device=device)
+            def regrouped(k):
+                order = torch.tensor([(m - first) * k + j for m in plain + linear for j in range(k)], device=device)
+                return order, torch.argsort(order)
 
             c3, k3, k4 = CONV_SHAPES[2][2], CONV_SHAPES[2][3], CONV_SHAPES[3][3]
-            back = torch.argsort(channels(k4, first))  # regrouped scores -> model order
-            self._subsets[key] = (len(plain), len(linear), channels(c3, first), channels(k3, 0), channels(k4, 0),
-                                  back)
+            to4, from4 = regrouped(k4)
+            self._subsets[key] = (len(plain), len(linear), regrouped(c3), regrouped(k3), (to4, from4),
+                                  (from4, to4))  # the scores go back to model order
         return self._subsets[key]
 
     def _composed_tail(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
@@ -227,16 +228,16 @@ class FusedLeNet(nn.Module):
         conv3, conv3 and the 1x1 conv4 are one linear map, computed as one composed layer
         (:func:`~matconvnet_port.functional.linear_pair_gemm`: same function and derivatives,
         without the cost of the 500-channel middle); the other models run as usual. The two
-        parts are gathered once per tensor (one kernel each way, not one per part)."""
-        plain, linear, xc, k3, k4, back = self._subset(first, last, x.device)
+        parts are regrouped by one channel permutation per tensor (one gather each way)."""
+        plain, linear, p3, pf3, pf4, back = self._subset(first, last, x.device)
         c3, n3, n4 = CONV_SHAPES[2][2], CONV_SHAPES[2][3], CONV_SHAPES[3][3]
 
-        def parts_of(t, dim, width):  # split, not sliced: one cat joins the parts' derivatives
-            return t.split([plain * width, linear * width], dim=dim)
+        def parts_of(t, dim, perm, width):  # split, not sliced: one cat joins the parts' derivatives
+            return _Permute.apply(t, dim, *perm).split([plain * width, linear * width], dim=dim)
 
-        xs = parts_of(x.index_select(1, xc), 1, c3)
-        f3, b3 = (parts_of(t.index_select(0, k3), 0, n3) for t in (self.weights[2], self.biases[2]))
-        f4, b4 = (parts_of(t.index_select(0, k4), 0, n4) for t in (self.weights[3], self.biases[3]))
+        xs = parts_of(x, 1, p3, c3)
+        f3, b3 = (parts_of(t, 0, pf3, n3) for t in self._filters(2, first, last))
+        f4, b4 = (parts_of(t, 0, pf4, n4) for t in self._filters(3, first, last))
         parts = []
         if plain:
             y = self._conv(2, xs[0], f3[0], b3[0])
@@ -244,7 +245,7 @@ class FusedLeNet(nn.Module):
             parts.append(self._conv(3, y, f4[0], b4[0]))
         if linear:
             parts.append(fn.linear_pair_gemm(xs[1], f3[1], b3[1], f4[1], b4[1]))
-        scores = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).index_select(1, back)
+        scores = _Permute.apply(torch.cat(parts, 1) if len(parts) > 1 else parts[0], 1, *back)
         return fn.channel_relu(scores, self.rectified[3][first * n4:last * n4])
 
     def model_weights(self, m: int) -> list[list[np.ndarray]]:
@@ -256,6 +257,20 @@ class FusedLeNet(nn.Module):
             b = self.biases[i][m * k:(m + 1) * k].detach().cpu().numpy().reshape(1, k).copy()
             out.append([f, b])
         return out
+
+
+class _Permute(torch.autograd.Function):
+    """``t.index_select(dim, order)`` for a permutation ``order`` of that axis: its derivative is the
+    inverse permutation's gather (index_select's own backward scatters onto zeros)."""
+
+    @staticmethod
+    def forward(ctx, t, dim, order, inverse):
+        ctx.dim, ctx.inverse = dim, inverse
+        return t.index_select(dim, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(ctx.dim, ctx.inverse), None, None, None
 
 
 def per_model(scores: torch.Tensor, num_models: int) -> torch.Tensor:
