@@ -144,13 +144,16 @@ class FusedLeNet(nn.Module):
             return fn.conv(x, f, b)
         # each model's slice as a dense NCHW tensor: for float32 cuDNN converts channels-last to
         # NCHW internally anyway (its kernels for that order), once per call and direction
+        # split, not sliced: one cat gathers the models' derivatives (a slice's backward would zero
+        # and fill a full-size tensor per model)
         xs = [c.contiguous() for c in x.chunk(count, dim=1)]
-        fs = [f[m * k:(m + 1) * k].contiguous() for m in range(count)]
+        fs = [t.contiguous() for t in f.split(k)]
+        bs = b.split(k)
         if self.conv[i] == "streams" and x.is_cuda:
-            return torch.cat(self._on_streams(xs, fs, b, k), dim=1)
-        return torch.cat([fn.conv(xs[m], fs[m], b[m * k:(m + 1) * k]) for m in range(count)], dim=1)
+            return torch.cat(self._on_streams(xs, fs, bs), dim=1)
+        return torch.cat([fn.conv(xs[m], fs[m], bs[m]) for m in range(count)], dim=1)
 
-    def _on_streams(self, xs, fs, b, k) -> list[torch.Tensor]:
+    def _on_streams(self, xs, fs, bs) -> list[torch.Tensor]:
         """The models' convolutions on :data:`STREAMS` side streams forked from and joined back
         to the current one (a CUDA graph captures them as parallel branches). Autograd runs
         each backward on its forward's stream and synchronises the streams itself."""
@@ -163,7 +166,7 @@ class FusedLeNet(nn.Module):
         for m, (x, f) in enumerate(zip(xs, fs)):
             stream = streams[m % len(streams)]
             with torch.cuda.stream(stream):
-                ys.append(fn.conv(x, f, b[m * k:(m + 1) * k]))
+                ys.append(fn.conv(x, f, bs[m]))
             # memory made on one stream and used on another: the caching allocator must not
             # hand it out again before the other stream is done (under capture it defers that)
             x.record_stream(stream)
