@@ -142,16 +142,18 @@ class FusedLeNet(nn.Module):
             return fn.conv_gemm(x, f, b, library_forward=self.conv[i] == "gemm_wgrad")
         if self.conv[i] == "grouped" or i == 0 or count == 1:
             return fn.conv(x, f, b)
-        # each model's slice as a dense NCHW tensor: for float32 cuDNN converts channels-last to
-        # NCHW internally anyway (its kernels for that order), once per call and direction
-        # split, not sliced: one cat gathers the models' derivatives (a slice's backward would zero
-        # and fill a full-size tensor per model)
-        xs = [c.contiguous() for c in x.chunk(count, dim=1)]
-        fs = [t.contiguous() for t in f.split(k)]
+        # each model's slice as a dense NCHW tensor (for float32 cuDNN converts channels-last to
+        # NCHW internally anyway, its kernels for that order): all models in one copy each way, and
+        # unbind/split/stack, whose derivatives are one stack, cat or unbind (slicing per model
+        # would zero and fill a full-size derivative per model)
+        xs = _ModelMajor.apply(x, count).unbind(0)
+        fs = f.contiguous().split(k)
         bs = b.split(k)
         if self.conv[i] == "streams" and x.is_cuda:
-            return torch.cat(self._on_streams(xs, fs, bs), dim=1)
-        return torch.cat([fn.conv(xs[m], fs[m], bs[m]) for m in range(count)], dim=1)
+            ys = self._on_streams(xs, fs, bs)
+        else:
+            ys = [fn.conv(xs[m], fs[m], bs[m]) for m in range(count)]
+        return _ModelMajor.apply(torch.stack(ys), count)
 
     def _on_streams(self, xs, fs, bs) -> list[torch.Tensor]:
         """The models' convolutions on :data:`STREAMS` side streams forked from and joined back
@@ -260,6 +262,26 @@ class FusedLeNet(nn.Module):
             b = self.biases[i][m * k:(m + 1) * k].detach().cpu().numpy().reshape(1, k).copy()
             out.append([f, b])
         return out
+
+
+class _ModelMajor(torch.autograd.Function):
+    """B x (M*c) x H x W <-> M x B x c x H x W, contiguous either way: one copy, whose derivative is
+    the copy back -- every model's slice as a dense NCHW tensor, for per-model convolutions."""
+
+    @staticmethod
+    def forward(ctx, t, count):
+        ctx.count = count
+        return _swap_model_axis(t, count)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _swap_model_axis(grad, ctx.count), None
+
+
+def _swap_model_axis(t: torch.Tensor, count: int) -> torch.Tensor:
+    if t.dim() == 4:
+        return t.unflatten(1, (count, t.shape[1] // count)).transpose(0, 1).contiguous()
+    return t.transpose(0, 1).flatten(1, 2).contiguous()
 
 
 class _Permute(torch.autograd.Function):
