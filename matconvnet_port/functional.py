@@ -228,15 +228,26 @@ class _GemmConv(torch.autograd.Function):
             else:
                 torch.addmm(b, cols[0], fm[0].t(), out=out.view(-1, k))
         else:
-            r = torch.bmm(cols, fm.transpose(1, 2)) if b is None else \
-                torch.baddbmm(b.reshape(groups, 1, k // groups), cols, fm.transpose(1, 2))
-            out.view(-1, groups, k // groups).copy_(r.transpose(0, 1))
+            rows = out.view(-1, groups, k // groups).transpose(0, 1)
+            bias = None if b is None else b.reshape(groups, 1, k // groups)
+            if out.is_cuda:  # cuBLAS writes group g's columns of the channels-last output in place
+                # (a matrix with leading dimension K); the CPU's batched product was slower so
+                if bias is None:
+                    torch.bmm(cols, fm.transpose(1, 2), out=rows)
+                else:
+                    torch.baddbmm(bias, cols, fm.transpose(1, 2), out=rows)
+            else:
+                rows.copy_(torch.bmm(cols, fm.transpose(1, 2)) if bias is None else
+                           torch.baddbmm(bias, cols, fm.transpose(1, 2)))
 
     @staticmethod
     def _rows(t, groups):
-        """A channels-last block (images x ho x wo x K) as groups x rows x K/g, contiguous: the
-        layout of an output derivative in the batched products."""
-        return t.reshape(-1, groups, t.shape[-1] // groups).transpose(0, 1).contiguous()
+        """A channels-last block (images x ho x wo x K) as groups x rows x K/g: the layout of an
+        output derivative in the batched products. On CUDA a view (cuBLAS takes each group's
+        matrix with leading dimension K as it is); on the CPU a contiguous copy, which its
+        batched products ran faster with (7-8 % of a step at N = 28 and 64)."""
+        rows = t.reshape(-1, groups, t.shape[-1] // groups).transpose(0, 1)
+        return rows if t.is_cuda else rows.contiguous()
 
     @staticmethod
     def _add_filter_grad(dfm, g, xl, groups, fh, fw, ones=False):
