@@ -146,16 +146,16 @@ class FusedLeNet(nn.Module):
         # NCHW internally anyway, its kernels for that order): all models in one copy each way, and
         # unbind/split/stack, whose derivatives are one stack, cat or unbind (slicing per model
         # would zero and fill a full-size derivative per model)
+        # The biases are added to all models at once, on the way back to batch-major order.
         xs = _ModelMajor.apply(x, count).unbind(0)
         fs = f.contiguous().split(k)
-        bs = b.split(k)
         if self.conv[i] == "streams" and x.is_cuda:
-            ys = self._on_streams(xs, fs, bs)
+            ys = self._on_streams(xs, fs)
         else:
-            ys = [fn.conv(xs[m], fs[m], bs[m]) for m in range(count)]
-        return _ModelMajor.apply(torch.stack(ys), count)
+            ys = [fn.conv(xs[m], fs[m]) for m in range(count)]
+        return _BatchMajorPlusBias.apply(torch.stack(ys), b)
 
-    def _on_streams(self, xs, fs, bs) -> list[torch.Tensor]:
+    def _on_streams(self, xs, fs) -> list[torch.Tensor]:
         """The models' convolutions on :data:`STREAMS` side streams forked from and joined back
         to the current one (a CUDA graph captures them as parallel branches). Autograd runs
         each backward on its forward's stream and synchronises the streams itself."""
@@ -168,7 +168,7 @@ class FusedLeNet(nn.Module):
         for m, (x, f) in enumerate(zip(xs, fs)):
             stream = streams[m % len(streams)]
             with torch.cuda.stream(stream):
-                ys.append(fn.conv(x, f, bs[m]))
+                ys.append(fn.conv(x, f))
             # memory made on one stream and used on another: the caching allocator must not
             # hand it out again before the other stream is done (under capture it defers that)
             x.record_stream(stream)
@@ -276,6 +276,23 @@ class _ModelMajor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _swap_model_axis(grad, ctx.count), None
+
+
+class _BatchMajorPlusBias(torch.autograd.Function):
+    """M x B x k x H x W per-model outputs -> B x (M*k) x H x W (contiguous) plus the M*k biases, in
+    one pass; backward: the derivative back in model-major order, and the biases' in one sum."""
+
+    @staticmethod
+    def forward(ctx, t, b):
+        count, n, k, h, w = t.shape
+        out = t.new_empty(n, count, k, h, w)
+        torch.add(t.transpose(0, 1), b.reshape(1, count, k, 1, 1), out=out)
+        ctx.count = count
+        return out.flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _swap_model_axis(grad, ctx.count), grad.sum((0, 2, 3))
 
 
 def _swap_model_axis(t: torch.Tensor, count: int) -> torch.Tensor:
