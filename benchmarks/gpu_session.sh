@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one lent-device session, in one call (~7 minutes on an H100; every stage
+# The GPU checks of one lent-device session, in one call (~8.5 minutes on an H100, at most 9.5; every stage
 # has its own time limit and the script goes on when one fails):
 #   1. the parity suite's CUDA cases, the fused trainer's and the lanes' CUDA tests (every CUDA
 #      candidate plan under graph replay against the CPU; two trainers on CUDA streams),
@@ -31,11 +31,11 @@ stage "pytest: CUDA parity and fused-trainer cases"
 timeout 50 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py 2>&1 | tail -12
 
 stage "bench_lanes: N = 28..64 one after the other vs side by side"
-timeout 200 python3 benchmarks/bench_lanes.py --device cuda --steps 300 --lanes 2 3 \
+timeout 180 python3 benchmarks/bench_lanes.py --device cuda --steps 300 --lanes 2 3 \
   --json "$OUT/bench_lanes_cuda.json" 2>&1 | clean | tail -20
 
 stage "paper slice: 16 masks x N=28..64 x 2 epochs x 60000/10000 images x 1 seed"
-timeout 300 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 2 --device cuda \
+timeout 260 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 2 --device cuda \
   --out /tmp/paper_slice 2>&1 | clean | grep -v '^grid:' | tail -40
 cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
 cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"
