@@ -19,7 +19,10 @@ ReLUs are applied by :func:`~matconvnet_port.functional.channel_relu` on
 contiguous channel runs; data live on the device, a training step never synchronises with
 the host (statistics accumulate on the device and are read once per epoch),
 and on CUDA a whole step (forward, backward, update) is captured once as a
-CUDA graph and replayed. Where the 2x2 pooling windows tile the map, each
+CUDA graph and replayed (the epoch loops also exist as generators that yield
+between batches, :meth:`FusedTrainer.train_epoch_steps`, so that the search can
+run several trainers side by side on CUDA streams: :mod:`matconvnet_port.search.lanes`).
+Where the 2x2 pooling windows tile the map, each
 max pooling runs before its ReLU (they commute exactly, derivatives and ties
 included), so the ReLU touches a quarter of the numbers.
 
