@@ -223,6 +223,29 @@ def test_lanes_interrupted_then_rerun_recompute_nothing_finished(reference, tmp_
     assert same_numbers(numbers(read_results(out / "results.csv")), reference_numbers(reference))
 
 
+def test_background_writer_keeps_order_and_reports_failures():
+    import threading
+    import time
+
+    writer, done = runner.BackgroundWriter(), []
+
+    def slow(i):
+        time.sleep(0.01 * (3 - i))  # later submissions finish faster if run out of order
+        done.append((i, threading.current_thread().name))
+
+    for i in range(3):
+        writer.submit(slow, i)
+    writer.flush()
+    assert [i for i, _ in done] == [0, 1, 2] and all(name.startswith("search-writer") for _, name in done)
+
+    def fail():
+        raise OSError("disk full")
+
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()  # waits, then raises the write's error
+
+
 @pytest.mark.parametrize("bits", ["0101", "1111"])
 def test_cell_alone_equals_cell_in_fused_group(reference, tmp_path, bits):
     # Alone, conv2..4 are ordinary convolutions; fused, grouped ones (4 groups). The maths is the same

@@ -16,7 +16,10 @@ batch of work on the current stream and yields a CUDA event to wait for
 before it is resumed (:class:`~matconvnet_port.fused.Backlog`). The loop below
 resumes whichever job's event has completed, inside that job's stream: each
 job keeps a few batches queued and no job's host work (reading statistics
-back, writing checkpoints) leaves the device idle while another has work.
+back) leaves the device idle while another has work; checkpoints are written on
+a background thread (:class:`~matconvnet_port.search.runner.BackgroundWriter`).
+Loading a group's N x N images at its start still holds the thread for a second
+or two.
 
 Pairing: lane 0 takes the costliest pending job, the other lanes the
 cheapest, so large and small N run together (two large ones compete for the

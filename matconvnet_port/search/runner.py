@@ -7,7 +7,9 @@ epoch train (:meth:`FusedTrainer.train_epoch`, data order
 ``default_order(epoch, train, seed)``) and evaluate. After every epoch the
 group's checkpoint ``groups/N<N>-seed<s>.pt`` (trainer state of each
 unfinished cell + every row of the group) is replaced atomically, then
-``results.csv`` is regenerated from the rows of all groups.
+``results.csv`` is regenerated from the rows of all groups -- both on a
+background thread (:class:`BackgroundWriter`, in order), while the device
+trains on; an interrupted run waits for them, so it keeps every finished epoch.
 
 Each cell's result depends only on (mask, N, seed) and the settings: its
 initial weights and data order come from its own seed, and the fused models
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,6 +63,7 @@ class RunContext:
     log: Callable[[str], None] = print
     rows_by_group: dict = field(default_factory=dict)  # group key -> rows (mirror of the checkpoints)
     plan_by_size: dict = field(default_factory=dict)
+    writer: "BackgroundWriter | None" = None  # where epoch results are written (None: right away)
 
     @property
     def device_label(self) -> str:
@@ -268,6 +272,8 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
     """:func:`train_cells` as a step generator (:class:`~matconvnet_port.fused.Backlog`), for lanes."""
     s = ctx.settings
     path = checkpoint_path(ctx.out_dir, group)
+    if ctx.writer is not None:  # an earlier run of this group may still be writing its checkpoint
+        ctx.writer.flush()
     checkpoint = load_checkpoint(path, group)
     images, labels = load_images(group.input_size, s.resize, s.dataset, ctx.data_dir, s.train_subset,
                                  s.val_subset)
@@ -306,15 +312,61 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
                 "state": None if finished else _slice_state(state, m)}
         trained = {row["mask_bits"] for row in rows}
         checkpoint["rows"] = [r for r in checkpoint["rows"]
-                              if not (r["epoch"] == epoch and r["mask_bits"] in trained)]
-        checkpoint["rows"] += rows
-        atomic_torch_save(path, checkpoint)
+                              if not (r["epoch"] == epoch and r["mask_bits"] in trained)] + rows
         ctx.rows_by_group[group.key] = checkpoint["rows"]
-        regenerate_results(ctx.out_dir, ctx.rows_by_group)
+        # a snapshot: the next epoch replaces entries of these containers while it may be written
+        snapshot = dict(checkpoint, cells=dict(checkpoint["cells"]))
+        _write(ctx, _save_epoch, path, snapshot, ctx.out_dir, dict(ctx.rows_by_group))
         ctx.log(_epoch_line(group, epoch, s.epochs, rows, seconds * num_models))
 
     if ctx.save_nets:
         _save_nets(ctx, group, model, masks)
+
+
+def _save_epoch(path: Path, checkpoint: dict, out_dir, rows_by_group: dict) -> None:
+    atomic_torch_save(path, checkpoint)
+    regenerate_results(out_dir, rows_by_group)
+
+
+class BackgroundWriter:
+    """Writes the epochs' checkpoints and results.csv in order on one background thread, so that the
+    device keeps training meanwhile (a checkpoint of 16 cells is ~55 MB). An error in a write is
+    raised at the next submission or at :meth:`close`, which waits for every pending write -- an
+    interrupted run keeps every epoch it finished."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-writer")
+        self._pending: list = []
+
+    def submit(self, fn, *args) -> None:
+        self._raise_failures(wait=False)
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def flush(self) -> None:
+        """Wait for every pending write (raising the first error)."""
+        self._raise_failures(wait=True)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _raise_failures(self, wait: bool) -> None:
+        still = []
+        for future in self._pending:
+            if wait or future.done():
+                future.result()  # raises the write's exception
+            else:
+                still.append(future)
+        self._pending = still
+
+
+def _write(ctx: RunContext, fn, *args) -> None:
+    if ctx.writer is None:
+        fn(*args)
+    else:
+        ctx.writer.submit(fn, *args)
 
 
 def _epoch_line(group: Group, epoch: int, epochs: int, rows: list[dict], seconds: float) -> str:
@@ -341,15 +393,20 @@ def run_groups(ctx: RunContext, work, progress: GridProgress | None = None) -> N
     """Train every pending (group, epochs done, masks) of ``work``: in order, or ``ctx.lanes`` at a
     time side by side (:func:`~matconvnet_port.search.lanes.run_in_lanes`)."""
     ctx.rows_by_group.update(read_all_rows(ctx.out_dir))
-    if ctx.lanes <= 1:
-        for group, done, masks in work:
-            train_cells(ctx, group, done, masks, progress=progress)
-        return
-    _choose_plans_first(ctx, work)
-    s = ctx.settings
-    run_in_lanes(work, lambda job: train_cells_steps(ctx, *job, progress=progress), lanes=ctx.lanes,
-                 device=ctx.device, group=lambda job: job[0].key,
-                 cost=lambda job: cost_per_image(job[0].input_size) * len(job[2]) * (s.epochs - job[1]))
+    ctx.writer = BackgroundWriter()
+    try:
+        if ctx.lanes <= 1:
+            for group, done, masks in work:
+                train_cells(ctx, group, done, masks, progress=progress)
+            return
+        _choose_plans_first(ctx, work)
+        s = ctx.settings
+        run_in_lanes(work, lambda job: train_cells_steps(ctx, *job, progress=progress), lanes=ctx.lanes,
+                     device=ctx.device, group=lambda job: job[0].key,
+                     cost=lambda job: cost_per_image(job[0].input_size) * len(job[2]) * (s.epochs - job[1]))
+    finally:
+        writer, ctx.writer = ctx.writer, None
+        writer.close()
 
 
 def _choose_plans_first(ctx: RunContext, work) -> None:
