@@ -246,6 +246,24 @@ def test_background_writer_keeps_order_and_reports_failures():
         writer.close()  # waits, then raises the write's error
 
 
+@pytest.mark.parametrize("lanes", ["1", "2"])
+def test_images_are_loaded_ahead_on_the_loader_thread_once_per_size(reference, tmp_path, monkeypatch, lanes):
+    import threading
+
+    loads = []
+
+    def recording(input_size, *args):
+        loads.append((input_size, threading.current_thread().name))
+        return _cached_images(input_size, *args)
+
+    monkeypatch.setattr(runner, "load_images", recording)
+    code, _, stderr = run_cli(*TINY, "--lanes", lanes, "--out", tmp_path / "run")
+    assert code == 0, stderr
+    assert sorted(n for n, _ in loads) == [28, 32]
+    assert all(name.startswith("search-loader") for _, name in loads)
+    assert same_numbers(numbers(read_results(tmp_path / "run" / "results.csv")), reference_numbers(reference))
+
+
 @pytest.mark.parametrize("bits", ["0101", "1111"])
 def test_cell_alone_equals_cell_in_fused_group(reference, tmp_path, bits):
     # Alone, conv2..4 are ordinary convolutions; fused, grouped ones (4 groups). The maths is the same

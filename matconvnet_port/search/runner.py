@@ -43,7 +43,7 @@ from .lanes import run_in_lanes
 from .results import atomic_torch_save, write_results
 
 __all__ = ["RunContext", "GridProgress", "load_images", "initial_weights", "pending_work", "work_images",
-           "estimate_seconds", "train_cells", "train_cells_steps", "run_groups", "read_all_rows", "regenerate_results", "checkpoint_path"]
+           "estimate_seconds", "train_cells", "train_cells_steps", "run_groups", "BackgroundWriter", "ImagePrefetcher", "read_all_rows", "regenerate_results", "checkpoint_path"]
 
 CPU_EVAL_COST = 0.5  # an evaluated image costs about half a trained one (measured on CPU)
 
@@ -64,6 +64,7 @@ class RunContext:
     rows_by_group: dict = field(default_factory=dict)  # group key -> rows (mirror of the checkpoints)
     plan_by_size: dict = field(default_factory=dict)
     writer: "BackgroundWriter | None" = None  # where epoch results are written (None: right away)
+    loader: "ImagePrefetcher | None" = None   # where N x N images come from (None: loaded on demand)
 
     @property
     def device_label(self) -> str:
@@ -275,8 +276,8 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
     if ctx.writer is not None:  # an earlier run of this group may still be writing its checkpoint
         ctx.writer.flush()
     checkpoint = load_checkpoint(path, group)
-    images, labels = load_images(group.input_size, s.resize, s.dataset, ctx.data_dir, s.train_subset,
-                                 s.val_subset)
+    images, labels = (ctx.loader.get(group.input_size) if ctx.loader is not None else
+                      load_images(group.input_size, s.resize, s.dataset, ctx.data_dir, s.train_subset, s.val_subset))
     x = torch.from_numpy(images).to(ctx.device)
     y = torch.from_numpy(labels).to(ctx.device)
     train_indices = np.arange(1, s.train_subset + 1)
@@ -362,6 +363,42 @@ class BackgroundWriter:
         self._pending = still
 
 
+class ImagePrefetcher:
+    """The N x N images of the groups to come, loaded on a background thread while the device
+    trains the current ones (resizing 70000 digits to 64 x 64 takes the host a few seconds, which
+    otherwise idle the device at every new N). :meth:`want` says which sizes to have ready --
+    anything else is dropped -- and :meth:`get` waits for one."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-loader")
+        self._futures: dict = {}
+
+    def want(self, sizes) -> None:
+        sizes = list(dict.fromkeys(sizes))
+        for n in list(self._futures):
+            if n not in sizes:
+                self._futures.pop(n).cancel()
+        for n in sizes:
+            if n not in self._futures:
+                self._futures[n] = self._pool.submit(self._load, n)
+
+    def get(self, input_size: int):
+        if input_size not in self._futures:
+            self._futures[input_size] = self._pool.submit(self._load, input_size)
+        return self._futures[input_size].result()
+
+    def close(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        self._futures.clear()
+        self._pool.shutdown(wait=True)
+
+    def _load(self, input_size: int):
+        s = self.ctx.settings
+        return load_images(input_size, s.resize, s.dataset, self.ctx.data_dir, s.train_subset, s.val_subset)
+
+
 def _write(ctx: RunContext, fn, *args) -> None:
     if ctx.writer is None:
         fn(*args)
@@ -393,20 +430,36 @@ def run_groups(ctx: RunContext, work, progress: GridProgress | None = None) -> N
     """Train every pending (group, epochs done, masks) of ``work``: in order, or ``ctx.lanes`` at a
     time side by side (:func:`~matconvnet_port.search.lanes.run_in_lanes`)."""
     ctx.rows_by_group.update(read_all_rows(ctx.out_dir))
-    ctx.writer = BackgroundWriter()
+    ctx.writer, ctx.loader = BackgroundWriter(), ImagePrefetcher(ctx)
     try:
         if ctx.lanes <= 1:
-            for group, done, masks in work:
+            for i, (group, done, masks) in enumerate(work):
+                ctx.loader.want([group.input_size] + [g.input_size for g, _, _ in work[i + 1:i + 2]])
                 train_cells(ctx, group, done, masks, progress=progress)
             return
         _choose_plans_first(ctx, work)
         s = ctx.settings
-        run_in_lanes(work, lambda job: train_cells_steps(ctx, *job, progress=progress), lanes=ctx.lanes,
-                     device=ctx.device, group=lambda job: job[0].key,
-                     cost=lambda job: cost_per_image(job[0].input_size) * len(job[2]) * (s.epochs - job[1]))
+
+        def cost(job):
+            return cost_per_image(job[0].input_size) * len(job[2]) * (s.epochs - job[1])
+
+        waiting, running = sorted(work, key=cost), []  # run_in_lanes' own order: costliest and cheapest next
+
+        def start(job):
+            waiting.remove(job)
+            running.append(job)
+            ctx.loader.want([j[0].input_size for j in running + waiting[:1] + waiting[-1:]])
+            yield from train_cells_steps(ctx, *job, progress=progress)
+            running.remove(job)
+
+        run_in_lanes(work, start, lanes=ctx.lanes, device=ctx.device, group=lambda job: job[0].key, cost=cost)
     finally:
-        writer, ctx.writer = ctx.writer, None
-        writer.close()
+        loader, writer = ctx.loader, ctx.writer
+        ctx.writer = ctx.loader = None
+        try:
+            loader.close()
+        finally:
+            writer.close()
 
 
 def _choose_plans_first(ctx: RunContext, work) -> None:
