@@ -3,7 +3,7 @@
 # has its own time limit and the script goes on when one fails):
 #   1. the parity suite's CUDA cases, the fused trainer's and the lanes' CUDA tests (every CUDA
 #      candidate plan under graph replay against the CPU; two trainers on CUDA streams),
-#   2. benchmarks/bench_lanes.py: the grid's ten sizes (300 steps each) one after the other vs
+#   2. benchmarks/bench_lanes.py: the grid's ten sizes (200 steps each) one after the other vs
 #      2 and 3 lanes side by side -- decides whether --lanes should default above 1 on CUDA,
 #   3. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 2 epochs x full MNIST
 #      (the second epoch is the steady state: the first also captures graphs and searches cuDNN
@@ -31,11 +31,11 @@ stage "pytest: CUDA parity and fused-trainer cases"
 timeout 50 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py 2>&1 | tail -12
 
 stage "bench_lanes: N = 28..64 one after the other vs side by side"
-timeout 180 python3 benchmarks/bench_lanes.py --device cuda --steps 300 --lanes 2 3 \
+timeout 200 python3 benchmarks/bench_lanes.py --device cuda --steps 200 --lanes 2 3 \
   --json "$OUT/bench_lanes_cuda.json" 2>&1 | clean | tail -20
 
 stage "paper slice: 16 masks x N=28..64 x 2 epochs x 60000/10000 images x 1 seed"
-timeout 260 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 2 --device cuda \
+timeout 250 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 2 --device cuda \
   --out /tmp/paper_slice 2>&1 | clean | grep -v '^grid:' | tail -40
 cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
 cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"
