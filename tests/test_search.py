@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from matconvnet_port.fused import FusedTrainer
 from matconvnet_port.models import ALL_MASKS, mask_bits, mask_name, parse_mask
@@ -360,6 +361,26 @@ def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
     assert "Traceback" not in stderr + stdout
+
+
+@pytest.mark.parametrize("lanes", ["1", "2"])
+def test_out_of_device_memory_is_a_one_line_error_that_keeps_finished_epochs(tmp_path, monkeypatch, lanes):
+    calls = []
+    original = runner.train_cells_steps
+
+    def running_out(ctx, group, *args, **kwargs):  # the second group runs out of memory
+        calls.append(group.input_size)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return (yield from original(ctx, group, *args, **kwargs))
+
+    monkeypatch.setattr(runner, "train_cells_steps", running_out)
+    code, _, stderr = run_cli(*TINY, "--lanes", lanes, "--out", tmp_path / "run")
+    last = stderr.strip().splitlines()[-1]  # (the progress bar writes to stderr before it)
+    assert code == 1 and "Traceback" not in stderr and last.startswith("python -m matconvnet_port.search: error:")
+    assert "out of cpu memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in last and "resume" in last
+    assert ("fewer --lanes" in last) == (lanes == "2")
+    assert all(r["input_size"] == calls[0] for r in read_results(tmp_path / "run" / "results.csv"))
 
 
 def test_module_entry_point_exits_2_without_traceback():

@@ -83,6 +83,9 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+
 def _check_range(name: str, value, low, high=None) -> None:
     if value is not None and (value < low or (high is not None and value > high)):
         bound = f">= {low}" if high is None else f"in {low}..{high}"
@@ -207,6 +210,12 @@ def run(argv) -> int:
         print(f"\ninterrupted: {out} is consistent (finished epochs are kept in groups/ and results.csv).\n"
               f"resume with: {resume}", file=sys.stderr)
         return 130
+    except OUT_OF_MEMORY as e:
+        runner.regenerate_results(out)
+        fewer = " with fewer --lanes" if args.lanes > 1 else ""
+        print(f"{PROG}: error: out of {device.type} memory ({str(e).splitlines()[0]}); finished epochs are kept in "
+              f"{out}; resume{fewer} with: {resume}", file=sys.stderr)
+        return 1
     rows = runner.regenerate_results(out)
     if args.save_nets and not work:
         print("note: --save-nets writes nets when cells finish; these cells had finished already")
