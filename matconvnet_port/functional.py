@@ -219,7 +219,8 @@ class _GemmConv(torch.autograd.Function):
 
     @staticmethod
     def _product(xl, fm, b, ones, groups, fh, fw, out):
-        """out (images x ho x wo x K, channels-last) = the block's correlation."""
+        """out (images x ho x wo x K, channels-last) = the block's correlation; returns the
+        block's columns."""
         k = out.shape[3]
         cols = _GemmConv._columns(xl, groups, fh, fw, ones)
         if groups == 1:  # 2-D products take transposed operands as they are (bmm may copy them)
@@ -239,6 +240,7 @@ class _GemmConv(torch.autograd.Function):
             else:
                 rows.copy_(torch.bmm(cols, fm.transpose(1, 2)) if bias is None else
                            torch.baddbmm(bias, cols, fm.transpose(1, 2)))
+        return cols
 
     @staticmethod
     def _rows(t, groups):
@@ -250,10 +252,12 @@ class _GemmConv(torch.autograd.Function):
         return rows if t.is_cuda else rows.contiguous()
 
     @staticmethod
-    def _add_filter_grad(dfm, g, xl, groups, fh, fw, ones=False):
+    def _add_filter_grad(dfm, g, xl, groups, fh, fw, ones=False, cols=None):
         """dfm (groups x K/g x width) += g' cols: g (groups x rows x K/g) is the block's output
-        derivative, cols its input's columns (rebuilt here rather than kept from forward)."""
-        cols = _GemmConv._columns(xl, groups, fh, fw, ones)
+        derivative, cols its input's columns: kept from forward where the input was one block
+        (a GPU), rebuilt here otherwise (the CPU's blocks keep nothing but their input)."""
+        if cols is None:
+            cols = _GemmConv._columns(xl, groups, fh, fw, ones)
         if groups == 1:
             dfm[0].addmm_(g[0].t(), cols[0])
         else:
@@ -298,14 +302,16 @@ class _GemmConv(torch.autograd.Function):
         if ones:
             fm = torch.cat([fm, b.reshape(1, k, 1)], dim=2)
         blocks = _GemmConv._blocks(xl, groups, fh, fw, fc, k, pool)
+        ctx.cols = None  # one block's columns, kept for the filter derivative
         if not pool:
             y = x.new_empty(n, ho, wo, k)  # channels-last; group g owns channels g*K/g ..
             for i, j in blocks:
-                _GemmConv._product(xl[i:j], fm, b, ones, groups, fh, fw, y[i:j])
+                cols = _GemmConv._product(xl[i:j], fm, b, ones, groups, fh, fw, y[i:j])
+            ctx.cols = cols if len(blocks) == 1 else None
             ctx.save_for_backward(xl, fm)
         elif len(blocks) == 1:  # (a GPU) pooling's own outputs are the results, no copies
             full = x.new_empty(n, ho, wo, k)
-            _GemmConv._product(xl, fm, b, ones, groups, fh, fw, full)
+            ctx.cols = _GemmConv._product(xl, fm, b, ones, groups, fh, fw, full)
             pooled, index = F.max_pool2d_with_indices(full.permute(0, 3, 1, 2), 2, 2)
             y, where = pooled.permute(0, 2, 3, 1), index.permute(0, 2, 3, 1)
             ctx.save_for_backward(xl, fm, where)
@@ -355,7 +361,7 @@ class _GemmConv(torch.autograd.Function):
                 db += gb.sum((0, 1, 2))
             g = _GemmConv._rows(gb, groups)
             if want_f:
-                _GemmConv._add_filter_grad(dfm, g, xl[i:j], groups, fh, fw, ones)
+                _GemmConv._add_filter_grad(dfm, g, xl[i:j], groups, fh, fw, ones, cols=ctx.cols)
             if want_x:
                 dcols = torch.bmm(g, fm[:, :, :width]).reshape(groups, j - i, ho, wo, fh, fw, fc)
                 _GemmConv._col2im(dxg, dcols, i, j)
@@ -471,8 +477,10 @@ class _LinearPairGemm(torch.autograd.Function):
         wc = torch.bmm(w2, w1)                                             # g x k2g x width
         bc = torch.baddbmm(b2.reshape(groups, k2g, 1), w2, b1.reshape(groups, k1g, 1)).reshape(k2)
         z = x.new_empty(n, ho, wo, k2)
-        for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False):
-            _GemmConv._product(xl[i:j], wc, bc, False, groups, fh, fw, z[i:j])
+        blocks = _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False)
+        for i, j in blocks:
+            cols = _GemmConv._product(xl[i:j], wc, bc, False, groups, fh, fw, z[i:j])
+        ctx.cols = cols if len(blocks) == 1 else None  # kept for dZ' X (one block: a GPU)
         ctx.save_for_backward(xl, w1, b1, w2, wc)
         ctx.shape = (groups, fh, fw)
         return z.permute(0, 3, 1, 2)
@@ -491,7 +499,7 @@ class _LinearPairGemm(torch.autograd.Function):
             dxl, dxg = _GemmConv._input_grad(xl, groups)
         for i, j in _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False):
             g = _GemmConv._rows(zl[i:j], groups)
-            _GemmConv._add_filter_grad(gram, g, xl[i:j], groups, fh, fw)
+            _GemmConv._add_filter_grad(gram, g, xl[i:j], groups, fh, fw, cols=ctx.cols)
             if dxg is not None:
                 _GemmConv._col2im(dxg, torch.bmm(g, wc).reshape(groups, j - i, ho, wo, fh, fw, fc), i, j)
         if dxg is not None:
