@@ -5,7 +5,8 @@
 
 Small N are launch-bound on a GPU (a step of the 16 LeNets at N = 28 is ~3 ms of a few hundred small
 kernels on an H100), so the count is a speed measure that needs no GPU. The step runs on the CPU as
-it would on CUDA (every model in one pass, the GEMM convolutions in one block) under a
+it would on CUDA (every model in one pass, the GEMM convolutions in one block, CUDA's ReLU paths;
+the few copies that only the CPU makes around batched products are counted too) under a
 ``TorchDispatchMode`` that counts every ATen operation except views, allocations and copies of a
 tensor onto itself. An operation can launch more than one kernel (cuDNN's, the copies inside a
 convolution's backward) and the multi-tensor SGD update is seen per tensor: the count is a
@@ -63,6 +64,7 @@ def main():
     parser.add_argument("--where", metavar="OP", help="list the call sites of this operation")
     args = parser.parse_args()
     fn.GEMM_BLOCK_BYTES = 1 << 60  # one block, as on CUDA
+    fn.MASKED_RELU_NUMEL = getattr(fn, "MASKED_RELU_NUMEL_CUDA", None)  # CUDA's choice of ReLU path
     weights = [[l["weights"][0], l["weights"][1]] for l in cnn_mnist_init(seed=0).layers if l["type"] == "conv"]
     masks = sorted(ALL_MASKS, reverse=True)
     plan = {"memory_format": args.memory_format, "conv": parse_conv(args.conv), "chunk_size": len(masks),
