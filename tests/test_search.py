@@ -383,6 +383,34 @@ def test_out_of_device_memory_is_a_one_line_error_that_keeps_finished_epochs(tmp
     assert all(r["input_size"] == calls[0] for r in read_results(tmp_path / "run" / "results.csv"))
 
 
+def test_autotuned_plans_are_remembered_in_the_output_folder(tmp_path, monkeypatch):
+    from matconvnet_port.fused import default_plan
+
+    measured = []
+
+    def fake_autotune(masks, weights, x, y, batch_size):
+        measured.append(x.shape[2])
+        plan = dict(default_plan("cpu", x.shape[2], len(masks)), conv=("gemm", "streams", "gemm", "gemm"))
+        return plan, {"some plan": 0.02}
+
+    monkeypatch.setattr(runner, "autotune_plan", fake_autotune)
+    monkeypatch.setattr(runner, "_autotune_key", lambda ctx, n, masks: f"test device; N={n}")
+    settings = Settings(epochs=1, train_subset=200, val_subset=100, resize="imresize", dataset="mnist",
+                        learning_rate=0.001, batch_size=100, precision="fp32")
+    x, y = torch.zeros(100, 1, 28, 28), torch.ones(100)
+
+    def plan_of_a_new_run():
+        ctx = runner.RunContext(out_dir=tmp_path, settings=settings, device=torch.device("cuda"), log=lambda m: None)
+        return runner.choose_plan(ctx, 28, ALL_MASKS, x, y)
+
+    first = plan_of_a_new_run()
+    assert measured == [28] and first["conv"] == ("gemm", "streams", "gemm", "gemm")
+    assert plan_of_a_new_run() == first and measured == [28]  # remembered, not measured again
+    (tmp_path / runner.AUTOTUNE_FILE).write_text("{not json")
+    assert plan_of_a_new_run() == first and measured == [28, 28]  # an unreadable file is measured over
+    assert json.loads((tmp_path / runner.AUTOTUNE_FILE).read_text())["test device; N=28"]["ms_per_step"]
+
+
 def test_module_entry_point_exits_2_without_traceback():
     result = subprocess.run([sys.executable, "-m", "matconvnet_port.search", "--sizes", "30"],
                             capture_output=True, text=True, timeout=120)

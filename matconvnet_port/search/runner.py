@@ -26,6 +26,8 @@ overlap (they share its checkpoint).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,12 +37,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..fused import FusedLeNet, FusedTrainer, autotune_plan, build, default_plan, parse_conv, plan_label, run_to_end
+from ..fused import (FusedLeNet, FusedTrainer, autotune_plan, build, candidate_plans, default_plan, parse_conv,
+                     plan_label, run_to_end)
 from ..mnist import get_mnist_imdb
 from ..models import CONV_SHAPES, cnn_mnist_init, mask_bits, mask_name
 from .grid import Group, Settings, cost_per_image, fused_order
 from .lanes import run_in_lanes
-from .results import atomic_torch_save, write_results
+from .results import atomic_torch_save, atomic_write_text, write_results
 
 __all__ = ["RunContext", "GridProgress", "load_images", "initial_weights", "pending_work", "work_images",
            "estimate_seconds", "train_cells", "train_cells_steps", "run_groups", "BackgroundWriter", "ImagePrefetcher", "read_all_rows", "regenerate_results", "checkpoint_path"]
@@ -207,10 +210,18 @@ def choose_plan(ctx: RunContext, input_size: int, masks, x: torch.Tensor, y: tor
     key = (input_size, len(masks))
     if key not in ctx.plan_by_size:
         if ctx.device.type == "cuda" and ctx.conv == "auto" and ctx.memory_format == "auto":
-            plan, timings = autotune_plan(masks, list(initial_weights(0)), x, y, batch_size=ctx.settings.batch_size)
-            ctx.log(f"autotune N={input_size} ({len(masks)} models): "
-                    + ", ".join(f"{k} {v * 1e3:.1f} ms/step" for k, v in timings.items())
-                    + f" -> {plan_label(plan)}")
+            measured = _autotune_key(ctx, input_size, masks)
+            plan = _remembered_plan(ctx.out_dir, measured)
+            if plan is not None:
+                ctx.log(f"autotune N={input_size} ({len(masks)} models): {plan_label(plan)}, as measured before "
+                        f"({AUTOTUNE_FILE})")
+            else:
+                plan, timings = autotune_plan(masks, list(initial_weights(0)), x, y,
+                                              batch_size=ctx.settings.batch_size)
+                ctx.log(f"autotune N={input_size} ({len(masks)} models): "
+                        + ", ".join(f"{k} {v * 1e3:.1f} ms/step" for k, v in timings.items())
+                        + f" -> {plan_label(plan)}")
+                _remember_plan(ctx.out_dir, measured, plan, timings)
         else:
             plan = default_plan(ctx.device.type, input_size, len(masks))
             if ctx.conv != "auto":  # the user's layers, one by one
@@ -219,6 +230,44 @@ def choose_plan(ctx: RunContext, input_size: int, masks, x: torch.Tensor, y: tor
                 plan["memory_format"] = ctx.memory_format
         ctx.plan_by_size[key] = plan
     return ctx.plan_by_size[key]
+
+
+# The plans autotune chose in this output folder, so that a resumed or extended run does not measure
+# them again: keyed by everything the choice depends on (device, library versions, N, the masks,
+# batch size, precision and the candidates); an unreadable file is measured over.
+AUTOTUNE_FILE = "autotune.json"
+
+
+def _autotune_key(ctx: RunContext, input_size: int, masks) -> str:
+    candidates = ",".join(plan_label(p) for p in candidate_plans(ctx.device.type, len(masks), input_size))
+    return (f"{ctx.device_label}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}; "
+            f"N={input_size}; batch {ctx.settings.batch_size}; {ctx.settings.precision}; "
+            f"masks {' '.join(mask_bits(m) for m in masks)}; "
+            f"candidates {hashlib.sha1(candidates.encode()).hexdigest()[:12]}")
+
+
+def _read_autotune_file(out_dir) -> dict:
+    try:
+        data = json.loads((Path(out_dir) / AUTOTUNE_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remembered_plan(out_dir, key: str) -> dict | None:
+    entry = _read_autotune_file(out_dir).get(key)
+    try:
+        plan = dict(entry["plan"])
+        plan["conv"] = parse_conv(plan["conv"])
+        return plan if plan.get("memory_format") in ("nchw", "nhwc") else None
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _remember_plan(out_dir, key: str, plan: dict, timings: dict) -> None:
+    data = _read_autotune_file(out_dir)
+    data[key] = {"plan": dict(plan, conv=list(plan["conv"])), "ms_per_step": {k: v * 1e3 for k, v in timings.items()}}
+    atomic_write_text(Path(out_dir) / AUTOTUNE_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
