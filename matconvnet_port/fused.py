@@ -145,11 +145,11 @@ class FusedLeNet(nn.Module):
             return fn.conv_gemm(x, f, b, library_forward=self.conv[i] == "gemm_wgrad")
         if self.conv[i] == "grouped" or i == 0 or count == 1:
             return fn.conv(x, f, b)
-        # each model's slice as a dense NCHW tensor (for float32 cuDNN converts channels-last to
-        # NCHW internally anyway, its kernels for that order): all models in one copy each way, and
-        # unbind/split/stack, whose derivatives are one stack, cat or unbind (slicing per model
-        # would zero and fill a full-size derivative per model)
-        # The biases are added to all models at once, on the way back to batch-major order.
+        # Each model's slice as a dense NCHW tensor (for float32 cuDNN converts channels-last to
+        # NCHW internally anyway, its kernels for that order): all models reordered in one copy each
+        # way, then unbind/split/stack, whose derivatives are one stack, cat or unbind (slicing per
+        # model would zero and fill a full-size derivative per model); the biases of all models are
+        # added on the way back to batch-major order.
         xs = _ModelMajor.apply(x, count).unbind(0)
         fs = f.contiguous().split(k)
         if self.conv[i] == "streams" and x.is_cuda:
