@@ -270,6 +270,15 @@ def _remember_plan(out_dir, key: str, plan: dict, timings: dict) -> None:
     atomic_write_text(Path(out_dir) / AUTOTUNE_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+def _random_digits(ctx: RunContext, input_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8 batches of random N x N images on the MNIST scale and 1-based labels, on the device: enough
+    for autotune's steps, which need no real data (its consensus check compares plans)."""
+    b = ctx.settings.batch_size
+    x = torch.randn(8 * b, 1, input_size, input_size, device=ctx.device) * 50
+    y = torch.randint(1, 11, (8 * b,), device=ctx.device).double()
+    return x, y
+
+
 def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
     """Rough time of the pending work: one timed training step of the largest fused model at the
     smallest pending N on random data, scaled by :func:`cost_per_image` and the number of models."""
@@ -278,8 +287,7 @@ def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
     n0 = min(g.input_size for g, _, _ in work)
     masks = max((m for _, _, m in work), key=len)
     b = ctx.settings.batch_size
-    x = torch.randn(8 * b, 1, n0, n0, device=ctx.device) * 50  # 8 batches: enough for autotune's steps
-    y = torch.randint(1, 11, (8 * b,), device=ctx.device).double()
+    x, y = _random_digits(ctx, n0)
     plan = choose_plan(ctx, n0, masks, x, y)
     trainer = FusedTrainer(build(plan, masks, list(initial_weights(0)), ctx.device), x, y, batch_size=b,
                            chunk_size=plan["chunk_size"])
@@ -325,8 +333,7 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
     if ctx.writer is not None:  # an earlier run of this group may still be writing its checkpoint
         ctx.writer.flush()
     checkpoint = load_checkpoint(path, group)
-    images, labels = (ctx.loader.get(group.input_size) if ctx.loader is not None else
-                      load_images(group.input_size, s.resize, s.dataset, ctx.data_dir, s.train_subset, s.val_subset))
+    images, labels = ctx.loader.get(group.input_size) if ctx.loader is not None else _images(ctx, group.input_size)
     x = torch.from_numpy(images).to(ctx.device)
     y = torch.from_numpy(labels).to(ctx.device)
     train_indices = np.arange(1, s.train_subset + 1)
@@ -444,8 +451,13 @@ class ImagePrefetcher:
         self._pool.shutdown(wait=True)
 
     def _load(self, input_size: int):
-        s = self.ctx.settings
-        return load_images(input_size, s.resize, s.dataset, self.ctx.data_dir, s.train_subset, s.val_subset)
+        return _images(self.ctx, input_size)
+
+
+def _images(ctx: RunContext, input_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_images` with the run's settings."""
+    s = ctx.settings
+    return load_images(input_size, s.resize, s.dataset, ctx.data_dir, s.train_subset, s.val_subset)
 
 
 def _write(ctx: RunContext, fn, *args) -> None:
@@ -492,16 +504,11 @@ def run_groups(ctx: RunContext, work, progress: GridProgress | None = None) -> N
         def cost(job):
             return cost_per_image(job[0].input_size) * len(job[2]) * (s.epochs - job[1])
 
-        waiting, running = sorted(work, key=cost), []  # run_in_lanes' own order: costliest and cheapest next
+        def upcoming(running, pending):  # lanes take the costliest and the cheapest pending job next
+            ctx.loader.want([job[0].input_size for job in running + pending[:1] + pending[-1:]])
 
-        def start(job):
-            waiting.remove(job)
-            running.append(job)
-            ctx.loader.want([j[0].input_size for j in running + waiting[:1] + waiting[-1:]])
-            yield from train_cells_steps(ctx, *job, progress=progress)
-            running.remove(job)
-
-        run_in_lanes(work, start, lanes=ctx.lanes, device=ctx.device, group=lambda job: job[0].key, cost=cost)
+        run_in_lanes(work, lambda job: train_cells_steps(ctx, *job, progress=progress), lanes=ctx.lanes,
+                     device=ctx.device, group=lambda job: job[0].key, cost=cost, upcoming=upcoming)
     finally:
         loader, writer = ctx.loader, ctx.writer
         ctx.writer = ctx.loader = None
@@ -513,11 +520,7 @@ def run_groups(ctx: RunContext, work, progress: GridProgress | None = None) -> N
 
 def _choose_plans_first(ctx: RunContext, work) -> None:
     """Every plan the work needs, chosen before the lanes start: autotuning times steps alone on the
-    device (on random images, as :func:`estimate_seconds`; its consensus check needs no real data)."""
-    b = ctx.settings.batch_size
+    device (on random images, as :func:`estimate_seconds`)."""
     for group, _, masks in work:
         if (group.input_size, len(masks)) not in ctx.plan_by_size:
-            n = group.input_size
-            x = torch.randn(8 * b, 1, n, n, device=ctx.device) * 50
-            y = torch.randint(1, 11, (8 * b,), device=ctx.device).double()
-            choose_plan(ctx, n, masks, x, y)
+            choose_plan(ctx, group.input_size, masks, *_random_digits(ctx, group.input_size))
