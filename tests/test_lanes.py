@@ -38,9 +38,12 @@ def test_one_lane_runs_the_jobs_in_the_given_order():
 
 
 def test_two_lanes_pair_the_costliest_with_the_cheapest_and_interleave():
-    jobs = Jobs()
+    jobs, heard = Jobs(), []
     run_in_lanes([job(n, c) for n, c in (("28", 1), ("36", 3), ("64", 15), ("48", 6))], jobs.start, lanes=2,
-                 device=CPU, cost=lambda j: j[1])
+                 device=CPU, cost=lambda j: j[1],
+                 upcoming=lambda running, pending: heard.append(([j[0] for j in running], [j[0] for j in pending])))
+    assert heard[:2] == [(["64"], ["28", "36", "48"]), (["64", "28"], ["36", "48"])]  # after each start
+    assert len(heard) == 4
     starts = [name for event, name in jobs.log if event == "start"]
     assert starts[:2] == ["64", "28"]  # lane 0 the costliest, lane 1 the cheapest
     assert sorted(starts) == ["28", "36", "48", "64"]

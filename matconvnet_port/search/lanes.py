@@ -45,11 +45,13 @@ def _stream_context(stream):
 
 
 def run_in_lanes(jobs: Iterable, start: Callable, *, lanes: int, device: torch.device, cost: Callable,
-                 group: Callable = id) -> None:
+                 group: Callable = id, upcoming: Callable | None = None) -> None:
     """Run ``start(job)`` (a step generator) for every job, ``lanes`` at a time, interleaved.
 
     ``cost(job)``: its relative cost (which lane takes it); ``group(job)``: a
-    key; jobs with the same key never run at once. On a CPU there are no
+    key; jobs with the same key never run at once. ``upcoming(running,
+    pending)``, if given, hears after every start which jobs run and which
+    wait (cheapest first), e.g. to prepare their data. On a CPU there are no
     streams: the jobs' steps interleave in this thread (the same results as
     one after the other, no faster). Exceptions (KeyboardInterrupt too) stop
     every job where it is; what each finished before stays finished.
@@ -60,7 +62,7 @@ def run_in_lanes(jobs: Iterable, start: Callable, *, lanes: int, device: torch.d
     streams = [torch.cuda.Stream(device) if cuda else None for _ in range(lanes)]
     # cheapest first (ties keep the given order); one lane runs the jobs in the given order
     pending = sorted(jobs, key=cost) if lanes > 1 else list(jobs)
-    running: list = [None] * lanes    # per lane: [generator, event to wait for, group key]
+    running: list = [None] * lanes    # per lane: [generator, event to wait for, group key, job]
     try:
         while pending or any(running):
             resumed = False
@@ -72,7 +74,9 @@ def run_in_lanes(jobs: Iterable, start: Callable, *, lanes: int, device: torch.d
                         job = pending.pop(free[-1] if lane == 0 and lanes > 1 else free[0])
                         if cuda:  # after whatever the caller queued before (autotuning, say)
                             streams[lane].wait_stream(torch.cuda.current_stream(device))
-                        running[lane] = [start(job), None, group(job)]
+                        running[lane] = [start(job), None, group(job), job]
+                        if upcoming is not None:
+                            upcoming([r[3] for r in running if r is not None], list(pending))
                 state = running[lane]
                 if state is None or (state[1] is not None and not state[1].query()):
                     continue
