@@ -231,8 +231,9 @@ class _GemmConv(torch.autograd.Function):
         else:
             rows = out.view(-1, groups, k // groups).transpose(0, 1)
             bias = None if b is None else b.reshape(groups, 1, k // groups)
-            if out.is_cuda:  # cuBLAS writes group g's columns of the channels-last output in place
-                # (a matrix with leading dimension K); the CPU's batched product was slower so
+            # cuBLAS writes group g's columns of the channels-last output in place (a matrix with
+            # leading dimension K); on the CPU the batched product into that view measured slower
+            if out.is_cuda:
                 if bias is None:
                     torch.bmm(cols, fm.transpose(1, 2), out=rows)
                 else:
