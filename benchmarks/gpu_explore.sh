@@ -6,16 +6,9 @@
 #   2. benchmarks/bench_grouped_conv.py: conv2 at N = 28, 44, 64 and conv3 at N = 64, pass by pass,
 #   3. benchmarks/bench_plans.py: every candidate plan at N = 28 and 64 and the fastest one's kernels.
 # Run from the repository root:  OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu_explore.sh
-set -u
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
-start=$(date +%s)
-stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
+source "$(dirname "$0")/gpu_common.sh"
 {
-stage environment
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
-python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name())"
+environment
 
 stage "pytest: CUDA cases"
 timeout 70 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_gradcheck.py 2>&1 | tail -8

@@ -14,18 +14,9 @@
 # benchmark JSON are copied next to it (few files: the device tool returns at most eight).
 # benchmarks/gpu_explore.sh is the shorter look at single kernels that came before this.
 # Run from the repository root:  OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu_session.sh
-set -u
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
-start=$(date +%s)
-stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
-clean() { tr '\r' '\n' | grep -v -E '^\s*$|(it|img|batch)/s\]$'; }
+source "$(dirname "$0")/gpu_common.sh"
 {
-stage environment
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+environment
 
 stage "pytest: CUDA parity and fused-trainer cases"
 timeout 50 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py 2>&1 | tail -12
@@ -45,4 +36,4 @@ stage "bench_search (ours vs naive, N = 28 and 64)"
 timeout 70 python3 benchmarks/bench_search.py --device cuda --sizes 28 64 --images 10000 \
   --json "$OUT/bench_search_cuda.json" 2>&1 | clean | tail -8
 stage done
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee "$OUT/log.txt"
