@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from bench_search import FP32_PEAK, flops_per_image, sync
-from matconvnet_port import cnn_mnist_init
+from matconvnet_port.search.runner import initial_weights
 from matconvnet_port.fused import FusedTrainer, autotune_plan, build, default_plan, plan_label, run_to_end
 from matconvnet_port.models import ALL_MASKS
 from matconvnet_port.precision import set_precision
@@ -41,7 +41,7 @@ GRID_STEPS = 12000  # 20 epochs x 60000 images / batch 100
 
 def trainers(sizes, steps, device) -> dict:
     """N -> (trainer on random digits, plan label), warmed up (graph captured)."""
-    weights = [[l["weights"][0], l["weights"][1]] for l in cnn_mnist_init(seed=0).layers if l["type"] == "conv"]
+    weights = list(initial_weights(0))  # cnn_mnist_init(seed=0), as the search starts seed 0
     masks = sorted(ALL_MASKS, reverse=True)
     g = torch.Generator().manual_seed(0)
     out = {}

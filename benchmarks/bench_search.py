@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matconvnet_port import cnn_mnist_init
+from matconvnet_port.search.runner import initial_weights
 from matconvnet_port.fused import FusedTrainer, autotune_plan, build, default_plan, plan_label
 from matconvnet_port.mnist import get_mnist_imdb
 from matconvnet_port.models import ALL_MASKS, CONV_SHAPES
@@ -133,7 +133,7 @@ def our_trainer(images, labels, device, batch_size=100, autotune=None) -> tuple[
     """Our path as the search runs it: on CUDA the plan autotune_plan measures, on the CPU
     fused.default_plan (the search does not autotune there; ``autotune=True`` times the
     candidates too and uses the fastest). Warmed up (CUDA graph captured)."""
-    weights = [[l["weights"][0], l["weights"][1]] for l in cnn_mnist_init(seed=0).layers if l["type"] == "conv"]
+    weights = list(initial_weights(0))  # cnn_mnist_init(seed=0), as the search starts seed 0
     masks = sorted(ALL_MASKS, reverse=True)
     timings = {}
     if autotune is None:
@@ -209,6 +209,8 @@ def main():
     parser.add_argument("--same-allocator", action="store_true",
                         help="on CPU, keep freed memory for the naive loop too (a fairer kernel-only ratio)")
     args = parser.parse_args()
+    if args.images is not None and args.images < 300:  # our path warms up on 3 batches of 100
+        parser.error(f"--images must be >= 300, got {args.images}")
     device = torch.device(args.device)
     set_precision("fp32")
     if device.type == "cuda":

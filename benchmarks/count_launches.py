@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import matconvnet_port.functional as fn
-from matconvnet_port import cnn_mnist_init
+from matconvnet_port.search.runner import initial_weights
 from matconvnet_port.fused import FusedTrainer, build, parse_conv, plan_label
 from matconvnet_port.models import ALL_MASKS
 
@@ -65,7 +65,7 @@ def main():
     args = parser.parse_args()
     fn.GEMM_BLOCK_BYTES = 1 << 60  # one block, as on CUDA
     fn.MASKED_RELU_NUMEL = getattr(fn, "MASKED_RELU_NUMEL_CUDA", None)  # CUDA's choice of ReLU path
-    weights = [[l["weights"][0], l["weights"][1]] for l in cnn_mnist_init(seed=0).layers if l["type"] == "conv"]
+    weights = list(initial_weights(0))  # cnn_mnist_init(seed=0), as the search starts seed 0
     masks = sorted(ALL_MASKS, reverse=True)
     plan = {"memory_format": args.memory_format, "conv": parse_conv(args.conv), "chunk_size": len(masks),
             "compose": not args.no_compose}
