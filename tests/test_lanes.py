@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from matconvnet_port.fused import FusedLeNet, FusedTrainer, run_to_end
-from matconvnet_port.models import ALL_MASKS, cnn_mnist_init
+from matconvnet_port.models import ALL_MASKS
 from matconvnet_port.search.lanes import run_in_lanes
+from matconvnet_port.search.runner import initial_weights
 
 CPU = torch.device("cpu")
 
@@ -89,8 +90,7 @@ def test_an_error_in_one_job_closes_the_others():
 def _trainers(device, sizes=(28, 32), masks=ALL_MASKS[:4]):
     """One fused trainer per N on random digits (same seed: the same data every call)."""
     g = torch.Generator().manual_seed(0)
-    weights = [(layer["weights"][0], layer["weights"][1]) for layer in cnn_mnist_init(seed=1).layers
-               if layer["type"] == "conv"]
+    weights = list(initial_weights(1))
     out = []
     for n in sizes:
         images = (torch.rand(300, 1, n, n, generator=g) * 255 - 33).to(device)
