@@ -172,6 +172,14 @@ def conv(x: torch.Tensor, f: torch.Tensor | None, b: torch.Tensor | None = None,
 GEMM_BLOCK_BYTES = 8 << 20
 # at most this many numbers per column row, the bias is a column of ones (see _GemmConv)
 NARROW_COLUMNS = 64
+# batched products read and write the channels-last layout in place (True), or through contiguous
+# copies (False); None: in place on CUDA only, where cuBLAS takes the strided matrices as they are
+# (benchmarks/count_launches.py sets True to count CUDA's step on the CPU)
+PRODUCTS_IN_PLACE: bool | None = None
+
+
+def _in_place(t: torch.Tensor) -> bool:
+    return t.is_cuda if PRODUCTS_IN_PLACE is None else PRODUCTS_IN_PLACE
 
 
 class _GemmConv(torch.autograd.Function):
@@ -233,7 +241,7 @@ class _GemmConv(torch.autograd.Function):
             bias = None if b is None else b.reshape(groups, 1, k // groups)
             # cuBLAS writes group g's columns of the channels-last output in place (a matrix with
             # leading dimension K); on the CPU the batched product into that view measured slower
-            if out.is_cuda:
+            if _in_place(out):
                 if bias is None:
                     torch.bmm(cols, fm.transpose(1, 2), out=rows)
                 else:
@@ -250,7 +258,7 @@ class _GemmConv(torch.autograd.Function):
         matrix with leading dimension K as it is); on the CPU a contiguous copy, which its
         batched products ran faster with (7-8 % of a step at N = 28 and 64)."""
         rows = t.reshape(-1, groups, t.shape[-1] // groups).transpose(0, 1)
-        return rows if t.is_cuda else rows.contiguous()
+        return rows if _in_place(t) else rows.contiguous()
 
     @staticmethod
     def _add_filter_grad(dfm, g, xl, groups, fh, fw, ones=False, cols=None):

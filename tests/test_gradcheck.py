@@ -37,17 +37,25 @@ def test_conv(pad, stride, dilate, groups):
     check(lambda x, f, b: fn.conv(x, f, b, pad=pad, stride=stride, dilate=dilate), x, f, b)
 
 
+def _blocking(block_bytes, monkeypatch):
+    if block_bytes == "in_place":
+        monkeypatch.setattr(fn, "PRODUCTS_IN_PLACE", True)
+    elif block_bytes:
+        monkeypatch.setattr(fn, "GEMM_BLOCK_BYTES", block_bytes)
+
+
 # filter sizes against the 7 x 8 input: outputs larger and smaller than the filter, and 1 x 1 (a fully
 # connected layer), so that col2im's classes of non-overlapping taps hold one to several taps
 @pytest.mark.parametrize("groups,filter_size,bias", [(1, (3, 2), True), (2, (3, 3), True), (3, (1, 1), False),
                                                      (1, (5, 5), False), (6, (2, 3), True), (1, (7, 8), True),
                                                      (2, (6, 3), False)])
-@pytest.mark.parametrize("block_bytes", [None, 1])  # one block; one image per block (the CPU's blocking)
+# one block; one image per block (the CPU's blocking); one block with the batched products reading and
+# writing the channels-last layout in place (what CUDA runs)
+@pytest.mark.parametrize("block_bytes", [None, 1, "in_place"])
 @pytest.mark.parametrize("library_forward", [False, True])  # all GEMM; only the filter derivative
 def test_conv_gemm_equals_conv_and_its_derivatives(groups, filter_size, bias, block_bytes, library_forward,
                                                    monkeypatch):
-    if block_bytes:
-        monkeypatch.setattr(fn, "GEMM_BLOCK_BYTES", block_bytes)
+    _blocking(block_bytes, monkeypatch)
     x = rand(3, 6, 7, 8)
     f = rand(2 * groups, 6 // groups, *filter_size)
     b = rand(f.shape[0]) if bias else None
@@ -63,10 +71,9 @@ def test_conv_gemm_equals_conv_and_its_derivatives(groups, filter_size, bias, bl
 
 
 @pytest.mark.parametrize("groups,bias", [(1, True), (1, False), (3, True)])
-@pytest.mark.parametrize("block_bytes", [None, 1])
+@pytest.mark.parametrize("block_bytes", [None, 1, "in_place"])
 def test_conv_gemm_max_pool_is_conv_then_pool_ties_included(groups, bias, block_bytes, monkeypatch):
-    if block_bytes:
-        monkeypatch.setattr(fn, "GEMM_BLOCK_BYTES", block_bytes)
+    _blocking(block_bytes, monkeypatch)
     # small integers: many tied maxima, whose derivative must go where pool sends it
     x = torch.randint(-2, 3, (3, 6, 9, 8)).double().requires_grad_(True)
     f = torch.randint(-1, 2, (2 * groups, 6 // groups, 2, 3)).double().requires_grad_(True)
@@ -83,10 +90,9 @@ def test_conv_gemm_max_pool_is_conv_then_pool_ties_included(groups, bias, block_
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("block_bytes", [None, 1])
+@pytest.mark.parametrize("block_bytes", [None, 1, "in_place"])
 def test_linear_pair_gemm_is_two_convolutions(groups, block_bytes, monkeypatch):
-    if block_bytes:
-        monkeypatch.setattr(fn, "GEMM_BLOCK_BYTES", block_bytes)
+    _blocking(block_bytes, monkeypatch)
     x = rand(3, 6, 7, 6)
     f1, b1 = rand(4 * groups, 6 // groups, 3, 2), rand(4 * groups)
     f2, b2 = rand(2 * groups, 4, 1, 1), rand(2 * groups)
