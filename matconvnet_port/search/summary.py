@@ -433,7 +433,9 @@ def _plot_curves(summary: dict, file) -> None:
     sizes, masks, epochs = summary["sizes"], summary["masks"], summary["epochs"]
     cols = min(len(sizes), 5)
     rows = math.ceil(len(sizes) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.5, 2.8 * rows), squeeze=False, sharey=True)
+    legend_inches = 1.9  # a column right of the panels: over them it hid the title of a one-N grid
+    width = 3.2 * cols + legend_inches
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 2.8 * rows), squeeze=False, sharey=True)
     x = np.arange(1, epochs + 1)
     for ax, n in zip(axes.flat, sizes):
         for m in masks:
@@ -458,9 +460,9 @@ def _plot_curves(summary: dict, file) -> None:
         ax.set_ylabel("val image-level error (%)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    fig.legend(unique.values(), unique.keys(), loc="upper right", fontsize=8)
+    fig.legend(unique.values(), unique.keys(), loc="center right", fontsize=8)
     fig.suptitle(f"validation image-level error per epoch, mean over {len(summary['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.88, 0.95))
+    fig.tight_layout(rect=(0, 0, 1 - legend_inches / width, 0.95))
     fig.savefig(file, format="png", dpi=110)
     plt.close(fig)
 
