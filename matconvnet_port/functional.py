@@ -238,17 +238,13 @@ class _GemmConv(torch.autograd.Function):
                 torch.addmm(b, cols[0], fm[0].t(), out=out.view(-1, k))
         else:
             rows = out.view(-1, groups, k // groups).transpose(0, 1)
-            bias = None if b is None else b.reshape(groups, 1, k // groups)
+            product = torch.bmm if b is None else functools.partial(torch.baddbmm, b.reshape(groups, 1, k // groups))
             # cuBLAS writes group g's columns of the channels-last output in place (a matrix with
             # leading dimension K); on the CPU the batched product into that view measured slower
             if _in_place(out):
-                if bias is None:
-                    torch.bmm(cols, fm.transpose(1, 2), out=rows)
-                else:
-                    torch.baddbmm(bias, cols, fm.transpose(1, 2), out=rows)
+                product(cols, fm.transpose(1, 2), out=rows)
             else:
-                rows.copy_(torch.bmm(cols, fm.transpose(1, 2)) if bias is None else
-                           torch.baddbmm(bias, cols, fm.transpose(1, 2)))
+                rows.copy_(product(cols, fm.transpose(1, 2)))
         return cols
 
     @staticmethod
