@@ -520,3 +520,53 @@ def test_verdict_says_not_reproduced_when_another_mask_wins():
     line = verdict_lines(summary)[0]
     assert line.startswith("[image-level error] NOT reproduced: best is C C CR C")
     assert "C CR C CR ranks 4/4" in line
+
+
+def _factorial_rows(effects, sizes=(28, 32), seeds=(0, 1, 2), noise=0.0):
+    """Final-epoch rows for all 16 masks whose error is a base per (N, seed) plus effects[k] per ReLU k."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for n in sizes:
+        for s in seeds:
+            base = 0.02 + 0.01 * rng.random()
+            for mask in ALL_MASKS:
+                bits = mask_bits(mask)
+                err = base + sum(e for e, on in zip(effects, mask) if on) + noise * rng.standard_normal()
+                rows.append({"mask": mask_name(mask), "mask_bits": bits, "input_size": n, "seed": s, "epoch": 1,
+                             "val_image_err": err, "val_top1err": err * (n // 4 - 6) ** 2, "seconds": 1.0,
+                             "device": "cpu", "conv_impl": "gemm", "fused_models": 16,
+                             **{f"dead_relu_conv{i}": 0.0 if mask[i - 1] else math.nan for i in range(1, 5)}})
+    return rows
+
+
+def test_relu_effects_recover_an_additive_design():
+    effects = [-0.001, 0.0005, -0.003, 0.0]
+    summary = summarise(_factorial_rows(effects), synthetic_config(epochs=1))
+    found = summary["measures"]["val_image_err"]["relu_effects"]
+    assert [e["conv"] for e in found] == [1, 2, 3, 4] and all(e["mask_pairs"] == 8 and e["n"] == 6 for e in found)
+    for e, want in zip(found, effects):
+        assert e["mean_diff"] == pytest.approx(want, abs=1e-12)
+        assert all(v == pytest.approx(want, abs=1e-12) for v in e["per_size"].values())
+    # 8 matched mask pairs x 6 (N, seed) pairs, every one lower (conv1, conv3) or higher (conv2)
+    assert (found[0]["lower_with_relu"], found[0]["higher_with_relu"]) == (48, 0)
+    assert (found[1]["lower_with_relu"], found[1]["higher_with_relu"]) == (0, 48)
+    assert found[2]["t_p"] == 0.0 and math.isnan(found[3]["t_p"])  # constant non-zero effect; no effect at all
+    assert "## What each ReLU does" in summary_markdown(summary)
+
+
+def test_relu_effects_with_noise_and_a_partial_grid():
+    noisy = summarise(_factorial_rows([0.0, 0.0, -0.003, 0.0], noise=0.0005), synthetic_config(epochs=1))
+    conv3 = noisy["measures"]["val_image_err"]["relu_effects"][2]
+    assert conv3["mean_diff"] == pytest.approx(-0.003, abs=0.0005) and conv3["t_p"] < 1e-3
+    assert conv3["ci95"] > 0 and conv3["mean_diff"] + conv3["ci95"] < 0
+    # only the masks with no ReLU after conv1: conv1's effect has no matched pair, the others 4 each
+    rows = [r for r in _factorial_rows([0.001, 0.0, 0.0, 0.0]) if r["mask_bits"][0] == "0"]
+    partial = summarise(rows, synthetic_config(epochs=1))["measures"]["val_image_err"]["relu_effects"]
+    assert [e["mask_pairs"] for e in partial] == [0, 4, 4, 4] and partial[0]["n"] == 0
+
+
+def summary_markdown(summary):
+    from pathlib import Path
+
+    from matconvnet_port.search.summary import _markdown
+    return _markdown(summary, Path("synthetic"))

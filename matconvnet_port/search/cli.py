@@ -31,7 +31,7 @@ from . import runner
 from .grid import (PRESETS, Settings, UsageError, build_groups, describe_masks, parse_masks, parse_shard,
                    parse_sizes, shard_groups)
 from .results import grid_union, load_config, merge_dirs, read_results, remove_stale_temporaries, save_config
-from .summary import summarise, write_summary
+from .summary import format_p, summarise, write_summary
 
 __all__ = ["main"]
 
@@ -232,6 +232,11 @@ def _summarise(out: Path, config: dict, rows: list[dict], threshold) -> int:
     print("verdict (paired over (N, seed); 'pp' = percentage points):")
     for line in summary["verdict"]:
         print(f"  {line}")
+    effects = [e for e in summary["measures"]["val_image_err"]["relu_effects"] if e["n"]]
+    if effects:
+        print("a ReLU after each conv, image-level error with minus without (mean over (N, seed) pairs, t-test p):")
+        print("  " + ", ".join(f"conv{e['conv']} {e['mean_diff'] * 100:+.2f} pp (p={format_p(e['t_p'])})"
+                               for e in effects))
     if summary["caveat"]:
         print(f"  {summary['caveat'].replace('**', '').replace('`', '')}")
     return 0

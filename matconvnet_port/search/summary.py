@@ -15,6 +15,12 @@ distribution (:func:`mean_ci`); masks are ranked by their mean over the
 by a paired t-test and, with at least 6 pairs, a Wilcoxon signed-rank test
 over those pairs (:func:`paired_test`). Pairing is valid because, for a
 given seed, all masks start from the same weights and see the same batches.
+
+The 16 masks are a full 2^4 factorial design (a ReLU after each conv or not),
+so besides ranking them the summary estimates each ReLU's *main effect*
+(:func:`relu_effects`): the error with a ReLU after conv k minus the error of
+the same mask without it, averaged over the 8 such pairs of masks per
+(N, seed) pair, then tested over those pairs like the ranking.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from ..models import ALL_MASKS, PAPER_BEST_MASK, STOCK_MASK, mask_bits, mask_nam
 from .grid import table_order
 from .results import atomic_write, atomic_write_text
 
-__all__ = ["mean_ci", "paired_test", "summarise", "write_summary", "verdict_lines", "MEASURES"]
+__all__ = ["mean_ci", "paired_test", "relu_effects", "format_p", "summarise", "write_summary", "verdict_lines",
+           "MEASURES"]
 
 MEASURES = {
     "val_image_err": ("image-level error", "class scores summed over the output positions, then argmax; "
@@ -88,6 +95,41 @@ def paired_test(a, b) -> dict:
     return out
 
 
+def relu_effects(final: dict, masks, common, measure: str = "val_image_err") -> list[dict]:
+    """Main effect of a ReLU after each conv: error with it minus without, all else equal.
+
+    ``final`` maps (mask bits, N, seed) to a final-epoch row; ``common`` lists
+    the (N, seed) pairs every mask finished. For conv k the matched pairs are
+    the masks ``m`` with bit k off whose partner (bit k on) is in ``masks``:
+    8 of them in the full grid. Per (N, seed) pair the effect is the mean of
+    ``err(partner) - err(m)`` over the matched pairs; across pairs: mean, 95%
+    CI (:func:`mean_ci`), a two-sided one-sample t-test against 0
+    (``scipy.stats.ttest_1samp``; nan with fewer than 2 pairs), the mean per
+    N, and how many single mask comparisons the ReLU made lower / higher.
+    Returns one dict per conv (``conv`` 1..4; ``mask_pairs`` 0 when none match).
+    """
+    present = set(masks)
+    out = []
+    for k in range(4):
+        matched = [(m, m[:k] + "1" + m[k + 1:]) for m in masks if m[k] == "0" and m[:k] + "1" + m[k + 1:] in present]
+        per_pair, per_size, lower, higher = [], {}, 0, 0
+        for n, s in common if matched else []:
+            d = np.array([final[(w, n, s)][measure] - final[(wo, n, s)][measure] for wo, w in matched])
+            per_pair.append(float(d.mean()))
+            per_size.setdefault(str(n), []).append(float(d.mean()))
+            lower, higher = lower + int((d < 0).sum()), higher + int((d > 0).sum())
+        mean, half, n_pairs = mean_ci(per_pair)
+        t_p = math.nan
+        if n_pairs >= 2 and np.ptp(per_pair) > 0:
+            t_p = float(stats.ttest_1samp(per_pair, 0.0).pvalue)
+        elif n_pairs >= 2 and per_pair[0] != 0:
+            t_p = 0.0  # the same non-zero effect in every pair: the variance is 0
+        out.append({"conv": k + 1, "mask_pairs": len(matched), "mean_diff": mean, "ci95": half, "n": n_pairs,
+                    "t_p": t_p, "per_size": {n: float(np.mean(v)) for n, v in per_size.items()},
+                    "lower_with_relu": lower, "higher_with_relu": higher})
+    return out
+
+
 # -- the summary dict ----------------------------------------------------------------------
 
 def summarise(rows: list[dict], config: dict, threshold: float | None = None) -> dict:
@@ -119,6 +161,7 @@ def summarise(rows: list[dict], config: dict, threshold: float | None = None) ->
     }
     for measure in MEASURES:
         summary["measures"][measure] = _measure_summary(measure, final, masks, sizes, seeds, common)
+        summary["measures"][measure]["relu_effects"] = relu_effects(final, masks, common, measure)
     summary["convergence"] = _convergence(curves, masks, threshold)
     summary["dead_relu"] = _dead_relu(final, masks)
     summary["curves"] = {m: {str(n): _mean_curve(curves, m, n, seeds, epochs) for n in sizes} for m in masks}
@@ -201,7 +244,7 @@ def _mean_curve(curves, m, n, seeds, epochs) -> list:
 
 # -- the verdict -----------------------------------------------------------------------------
 
-def _p(p) -> str:
+def format_p(p) -> str:
     if p is None or (isinstance(p, float) and math.isnan(p)):
         return "n/a"
     return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
@@ -212,9 +255,9 @@ def _gap(test: dict, scale: float = 100) -> str:
     if test["n"] < 2:
         return f"{test['mean_diff'] * scale:+.2f} pp on {test['n']} (N, seed) pair: too few pairs for a test"
     sig = "significant" if not math.isnan(test["t_p"]) and test["t_p"] < ALPHA else "not significant"
-    wil = f", Wilcoxon p={_p(test['wilcoxon_p'])}" if test["wilcoxon_p"] is not None else ""
+    wil = f", Wilcoxon p={format_p(test['wilcoxon_p'])}" if test["wilcoxon_p"] is not None else ""
     return (f"{test['mean_diff'] * scale:+.2f} pp over {test['n']} (N, seed) pairs, lower in "
-            f"{test['a_better']}/{test['n']}, paired t p={_p(test['t_p'])}{wil} ({sig} at {ALPHA})")
+            f"{test['a_better']}/{test['n']}, paired t p={format_p(test['t_p'])}{wil} ({sig} at {ALPHA})")
 
 
 def verdict_lines(summary: dict) -> list[str]:
@@ -229,7 +272,8 @@ def verdict_lines(summary: dict) -> list[str]:
             continue
         by_bits = {e["mask_bits"]: e for e in overall}
         best = overall[0]
-        where = f"mean over {len(summary['sizes'])} size(s) x {len(summary['seeds'])} seed(s)"
+        pairs = s["pairs"]  # seeds still training are not in the means
+        where = f"mean over the {pairs} (N, seed) pairs every mask finished" if pairs else "mean over finished cells"
         if PAPER_BEST not in by_bits:
             why = "has no finished cell yet" if PAPER_BEST in summary["masks"] else "is not in the grid"
             lines.append(f"{head} C CR C CR {why}; best is {best['mask']} ({best['mean']:.2%}, {where})")
@@ -355,12 +399,13 @@ def _markdown(summary: dict, out_dir: Path) -> str:
         t = summary["measures"][k].get("best_vs_runner_up")
         if t:
             L.append(f"| {label} | `{_name(t['best'])}` | `{_name(t['runner_up'])}` | {t['n']} | "
-                     f"{t['mean_diff'] * 100:+.3f} | {t['a_better']}/{t['n']} | {_p(t['t_p'])} | "
-                     f"{_p(t['wilcoxon_p']) if t['wilcoxon_p'] is not None else 'n/a (< 6 pairs)'} |")
+                     f"{t['mean_diff'] * 100:+.3f} | {t['a_better']}/{t['n']} | {format_p(t['t_p'])} | "
+                     f"{format_p(t['wilcoxon_p']) if t['wilcoxon_p'] is not None else 'n/a (< 6 pairs)'} |")
     L += ["", "Two-sided tests on the per-(N, seed) differences (`scipy.stats.ttest_rel`, `scipy.stats.wilcoxon`). "
           "The best and runner-up are chosen by the same data, so these p-values are optimistic; differences "
-          "of one or two validation images are within noise.", "",
-          f"## Convergence: epochs until the validation image-level error is <= {summary['threshold']:.1%}", "",
+          "of one or two validation images are within noise."]
+    L += _effects_markdown(summary)
+    L += ["", f"## Convergence: epochs until the validation image-level error is <= {summary['threshold']:.1%}", "",
           "| mask | bits | cells reaching it | mean epochs (those cells) | slowest |", "|---|---|---:|---:|---:|"]
     for m in masks:
         c = summary["convergence"][m]
@@ -380,6 +425,30 @@ def _markdown(summary: dict, out_dir: Path) -> str:
     if summary["caveat"]:
         L += ["", summary["caveat"]]
     return "\n".join(L) + "\n"
+
+
+def _effects_markdown(summary: dict) -> list[str]:
+    sizes = summary["sizes"]
+    L = ["", "## What each ReLU does (the 16 masks as a 2^4 factorial design)", "",
+         "Error with a ReLU after conv k minus the error of the same mask without it (pp), averaged over the "
+         "matched pairs of masks that differ only there (8 in the full grid) for each (N, seed) pair; `mean` "
+         "± 95% CI and the one-sample t-test are over the (N, seed) pairs, `lower / higher` counts the single "
+         "mask comparisons. Negative: the ReLU lowers the error."]
+    for measure, (label, _) in MEASURES.items():
+        effects = [e for e in summary["measures"][measure]["relu_effects"] if e["mask_pairs"] and e["n"]]
+        if not effects:
+            continue
+        L += ["", f"**{label}**", "",
+              "| ReLU after | mask pairs | " + " | ".join(f"N={n}" for n in sizes)
+              + " | mean ± 95% CI | lower / higher | t-test p |",
+              "|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|"]
+        for e in effects:
+            cells = [f"{e['per_size'][str(n)] * 100:+.2f}" if str(n) in e["per_size"] else "" for n in sizes]
+            ci = "" if math.isnan(e["ci95"]) else f" ± {e['ci95'] * 100:.2f}"
+            L.append(f"| conv{e['conv']} | {e['mask_pairs']} | " + " | ".join(cells)
+                     + f" | {e['mean_diff'] * 100:+.2f}{ci} | {e['lower_with_relu']} / {e['higher_with_relu']} | "
+                     f"{format_p(e['t_p'])} |")
+    return L
 
 
 def _plot_heatmap(summary: dict, file) -> None:
