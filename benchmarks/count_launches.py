@@ -13,9 +13,10 @@ convolution's backward) and the multi-tensor SGD update is seen per tensor: the 
 comparison between versions and plans, not a kernel census. ``--where OP`` lists where OP is called.
 
 It also adds up the bytes each operation reads and writes (its tensor arguments and results, broadcast
-dimensions once; an ``out=`` tensor counts as read and written): the memory traffic of the step's memory-bound glue (everything but the matrix
-products and convolutions) divided by the device's bandwidth (``--bandwidth``, TB/s; 3.35 = H100 SXM)
-is a lower bound on the glue's time -- at N = 64 on the H100 glue took ~9 ms of a ~22 ms eager step.
+dimensions once; an ``out=`` tensor counts as read and written): the memory traffic of the step's
+memory-bound glue (everything but the matrix products and convolutions) divided by the device's
+bandwidth (``--bandwidth``, TB/s; 3.35 = H100 SXM) is a lower bound on the glue's time -- at N = 64 on
+the H100 glue took ~9 ms of a ~22 ms eager step.
 """
 
 from __future__ import annotations

@@ -70,26 +70,36 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, int]:
     return float(x.mean()), float(half), n
 
 
+def _t_test_p(d) -> float:
+    """Two-sided one-sample t-test of differences ``d`` against 0 (the paired t-test of the samples behind them).
+
+    nan with fewer than 2 differences or all of them 0; 0.0 when all are the
+    same non-zero value (no variance, so no doubt).
+    """
+    d = np.asarray(d, np.float64)
+    if d.size < 2:
+        return math.nan
+    if np.ptp(d) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(stats.ttest_1samp(d, 0.0).pvalue)
+    return 0.0 if d[0] != 0 else math.nan
+
+
 def paired_test(a, b) -> dict:
     """Compare paired samples a and b (e.g. two masks' errors over the same (N, seed) pairs).
 
     Returns ``n``, ``mean_diff`` (mean of a - b), ``a_better`` (pairs with
     a < b), ``b_better``, ``t_p`` (two-sided paired t-test,
-    ``scipy.stats.ttest_rel``; nan with fewer than 2 pairs or identical
-    differences) and ``wilcoxon_p`` (two-sided Wilcoxon signed-rank,
+    :func:`_t_test_p` of the differences, as ``scipy.stats.ttest_rel``; nan
+    with fewer than 2 pairs or no difference at all) and ``wilcoxon_p`` (two-sided Wilcoxon signed-rank,
     ``scipy.stats.wilcoxon``, zero differences dropped; None with fewer than
     6 non-zero differences, where it cannot reach p < 0.05).
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     d = a - b
     out = {"n": int(d.size), "mean_diff": float(d.mean()) if d.size else math.nan,
-           "a_better": int((d < 0).sum()), "b_better": int((d > 0).sum()), "t_p": math.nan, "wilcoxon_p": None}
-    if d.size >= 2 and np.ptp(d) > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
-    elif d.size >= 2 and d[0] != 0:
-        out["t_p"] = 0.0  # every pair differs by the same non-zero amount: the variance is 0
+           "a_better": int((d < 0).sum()), "b_better": int((d > 0).sum()), "t_p": _t_test_p(d), "wilcoxon_p": None}
     if int((d != 0).sum()) >= MIN_WILCOXON_PAIRS:
         out["wilcoxon_p"] = float(stats.wilcoxon(d, zero_method="wilcox").pvalue)
     return out
@@ -104,28 +114,25 @@ def relu_effects(final: dict, masks, common, measure: str = "val_image_err") -> 
     8 of them in the full grid. Per (N, seed) pair the effect is the mean of
     ``err(partner) - err(m)`` over the matched pairs; across pairs: mean, 95%
     CI (:func:`mean_ci`), a two-sided one-sample t-test against 0
-    (``scipy.stats.ttest_1samp``; nan with fewer than 2 pairs), the mean per
+    (:func:`_t_test_p`; nan with fewer than 2 pairs), the mean per
     N, and how many single mask comparisons the ReLU made lower / higher.
     Returns one dict per conv (``conv`` 1..4; ``mask_pairs`` 0 when none match).
     """
     present = set(masks)
     out = []
     for k in range(4):
-        matched = [(m, m[:k] + "1" + m[k + 1:]) for m in masks if m[k] == "0" and m[:k] + "1" + m[k + 1:] in present]
+        partner = {m: m[:k] + "1" + m[k + 1:] for m in masks if m[k] == "0"}
+        matched = [(m, w) for m, w in partner.items() if w in present]
         per_pair, per_size, lower, higher = [], {}, 0, 0
         for n, s in common if matched else []:
             d = np.array([final[(w, n, s)][measure] - final[(wo, n, s)][measure] for wo, w in matched])
-            per_pair.append(float(d.mean()))
-            per_size.setdefault(str(n), []).append(float(d.mean()))
+            effect = float(d.mean())
+            per_pair.append(effect)
+            per_size.setdefault(str(n), []).append(effect)
             lower, higher = lower + int((d < 0).sum()), higher + int((d > 0).sum())
         mean, half, n_pairs = mean_ci(per_pair)
-        t_p = math.nan
-        if n_pairs >= 2 and np.ptp(per_pair) > 0:
-            t_p = float(stats.ttest_1samp(per_pair, 0.0).pvalue)
-        elif n_pairs >= 2 and per_pair[0] != 0:
-            t_p = 0.0  # the same non-zero effect in every pair: the variance is 0
         out.append({"conv": k + 1, "mask_pairs": len(matched), "mean_diff": mean, "ci95": half, "n": n_pairs,
-                    "t_p": t_p, "per_size": {n: float(np.mean(v)) for n, v in per_size.items()},
+                    "t_p": _t_test_p(per_pair), "per_size": {n: float(np.mean(v)) for n, v in per_size.items()},
                     "lower_with_relu": lower, "higher_with_relu": higher})
     return out
 
