@@ -22,7 +22,7 @@ import torch
 
 from matconvnet_port.fused import FusedTrainer
 from matconvnet_port.models import ALL_MASKS, mask_bits, mask_name, parse_mask
-from matconvnet_port.search import cli, runner
+from matconvnet_port.search import cli, grid, runner
 from matconvnet_port.search.grid import (PAPER_SIZES, Settings, UsageError, build_groups, parse_masks, parse_shard,
                                          shard_groups)
 from matconvnet_port.search.results import COLUMNS, RUN_COLUMNS, read_results
@@ -443,6 +443,22 @@ def test_groups_fuse_masks_conv1_bit_major():
     group = build_groups(ALL_MASKS, [28], [0])[0]
     assert [mask_bits(m) for m in group.masks][:4] == ["1111", "1110", "1101", "1100"]
     assert group.masks[-1] == (0, 0, 0, 0)
+
+
+def test_time_estimate_scales_the_measured_step_from_its_own_size():
+    """A step timed at N = 32 already costs N = 32: the estimate of N = 32 work is that step times the
+    steps left, and N = 64 work costs cost_per_image(64) / cost_per_image(32) as much per image."""
+    settings = Settings(epochs=20, train_subset=60000, val_subset=10000, resize="imresize", dataset="mnist",
+                        learning_rate=0.001, batch_size=100, precision="fp32")
+    steps = 20 * (60000 + runner.CPU_EVAL_COST * 10000) / 100
+    n32, n64 = (build_groups(ALL_MASKS, [n], [0])[0] for n in (32, 64))
+    masks = list(n32.masks)
+    assert runner.scale_step_time(0.5, 100, 16, 32, settings, [(n32, 0, masks)]) == pytest.approx(0.5 * steps)
+    assert runner.scale_step_time(0.5, 100, 16, 32, settings, [(n32, 15, masks[:4])]) == \
+        pytest.approx(0.5 * steps * 5 / 20 * 4 / 16)
+    ratio = grid.cost_per_image(64) / grid.cost_per_image(32)
+    assert runner.scale_step_time(0.5, 100, 16, 32, settings, [(n32, 0, masks), (n64, 0, masks)]) == \
+        pytest.approx(0.5 * steps * (1 + ratio))
 
 
 # -- statistics ------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from .lanes import run_in_lanes
 from .results import atomic_torch_save, atomic_write_text, write_results
 
 __all__ = ["RunContext", "GridProgress", "load_images", "initial_weights", "pending_work", "work_images",
-           "estimate_seconds", "train_cells", "train_cells_steps", "run_groups", "BackgroundWriter", "ImagePrefetcher", "read_all_rows", "regenerate_results", "checkpoint_path"]
+           "estimate_seconds", "scale_step_time", "train_cells", "train_cells_steps", "run_groups", "BackgroundWriter", "ImagePrefetcher", "read_all_rows", "regenerate_results", "checkpoint_path"]
 
 CPU_EVAL_COST = 0.5  # an evaluated image costs about half a trained one (measured on CPU)
 
@@ -295,13 +295,18 @@ def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
     start = time.perf_counter()
     trainer.train_epoch(2, np.arange(1, 2 * b + 1))
     step = (time.perf_counter() - start) / 2
-    per_image_model = step / (b * len(masks))
-    s = ctx.settings
-    total = 0.0
-    for group, done, m in work:
-        images = s.train_subset + CPU_EVAL_COST * s.val_subset
-        total += (s.epochs - done) * images * len(m) * per_image_model * cost_per_image(group.input_size)
-    return total, f"one step of {len(masks)} models at N={n0} took {step:.2f} s"
+    return scale_step_time(step, b, len(masks), n0, ctx.settings, work), \
+        f"one step of {len(masks)} models at N={n0} took {step:.2f} s"
+
+
+def scale_step_time(step: float, batch_size: int, num_models: int, input_size: int, settings, work) -> float:
+    """Seconds for ``work`` given that one training step of ``num_models`` fused models on
+    ``batch_size`` images at ``input_size`` took ``step`` seconds: per image and model, scaled to each
+    group's N by the ratio of :func:`cost_per_image` (the step already paid for ``input_size``)."""
+    per_image_model = step / (batch_size * num_models) / cost_per_image(input_size)
+    images = settings.train_subset + CPU_EVAL_COST * settings.val_subset
+    return sum((settings.epochs - done) * images * len(m) * per_image_model * cost_per_image(group.input_size)
+               for group, done, m in work)
 
 
 # -- training ----------------------------------------------------------------------------
