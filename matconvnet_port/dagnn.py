@@ -837,11 +837,14 @@ class DagNN:
         :func:`matconvnet_port.netio.save_net`); cells are lists; numbers
         numpy arrays or Python scalars; parameter values numpy float32.
         """
+        # a struct array has one set of fields: a param without another's extra field (say one added by
+        # add_layer to a loaded net that carries trainMethod) gets it empty, as MATLAB would
+        extra_fields = list(dict.fromkeys(k for p in self.params.values() for k in p.extra))
         out = {
             "vars": [{"name": v.name, "precious": bool(v.precious)} for v in self.vars.values()],
             "params": [{"name": p.name, "value": _float_param(p.value, f"params {p.name}"),
                         "learningRate": p.learningRate, "weightDecay": p.weightDecay,
-                        **copy.deepcopy(p.extra)}
+                        **{k: np.zeros((0, 0)) for k in extra_fields}, **copy.deepcopy(p.extra)}
                        for p in self.params.values()],
             "layers": [{"name": layer["name"], "type": layer["type"], "inputs": list(layer["inputs"]),
                         "outputs": list(layer["outputs"]), "params": list(layer["params"]),
@@ -945,7 +948,7 @@ class DagNN:
         and a softmax output ``prob``. Two deliberate differences from
         MatConvNet, so that the DagNN computes what the SimpleNN computes:
         a conv's ``dilate`` is carried over and a bnorm's epsilon is that of
-        ``vl_simplenn`` (``layer.epsilon``, default 1e-4), where
+        ``vl_simplenn`` (``layer.epsilon``, tidy's default 1e-5), where
         ``fromSimpleNN`` drops both. ``loss`` layers are supported too.
         """
         from .simplenn import vl_simplenn_tidy
@@ -1033,7 +1036,7 @@ def _block_from_simplenn(layer: dict, name: str, where: str) -> tuple[str, dict,
     if kind == "bnorm":
         params = [(f"{name}{suffix}", weights[j] if j < len(weights) else None, j) for j, suffix in enumerate("mbx")]
         return "dagnn.BatchNorm", {"numChannels": _row([np.asarray(weights[0]).size]),
-                                   "epsilon": _row([_scalar(layer.get("epsilon", 1e-4), f"{where}.epsilon")]),
+                                   "epsilon": _row([_scalar(layer.get("epsilon", 1e-5), f"{where}.epsilon")]),
                                    "opts": []}, params
     raise ValueError(f"{where}: layer type {kind!r} cannot be converted to a DagNN")
 

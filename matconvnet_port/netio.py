@@ -139,6 +139,38 @@ def _scalar_of(value, where: str) -> float:
     return float(arr.reshape(-1)[0])
 
 
+# The numeric fields vl_simplenn reads per layer type, with the numbers each may hold (a missing one
+# gets vl_simplenn_tidy's default; only a pool's window has none)
+_NUMERIC_FIELDS = {
+    "conv": {"pad": (1, 2, 4), "stride": (1, 2), "dilate": (1, 2)},
+    "convt": {"upsample": (1, 2), "crop": (1, 2, 4), "numGroups": (1,)},
+    "pool": {"pool": (1, 2), "pad": (1, 2, 4), "stride": (1, 2)},
+    "relu": {"leak": (1,)},
+    "dropout": {"rate": (1,)},
+    "normalize": {"param": (4,)},
+    "lrn": {"param": (4,)},
+    "bnorm": {"epsilon": (1,)},
+}
+_REQUIRED_FIELDS = {"pool": ("pool",)}
+
+
+def _check_fields(kind: str, layer: dict, where: str) -> None:
+    """Each numeric option a real number array of an accepted size, so a bad file fails here, naming the
+    field, and not later inside a layer."""
+    for key in _REQUIRED_FIELDS.get(kind, ()):
+        if key not in layer:
+            raise MatFormatError(f"{where}: a {kind} layer needs the field '{key}'")
+    for key, sizes in _NUMERIC_FIELDS.get(kind, {}).items():
+        if key not in layer:
+            continue
+        arr = np.asarray(layer[key])
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
+                or np.iscomplexobj(arr) or arr.size not in sizes:
+            got = repr(layer[key]) if isinstance(layer[key], str) else f"{arr.size} {_dtype_name(arr)} values"
+            want = " or ".join(map(str, sizes))
+            raise MatFormatError(f"{where}.{key}: expected {want} real number{'s' if sizes != (1,) else ''}, got {got}")
+
+
 def _check_weights(kind: str, weights: list, layer: dict, where: str) -> None:
     """Filters at most 4-D, one bias per filter, batch-norm vectors of one length."""
     w = [f"{where}.weights{{{j + 1}}}" for j in range(max(len(weights), 3))]
@@ -170,7 +202,7 @@ def _check_weights(kind: str, weights: list, layer: dict, where: str) -> None:
             raise MatFormatError(f"{w[2]}: bnorm moments must be {ng} x 2, got shape {weights[2].shape}")
 
 
-def _upgrade_legacy_layer(layer: dict) -> dict:
+def _upgrade_legacy_layer(layer: dict, where: str) -> dict:
     """pre-beta17 filters/biases and per-array learning rates -> weights, learningRate, weightDecay."""
     if "weights" in layer or not ({"filters", "biases"} & set(layer)):
         return layer
@@ -179,18 +211,21 @@ def _upgrade_legacy_layer(layer: dict) -> dict:
         if key == "filters" or (key == "biases" and "filters" not in layer):
             out["weights"] = [layer.get("filters"), layer.get("biases")]
         elif key in ("filtersLearningRate", "biasesLearningRate"):
-            out.setdefault("learningRate", np.array([[_legacy(layer, "filtersLearningRate"),
-                                                      _legacy(layer, "biasesLearningRate")]]))
+            out.setdefault("learningRate", np.array([[_legacy(layer, "filtersLearningRate", where),
+                                                      _legacy(layer, "biasesLearningRate", where)]]))
         elif key in ("filtersWeightDecay", "biasesWeightDecay"):
-            out.setdefault("weightDecay", np.array([[_legacy(layer, "filtersWeightDecay"),
-                                                     _legacy(layer, "biasesWeightDecay")]]))
+            out.setdefault("weightDecay", np.array([[_legacy(layer, "filtersWeightDecay", where),
+                                                     _legacy(layer, "biasesWeightDecay", where)]]))
         elif key != "biases":
             out[key] = value
+    if layer.get("type") == "bnorm" and "learningRate" in out:
+        # tidy adds the moments as weights{3}; cnn_train's default rate for them is its ones(1, 3)
+        out["learningRate"] = np.append(out["learningRate"], 1.0)[None, :]
     return out
 
 
-def _legacy(layer: dict, key: str) -> float:
-    return float(np.asarray(layer[key]).reshape(-1)[0]) if key in layer else 1.0
+def _legacy(layer: dict, key: str, where: str) -> float:
+    return _scalar_of(layer[key], f"{where}.{key}") if key in layer else 1.0
 
 
 def _simplenn_layer(value, where: str) -> dict:
@@ -204,13 +239,14 @@ def _simplenn_layer(value, where: str) -> dict:
         raise MatFormatError(f"{where}.type: expected a string, got {type(kind).__name__}")
     if kind not in LAYER_TYPES:
         raise MatFormatError(f"{where}.type: unsupported layer type {kind!r} (supported: {', '.join(LAYER_TYPES)})")
-    layer = _upgrade_legacy_layer(dict(value)) if kind in ("conv", "convt", "bnorm") else dict(value)
+    layer = _upgrade_legacy_layer(dict(value), where) if kind in ("conv", "convt", "bnorm") else dict(value)
     for key in ("name", "method"):
         if key in layer and not isinstance(layer[key], str):
             raise MatFormatError(f"{where}.{key}: expected a string, got {type(layer[key]).__name__}")
     if "precious" in layer:
         layer["precious"] = bool(_scalar_of(layer["precious"], f"{where}.precious")) \
             if np.asarray(layer["precious"]).size else False
+    _check_fields(kind, layer, where)
     if "weights" in layer:
         items = cell_items(layer["weights"])
         layer["weights"] = [_weight(v, f"{where}.weights{{{j + 1}}}") for j, v in enumerate(items)]

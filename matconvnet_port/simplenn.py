@@ -46,6 +46,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "dropout": {"rate": 0.5},
     "normalize": {"param": [5, 1, 0.0001 / 5, 0.75]},
     "lrn": {"param": [5, 1, 0.0001 / 5, 0.75]},
+    "bnorm": {"epsilon": 1e-5},  # vl_simplenn passes it on: not vl_nnbnorm's own default of 1e-4
 }
 
 
@@ -66,7 +67,7 @@ class SimpleNN:
     def to_torch(self, device=None, dtype: torch.dtype | None = None) -> "SimpleNNModule":
         """An ``nn.Module`` (NCHW) with copies of the weights; see :class:`SimpleNNModule`."""
         tidy = vl_simplenn_tidy(self)
-        modules = [_module_from_layer(i, layer) for i, layer in enumerate(tidy.layers)]
+        modules = [_labelled_module(i, layer) for i, layer in enumerate(tidy.layers)]
         module = SimpleNNModule(modules, [layer["type"] for layer in tidy.layers],
                                 [layer["name"] for layer in tidy.layers],
                                 [layer.get("class") for layer in tidy.layers])
@@ -91,7 +92,7 @@ def vl_simplenn_tidy(net) -> SimpleNN:
     ``filters``/``biases`` become ``weights``; top-level ``classes`` and
     ``normalization`` move under ``meta``; missing fields get defaults (pad 0,
     stride 1, dilate 1, opts {}, leak 0, rate 0.5, LRN param, pool method
-    'max', precious false, bnorm moments zeros C x 2) and unnamed layers the
+    'max', precious false, bnorm moments zeros C x 2 and epsilon 1e-5) and unnamed layers the
     name ``layer<i>`` (1-based position). Accepts a SimpleNN or a dict with
     ``layers`` (and ``meta``/``classes``/``normalization``).
     """
@@ -164,6 +165,18 @@ def _opts_dilate(layer: dict):
     return dilate
 
 
+def _labelled_module(i: int, layer: dict) -> nn.Module:
+    """:func:`_module_from_layer`, its errors one line that names the layer (and the field it missed)."""
+    try:
+        return _module_from_layer(i, layer)
+    except KeyError as e:
+        raise ValueError(f"{_layer_label(i, layer)}: a {layer['type']} layer needs the field {e.args[0]!r}") from None
+    except (ValueError, TypeError, IndexError) as e:
+        if str(e).startswith(_layer_label(i, layer)):
+            raise
+        raise ValueError(f"{_layer_label(i, layer)}: {e}".replace("\n", " ")) from None
+
+
 def _module_from_layer(i: int, layer: dict) -> nn.Module:
     kind = layer["type"]
     if kind == "conv":
@@ -212,7 +225,7 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
         g, b, m = (_weight(i, layer, j) for j in range(3))
         if g is None or b is None:
             raise ValueError(f"{_layer_label(i, layer)}: bnorm needs multipliers and biases in weights")
-        eps = float(np.asarray(layer.get("epsilon", 1e-4)).reshape(-1)[0])
+        eps = float(np.asarray(layer.get("epsilon", 1e-5)).reshape(-1)[0])
         return L.BatchNorm(g.reshape(-1), b.reshape(-1), None if m is None else m.reshape(-1, 2), eps)
     if kind == "dropout":
         return L.DropOut(float(np.asarray(layer["rate"]).reshape(-1)[0]))

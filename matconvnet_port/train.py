@@ -131,7 +131,7 @@ def sgd_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], mo
     for j in reversed(range(len(params))):
         this_lr = learning_rate * float(lr_mults[j])
         this_decay = weight_decay * float(decay_mults[j])
-        if this_lr != 0 or this_decay != 0:
+        if this_lr > 0 or this_decay > 0:  # cnn_train's test (a negative rate with no decay is a frozen parameter)
             groups.setdefault((this_lr, this_decay), []).append(j)
     for (this_lr, this_decay), js in groups.items():
         w = [params[j] for j in js]
@@ -196,7 +196,10 @@ class _Solver:
             else:
                 continue
             lrs = _multipliers(layer, len(params), "learningRate")
-            decays = _multipliers(layer, len(params), "weightDecay")
+            # cnn_train never reads weightDecay(3) of a bnorm (its moments have their own update), and
+            # cnn_mnist_init's bnorm layers give two entries
+            decays = _multipliers(layer, 2, "weightDecay") + [0.0] if isinstance(m, L.BatchNorm) else \
+                _multipliers(layer, len(params), "weightDecay")
             for j, p in enumerate(params):
                 if p is None:
                     continue
@@ -205,6 +208,11 @@ class _Solver:
                     saved = np.asarray(solver_state[i][j])
                     if saved.size == p.numel():
                         buf = _from_matconvnet(saved, p)
+                    elif saved.size == 1 and np.issubdtype(saved.dtype, np.number):
+                        buf.fill_(float(saved.reshape(-1)[0]))  # cnn_train starts each buffer as the scalar 0
+                    elif saved.size:
+                        raise ValueError(f"state.solverState{{{i + 1}}}{{{j + 1}}}: {saved.size} values for a "
+                                         f"parameter of {p.numel()} (layer '{layer.get('name')}')")
                 self.entries.append((i, j, p, buf, lrs[j], decays[j]))
 
     def step(self, module: SimpleNNModule, *, learning_rate, weight_decay, momentum, nesterov, grad_scale):
@@ -373,7 +381,10 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
             m.normalise = normalise
         elif isinstance(m, L.Loss):
             m.options["normalise"] = normalise
-    solver = _Solver(net, module, solver_state)
+    try:
+        solver = _Solver(net, module, solver_state)
+    except ValueError as e:  # a checkpoint whose momenta do not fit its net: name the file
+        raise ValueError(f"{_checkpoint_path(exp_dir, start)}: {e}" if solver_state is not None else str(e)) from None
 
     # 3. epochs
     with exact_fp32():

@@ -165,6 +165,24 @@ def _cell_list(cell):
     return list(cell[0])
 
 
+def test_dagnn_params_with_an_extra_field_save_after_adding_a_layer(tmp_path):
+    """A struct array has one set of fields: a param added by add_layer to a net whose params carry
+    ``trainMethod`` is written with it empty, as MATLAB's dagnn would hold it."""
+    dag = load_net(ref("dagnn_lenet.mat"))
+    loaded = list(dag.params)
+    for p in dag.params.values():
+        p.extra["trainMethod"] = "gradient"
+    dag.add_layer("extra_conv", "dagnn.Conv", "x6", "extra", ["extra_f", "extra_b"],
+                  {"size": [1, 1, 500, 3], "hasBias": True})
+    dag.params["extra_f"].value = np.ones((1, 1, 500, 3), np.float32)
+    dag.params["extra_b"].value = np.zeros((1, 3), np.float32)
+    path = tmp_path / "dag_extra.mat"
+    save_net(path, dag)
+    params = load_net(path).params
+    assert [params[name].extra["trainMethod"] for name in loaded] == ["gradient"] * len(loaded)
+    assert np.asarray(params["extra_f"].extra["trainMethod"]).size == 0
+
+
 def test_saved_simplenn_layout_read_by_scipy(tmp_path):
     out = tmp_path / "net.mat"
     save_net(out, load_net(EPOCH2))
@@ -358,6 +376,43 @@ def test_bnorm_sizes_inconsistent(tmp_path):
         net["layers"][0, 5] = {"type": "bnorm", "weights": [np.ones((500, 1), np.float32),
                                                             np.zeros((400, 1), np.float32)]}
     assert_error(_broken_copy(tmp_path, edit), "net.layers{6}.weights{2}", "bnorm")
+
+
+@pytest.mark.parametrize("index, field, value, needles", [
+    (1, "pool", None, ("net.layers{2}", "field 'pool'")),           # a pool without its window
+    (5, "leak", np.zeros((0, 0)), ("net.layers{6}.leak", "0 double values")),
+    (0, "pad", "same", ("net.layers{1}.pad", "'same'")),
+    (3, "stride", np.array([[2.0, 2.0, 2.0]]), ("net.layers{4}.stride", "1 or 2")),
+])
+def test_bad_layer_option_names_the_field(tmp_path, index, field, value, needles):
+    def edit(net):
+        if value is None:
+            net["layers"][0, index].pop(field)
+        else:
+            net["layers"][0, index][field] = value
+    assert_error(_broken_copy(tmp_path, edit), *needles)
+
+
+def test_bad_legacy_learning_rate_names_the_field(tmp_path):
+    path = tmp_path / "legacy.mat"
+    data = matio.read_mat(ref("train/net-epoch-2-legacy-beta16.mat"))
+    data["layers"][0, 2]["filtersLearningRate"] = np.zeros((0, 0))
+    matio.write_mat(path, data)
+    assert_error(path, "layers{3}.filtersLearningRate", "numeric scalar")
+
+
+def test_legacy_bnorm_gets_a_learning_rate_for_its_moments(tmp_path):
+    """tidy appends the moments as weights{3}; an upgraded per-array learning rate must cover them, with
+    cnn_train's default 1 (as ones(1, 3) would give), or training indexes past its end."""
+    path = tmp_path / "legacy_bnorm.mat"
+    data = matio.read_mat(ref("train/net-epoch-2-legacy-beta16.mat"))
+    data["layers"][0, 5] = {"type": "bnorm", "name": "bn", "filters": np.ones((500, 1), np.float32),
+                            "biases": np.zeros((500, 1), np.float32), "filtersLearningRate": np.array([[2.0]]),
+                            "biasesLearningRate": np.array([[3.0]]), "filtersWeightDecay": np.array([[0.0]]),
+                            "biasesWeightDecay": np.array([[0.0]])}
+    matio.write_mat(path, data)
+    bn = load_net(path).layers[5]
+    assert np.array_equal(bn["learningRate"], [[2, 3, 1]]) and np.array_equal(bn["weightDecay"], [[0, 0]])
 
 
 def test_dagnn_unknown_block_and_bad_param(tmp_path):

@@ -158,6 +158,21 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
             np.testing.assert_array_equal(va, vb)
 
 
+def test_resume_from_momenta_that_do_not_fit_the_net_is_a_one_line_error(tmp_path):
+    from matconvnet_port.netio import save_checkpoint
+    imdb, train, val = _small_imdb(100, 100)
+    common = dict(batch_size=100, train=train, val=val, progress=False, device="cpu", exp_dir=str(tmp_path))
+    cnn_train(cnn_mnist_init(seed=3), imdb, get_batch, num_epochs=1, **common)
+    path = str(tmp_path / "net-epoch-1.mat")
+    net, state, stats = load_checkpoint(path)
+    state["solverState"][2][0] = np.zeros((5, 5, 20, 49), np.float32)
+    save_checkpoint(path, net, state, stats)
+    with pytest.raises(ValueError) as exc:
+        cnn_train(cnn_mnist_init(seed=3), imdb, get_batch, num_epochs=2, **common)
+    message = str(exc.value)
+    assert "\n" not in message and "net-epoch-1.mat" in message and "solverState{3}{1}" in message, message
+
+
 def test_default_order_is_a_seeded_permutation():
     idx = np.arange(1, 101)
     a, b = default_order(1, idx, 0), default_order(1, idx, 0)
@@ -176,6 +191,43 @@ def test_learning_rate_schedule_and_zero_rate_freezes_weights(tmp_path):
     for a, b in zip(net.layers, net0.layers):
         for wa, wb in zip(a.get("weights", []), b.get("weights", [])):
             np.testing.assert_array_equal(wa, wb)
+
+
+def test_batch_normalization_trains_and_folds_the_batch_moments(tmp_path):
+    """cnn_mnist_init('batchNormalization', true) gives each bnorm weightDecay [0 0] for three weights
+    (cnn_train never reads the third) and learningRate [1 1 0.05]: after one step each bnorm's moments
+    are 0.05 x the [mean, sigma] of its input batch, sigma with vl_simplenn_tidy's epsilon 1e-5."""
+    import torch
+    imdb, train, val = _small_imdb(100, 100)
+    net0 = cnn_mnist_init(seed=4, batch_normalization=True)
+    bnorms = [i for i, layer in enumerate(net0.layers) if layer["type"] == "bnorm"]
+    assert [net0.layers[i]["epsilon"] for i in bnorms] == [1e-5] * 3
+    net, info = cnn_train(net0, imdb, get_batch, exp_dir=str(tmp_path), num_epochs=1, batch_size=100,
+                          train=train, val=val, progress=False, device="cpu")
+    assert np.isfinite(info["train"][0]["objective"])
+    x = torch.from_numpy(get_batch(imdb, train)[0]).permute(3, 2, 0, 1).contiguous()
+    module = net0.to_torch()
+    with torch.no_grad():
+        for i, m in enumerate(module.layers[:bnorms[-1] + 1]):  # training mode: batch moments, as cnn_train
+            if i in bnorms:
+                mean = x.mean(dim=(0, 2, 3))
+                sigma = torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5)
+                expected = 0.05 * torch.stack([mean, sigma], 1).double().numpy()
+                assert max_rel(net.layers[i]["weights"][2], expected) < 1e-4, net.layers[i]["name"]
+            x = m(x)
+
+
+def test_a_negative_rate_without_decay_leaves_the_parameter_alone():
+    """cnn_train updates a parameter only when thisLR > 0 or thisDecay > 0."""
+    import torch
+    from matconvnet_port.train import sgd_update
+    w = [torch.ones(3), torch.ones(3), torch.ones(3)]
+    g = [torch.full((3,), 0.5)] * 3
+    m = [torch.zeros(3) for _ in range(3)]
+    sgd_update(w, g, m, [-1.0, -1.0, 1.0], [0.0, 1.0, 0.0], learning_rate=0.1, weight_decay=0.1, momentum=0.9)
+    assert torch.equal(w[0], torch.ones(3)) and torch.equal(m[0], torch.zeros(3))
+    assert not torch.equal(w[1], torch.ones(3))  # negative rate but a decay: updated, as in MATLAB
+    assert torch.allclose(w[2], torch.full((3,), 1 - 0.1 * 0.5))
 
 
 def test_beta25_normalise_false_gives_the_same_updates(tmp_path):
