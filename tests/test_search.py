@@ -354,6 +354,9 @@ def test_other_training_settings_in_the_same_folder_are_refused(reference, tmp_p
     (["--preset", "huge"], "invalid choice"),
     (["merge", "/no/such/folder", "--out", "/tmp/x"], "no such folder"),
     (["summary", "/no/such/folder"], "no config.json"),
+    (["--threshold", "2"], "--threshold"),
+    (["summary", "/no/such/folder", "--threshold", "2"], "--threshold"),  # checked before the folder
+    (["merge", "/no/such/folder", "--out", "/tmp/x", "--threshold", "0"], "--threshold"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     code, stdout, stderr = run_cli(*argv, "--out", tmp_path / "x") if argv[0] not in ("merge", "summary") \
@@ -485,6 +488,16 @@ def test_paired_test_on_known_differences():
     assert same["mean_diff"] == 0 and math.isnan(same["t_p"])
 
 
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_equal_differences_get_the_sign_test_not_p_zero(n):
+    """Errors move in steps of 1/val_subset, so every pair can differ by the same amount; the t statistic
+    is then infinite (or, with float rounding, huge), and 2 such pairs must not read as significant."""
+    a = np.array([0.010, 0.020, 0.030, 0.040, 0.050, 0.060][:n])
+    t = paired_test(a, a + 0.004)  # a + 0.004 - a is not exactly 0.004 in floats: rounding differs per pair
+    assert t["t_p"] == pytest.approx(2 * 0.5 ** n)
+    assert (t["t_p"] < 0.05) == (n >= 6)
+
+
 def synthetic_config(epochs):
     settings = Settings(epochs=epochs, train_subset=60000, val_subset=10000, resize="imresize", dataset="mnist",
                         learning_rate=0.001, batch_size=100, precision="fp32")
@@ -531,6 +544,37 @@ def test_summary_of_an_unfinished_grid_uses_finished_cells_only():
     assert overall["0101"]["rank"] is None and overall["0010"]["rank"] == 1
 
 
+def test_verdict_when_c_cr_c_cr_ties_for_best_tests_c_cr_c_cr_itself():
+    """Errors are quantised, so ties happen; C CR C CR tied first but sorted after C C CR C must be the one
+    compared with the runner-up, its own wins counted."""
+    rows = _synthetic_rows(0.0)
+    best = {(r["input_size"], r["seed"]): r for r in rows if r["mask_bits"] == "0010"}
+    for r in rows:
+        if r["mask_bits"] == "0101":  # C CR C CR = C C CR C (the best of the others) in every pair
+            r["val_image_err"] = best[(r["input_size"], r["seed"])]["val_image_err"]
+    summary = summarise(rows, synthetic_config(epochs=1))
+    overall = summary["measures"]["val_image_err"]["overall"]
+    assert [e["mask_bits"] for e in overall[:2]] == ["0010", "0101"] and overall[1]["rank"] == 1
+    test = summary["measures"]["val_image_err"]["best_vs_runner_up"]
+    assert (test["best"], test["runner_up"]) == ("0101", "0010") and test["mean_diff"] == 0
+    line = verdict_lines(summary)[0]
+    assert line.startswith("[image-level error] REPRODUCED (tied)") and "vs runner-up C C CR C" in line
+
+
+def test_a_shard_summary_counts_the_groups_it_was_given():
+    """A shard of the paper grid holds some (N, seed) groups, not every N x every seed it touches."""
+    config = dict(synthetic_config(epochs=1), shard="1/2",
+                  grid={"masks": MASKS, "sizes": [28, 32, 36], "seeds": [0, 1, 2]})
+    groups = {(g.input_size, g.seed) for g in shard_groups(build_groups(
+        [parse_mask(m) for m in MASKS], [28, 32, 36], [0, 1, 2]), 1, 2)}
+    assert len({n for n, _ in groups}) * len({s for _, s in groups}) > len(groups)  # not a sub-grid
+    rows = [r for r in _synthetic_rows(0.01) if (r["input_size"], r["seed"]) in groups]
+    text = summary_markdown(summarise(rows, config))
+    names = ", ".join(f"N{n}-seed{s}" for n, s in sorted(groups))
+    assert f"the (N, seed) groups {names} (shard 1/2) = {4 * len(groups)} cells" in text
+    assert f"finished {4 * len(groups)}/{4 * len(groups)} cells" in text
+
+
 def test_verdict_says_not_reproduced_when_another_mask_wins():
     summary = summarise(_synthetic_rows(-0.01), synthetic_config(epochs=1))
     line = verdict_lines(summary)[0]
@@ -566,7 +610,7 @@ def test_relu_effects_recover_an_additive_design():
     # 8 matched mask pairs x 6 (N, seed) pairs, every one lower (conv1, conv3) or higher (conv2)
     assert (found[0]["lower_with_relu"], found[0]["higher_with_relu"]) == (48, 0)
     assert (found[1]["lower_with_relu"], found[1]["higher_with_relu"]) == (0, 48)
-    assert found[2]["t_p"] == 0.0 and math.isnan(found[3]["t_p"])  # constant non-zero effect; no effect at all
+    assert found[2]["t_p"] == 2 * 0.5 ** 6 and math.isnan(found[3]["t_p"])  # constant effect: sign test; none
     assert "## What each ReLU does" in summary_markdown(summary)
 
 

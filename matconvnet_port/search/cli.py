@@ -6,9 +6,10 @@ Commands::
     python -m matconvnet_port.search merge DIR1 DIR2 ... --out DIR            # merge shards, summarise
     python -m matconvnet_port.search summary DIR [--threshold T]              # re-summarise a folder
 
-Exit codes: 0 done, 2 bad arguments or incompatible folder (one line on
-stderr, no traceback), 130 interrupted (the folder is consistent; rerunning
-the same command resumes).
+Exit codes: 0 done, 1 out of device memory, 2 bad arguments or incompatible
+folder (one line on stderr, no traceback), 130 interrupted. After 1 or 130
+the folder is consistent and the command printed on stderr (the same one
+with ``--out`` of that folder) resumes it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def _check_range(name: str, value, low, high=None) -> None:
         raise UsageError(f"{name}: must be {bound}, got {value}")
 
 
+def _check_threshold(threshold) -> None:
+    """A fraction, as the error columns are: ``--threshold 2`` meaning 2 % would count every cell converged."""
+    if threshold is not None and not 0 < threshold <= 1:
+        raise UsageError(f"--threshold: an error fraction in (0, 1] (0.02 = 2 %), got {threshold}")
+
+
 def _settings_and_grid(args, preset):
     """The training settings and the grid: the preset's values overridden by explicit options."""
     for name, low, high in (("--epochs", 1, None), ("--seeds", 1, None), ("--train-subset", 1, 60000),
@@ -99,8 +106,7 @@ def _settings_and_grid(args, preset):
         _check_range(name, getattr(args, name[2:].replace("-", "_")), low, high)
     if args.learning_rate <= 0:
         raise UsageError(f"--learning-rate: must be > 0, got {args.learning_rate}")
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise UsageError(f"--threshold: must be in (0, 1], got {args.threshold}")
+    _check_threshold(args.threshold)
     if args.conv != "auto":
         try:
             parse_conv(args.conv)
@@ -249,6 +255,7 @@ def merge(argv) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float)
     args = p.parse_args(argv)
+    _check_threshold(args.threshold)
     for d in args.dirs:
         if not Path(d).is_dir():
             raise UsageError(f"merge: {d}: no such folder")
@@ -261,6 +268,7 @@ def summary(argv) -> int:
     p.add_argument("dir")
     p.add_argument("--threshold", type=float)
     args = p.parse_args(argv)
+    _check_threshold(args.threshold)
     out = Path(args.dir)
     config = load_config(out)
     if config is None or not (out / "results.csv").is_file():

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import stats
 
 from ..models import ALL_MASKS, PAPER_BEST_MASK, STOCK_MASK, mask_bits, mask_name, parse_mask
-from .grid import table_order
+from .grid import build_groups, parse_shard, shard_groups, table_order
 from .results import atomic_write, atomic_write_text
 
 __all__ = ["mean_ci", "paired_test", "relu_effects", "format_p", "summarise", "write_summary", "verdict_lines",
@@ -73,17 +73,23 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, int]:
 def _t_test_p(d) -> float:
     """Two-sided one-sample t-test of differences ``d`` against 0 (the paired t-test of the samples behind them).
 
-    nan with fewer than 2 differences or all of them 0; 0.0 when all are the
-    same non-zero value (no variance, so no doubt).
+    nan with fewer than 2 differences or all of them 0. When all are the same
+    non-zero value (common: errors move in steps of 1/val_subset) the t
+    statistic is infinite and its p of 0 would call 2 equal pairs
+    significant; the exact two-sided sign test stands in, 2 * 0.5**n (0.5 for
+    2 pairs, 0.031 for 6). "The same" allows float rounding (1e-9 relative).
     """
     d = np.asarray(d, np.float64)
     if d.size < 2:
         return math.nan
-    if np.ptp(d) > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(stats.ttest_1samp(d, 0.0).pvalue)
-    return 0.0 if d[0] != 0 else math.nan
+    scale = float(np.abs(d).max())
+    if scale == 0:
+        return math.nan
+    if np.ptp(d) <= 1e-9 * scale:
+        return min(1.0, 2 * 0.5 ** d.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
 def paired_test(a, b) -> dict:
@@ -160,6 +166,7 @@ def summarise(rows: list[dict], config: dict, threshold: float | None = None) ->
         "config": config, "threshold": threshold, "epochs": epochs,
         "masks": masks, "sizes": sizes, "seeds": seeds, "common_pairs": [list(p) for p in common],
         "cells_finished": len(final), "cells_started": len(curves),
+        "groups_started": sorted({(k[1], k[2]) for k in curves}),
         "rows": len(rows), "training_seconds": float(sum(r["seconds"] for r in rows)),
         "devices": sorted({r["device"] for r in rows}),
         "conv_impls": {str(n): sorted({r["conv_impl"] for r in rows if r["input_size"] == n}) for n in sizes},
@@ -198,7 +205,12 @@ def _measure_summary(measure, final, masks, sizes, seeds, common) -> dict:
         e["rank"] = None if math.isnan(e["mean"]) else 1 + sum(o["mean"] < e["mean"] for o in overall)
     out = {"table": table, "best_per_size": best_per_size, "overall": overall, "pairs": len(common)}
     if len(overall) >= 2 and common:
-        best, second = overall[0]["mask_bits"], overall[1]["mask_bits"]
+        top = [e["mask_bits"] for e in overall]
+        if any(e["mask_bits"] == PAPER_BEST and e["rank"] == 1 for e in overall):
+            # C CR C CR tied at the top (errors are quantised) is the best: the test is about it
+            top.remove(PAPER_BEST)
+            top.insert(0, PAPER_BEST)
+        best, second = top[0], top[1]
         out["best_vs_runner_up"] = dict(best=best, runner_up=second, **paired_test(
             [final[(best, n, s)][measure] for n, s in common], [final[(second, n, s)][measure] for n, s in common]))
         if PAPER_BEST in masks and best != PAPER_BEST:
@@ -288,11 +300,11 @@ def verdict_lines(summary: dict) -> list[str]:
         ours = by_bits[PAPER_BEST]
         vs = s.get("best_vs_runner_up")
         if ours["rank"] == 1:
-            tie = " (tied)" if len(overall) > 1 and overall[1]["mean"] == ours["mean"] else ""
+            tie = " (tied)" if sum(e["rank"] == 1 for e in overall) > 1 else ""
             text = (f"{head} REPRODUCED{tie}: C CR C CR has the lowest error of {len(overall)} masks, "
                     f"{ours['mean']:.2%} ({where})")
             if vs:
-                runner = by_bits[vs["runner_up"] if vs["best"] == PAPER_BEST else vs["best"]]
+                runner = by_bits[vs["runner_up"]]  # _measure_summary puts C CR C CR first when it ties
                 text += f"; vs runner-up {runner['mask']} ({runner['mean']:.2%}): {_gap(vs)}"
         else:
             text = (f"{head} NOT reproduced: best is {best['mask']} ({best['mean']:.2%}, {where}); "
@@ -333,10 +345,32 @@ def _short_training_note(summary: dict) -> list[str]:
             "match the converged one; `--preset paper` (a GPU job) tests the claim itself."]
 
 
+def _asked_groups(config: dict, present) -> list[tuple[int, int]]:
+    """The (N, seed) groups a folder was asked to train: its config's grid, sliced by its shard, plus
+    any ``present`` in its results (a shard of a 10-size grid holds 2 groups, not sizes x seeds)."""
+    groups = {tuple(g) for g in present}
+    grid = config.get("grid")
+    if grid:
+        asked = build_groups([parse_mask(m) for m in grid["masks"]], grid["sizes"], grid["seeds"])
+        if config.get("shard"):
+            asked = shard_groups(asked, *parse_shard(config["shard"]))
+        groups |= {(g.input_size, g.seed) for g in asked}
+    return sorted(groups)
+
+
 def _markdown(summary: dict, out_dir: Path) -> str:
     cfg, tr = summary["config"], summary["config"]["training"]
     sizes, seeds, masks = summary["sizes"], summary["seeds"], summary["masks"]
-    expected = len(masks) * len(sizes) * len(seeds)
+    groups = _asked_groups(cfg, summary["groups_started"])
+    asked_masks = set(masks) | set((cfg.get("grid") or {}).get("masks", []))
+    expected = len(asked_masks) * len(groups)
+    if len(groups) == len({n for n, _ in groups}) * len({s for _, s in groups}):
+        grid_text = (f"{len(asked_masks)} masks x N = {', '.join(str(n) for n in sorted({n for n, _ in groups}))} "
+                     f"x seeds {', '.join(str(s) for s in sorted({s for _, s in groups}))}")
+    else:  # a shard: name its groups
+        grid_text = (f"{len(asked_masks)} masks x the (N, seed) groups "
+                     f"{', '.join(f'N{n}-seed{s}' for n, s in groups)}"
+                     + (f" (shard {cfg['shard']})" if cfg.get("shard") else ""))
     train_text = "all 60000" if tr["train_subset"] == 60000 else f"the first {tr['train_subset']}"
     val_text = "all 10000" if tr["val_subset"] == 10000 else f"the first {tr['val_subset']}"
     resize_text = {"imresize": "`imresize(img, [N N])`, MATLAB bicubic (antialiased when shrinking): our "
@@ -349,7 +383,7 @@ def _markdown(summary: dict, out_dir: Path) -> str:
          "MatConvNet's MNIST LeNet, as the paper claims? Mask names read conv1 to conv4 (`CR` = conv + ReLU); "
          "bits likewise (`0101` = `C CR C CR`); the stock MatConvNet net is `C C CR C` (`0010`).", "",
          "## Setup", "",
-         f"- Grid: {len(masks)} masks x N = {', '.join(map(str, sizes))} x seeds {', '.join(map(str, seeds))} "
+         f"- Grid: {grid_text} "
          f"= {expected} cells, {summary['epochs']} epochs each; finished {summary['cells_finished']}/{expected} "
          f"cells ({summary['rows']} rows in `results.csv`)"
          + (f", preset `{cfg['preset']}`" if cfg.get("preset") else "") + ".",
@@ -361,10 +395,15 @@ def _markdown(summary: dict, out_dir: Path) -> str:
          "- Paired design: for a seed s, every mask and every N starts from the same weights "
          "(`cnn_mnist_init(seed=s)`) and sees the same batches (`default_order(epoch, train, s)`), so masks "
          "are compared from identical starts on identical data; the (N, seed) pairs are the units of the "
-         "paired tests below.",
+         "paired tests below."
+         + (" Pairs at different N of one seed share those weights and batches, so they are not independent "
+            "replicates: the p-values below are optimistic (the per-N tables show where an effect holds)."
+            if len(sizes) > 1 else ""),
          f"- Device: {', '.join(summary['devices'])}; the masks of a (N, seed) were trained together as one "
          f"fused network ({'/'.join(map(str, summary['fused_models']))} models; conv implementation {conv}). "
-         f"Training + validation wall time: {summary['training_seconds']:.0f} s in all.",
+         f"Training + validation time, summed over the (N, seed) groups: {summary['training_seconds']:.0f} s"
+         + (" (groups ran side by side in lanes, so the wall clock was shorter)."
+            if any("lanes" in c for v in summary["conv_impls"].values() for c in v) else "."),
          *_short_training_note(summary),
          f"- Error measures: **image-level error** = {MEASURES['val_image_err'][1]}; **top1err** = "
          f"{MEASURES['val_top1err'][1]}. Both are final-epoch validation errors, in %.", ""]
@@ -407,7 +446,7 @@ def _markdown(summary: dict, out_dir: Path) -> str:
         if t:
             L.append(f"| {label} | `{_name(t['best'])}` | `{_name(t['runner_up'])}` | {t['n']} | "
                      f"{t['mean_diff'] * 100:+.3f} | {t['a_better']}/{t['n']} | {format_p(t['t_p'])} | "
-                     f"{format_p(t['wilcoxon_p']) if t['wilcoxon_p'] is not None else 'n/a (< 6 pairs)'} |")
+                     f"{format_p(t['wilcoxon_p']) if t['wilcoxon_p'] is not None else 'n/a (< 6 non-zero differences)'} |")
     L += ["", "Two-sided tests on the per-(N, seed) differences (`scipy.stats.ttest_rel`, `scipy.stats.wilcoxon`). "
           "The best and runner-up are chosen by the same data, so these p-values are optimistic; differences "
           "of one or two validation images are within noise."]
