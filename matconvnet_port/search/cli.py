@@ -71,11 +71,13 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="validation image-level error counted as converged (default: the preset's)")
     p.add_argument("--shard", metavar="I/K", help="run only the I-th of K slices of the (N, seed) groups")
     p.add_argument("--conv", default="auto",
-                   help="fused conv implementation: auto (measured on CUDA, the measured default on CPU), "
+                   help="fused conv implementation: auto (measured on CUDA unless --memory-format is given, "
+                        "then the default; on CPU the measured default), "
                         "grouped, loop, streams, gemm, gemm_wgrad, or four of them for conv1..conv4, e.g. "
                         "gemm,streams,gemm,gemm")
     p.add_argument("--memory-format", choices=("auto", "nchw", "nhwc"), default="auto",
-                   help="fused activation storage (auto: nhwc on CPU, measured on CUDA)")
+                   help="fused activation storage (auto: nhwc on CPU; on CUDA measured with --conv auto, "
+                        "else the default)")
     p.add_argument("--lanes", type=int, default=1, metavar="K",
                    help="train K (N, seed) groups side by side, each on its own CUDA stream, to fill a GPU that "
                         "small N leave idle; the same numbers (default 1; benchmarks/bench_lanes.py measures it)")
