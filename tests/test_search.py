@@ -450,18 +450,24 @@ def test_groups_fuse_masks_conv1_bit_major():
 
 def test_time_estimate_scales_the_measured_step_from_its_own_size():
     """A step timed at N = 32 already costs N = 32: the estimate of N = 32 work is that step times the
-    steps left, and N = 64 work costs cost_per_image(64) / cost_per_image(32) as much per image."""
+    steps left; N = 64 work, with no step timed there, costs cost_per_image(64) / cost_per_image(32) as
+    much; with steps timed at both ends, sizes between are interpolated in cost_per_image."""
     settings = Settings(epochs=20, train_subset=60000, val_subset=10000, resize="imresize", dataset="mnist",
                         learning_rate=0.001, batch_size=100, precision="fp32")
     steps = 20 * (60000 + runner.CPU_EVAL_COST * 10000) / 100
-    n32, n64 = (build_groups(ALL_MASKS, [n], [0])[0] for n in (32, 64))
+    n32, n48, n64 = (build_groups(ALL_MASKS, [n], [0])[0] for n in (32, 48, 64))
     masks = list(n32.masks)
-    assert runner.scale_step_time(0.5, 100, 16, 32, settings, [(n32, 0, masks)]) == pytest.approx(0.5 * steps)
-    assert runner.scale_step_time(0.5, 100, 16, 32, settings, [(n32, 15, masks[:4])]) == \
+    assert runner.scale_step_time({32: 0.5}, 100, 16, settings, [(n32, 0, masks)]) == pytest.approx(0.5 * steps)
+    assert runner.scale_step_time({32: 0.5}, 100, 16, settings, [(n32, 15, masks[:4])]) == \
         pytest.approx(0.5 * steps * 5 / 20 * 4 / 16)
     ratio = grid.cost_per_image(64) / grid.cost_per_image(32)
-    assert runner.scale_step_time(0.5, 100, 16, 32, settings, [(n32, 0, masks), (n64, 0, masks)]) == \
+    assert runner.scale_step_time({32: 0.5}, 100, 16, settings, [(n32, 0, masks), (n64, 0, masks)]) == \
         pytest.approx(0.5 * steps * (1 + ratio))
+    # a latency-bound device: N = 64 only twice N = 32; N = 48 lies between them by cost
+    f = (grid.cost_per_image(48) - grid.cost_per_image(32)) / (grid.cost_per_image(64) - grid.cost_per_image(32))
+    work = [(n32, 0, masks), (n48, 0, masks), (n64, 0, masks)]
+    assert runner.scale_step_time({32: 0.5, 64: 1.0}, 100, 16, settings, work) == \
+        pytest.approx(steps * (0.5 + (0.5 + 0.5 * f) + 1.0))
 
 
 # -- statistics ------------------------------------------------------------------------------

@@ -280,32 +280,56 @@ def _random_digits(ctx: RunContext, input_size: int) -> tuple[torch.Tensor, torc
 
 
 def estimate_seconds(ctx: RunContext, work) -> tuple[float, str]:
-    """Rough time of the pending work: one timed training step of the largest fused model at the
-    smallest pending N on random data, scaled by :func:`cost_per_image` and the number of models."""
+    """Rough time of the pending work: a timed training step of the largest fused model, on random
+    data, at the smallest and at the largest pending N, carried to the other sizes by
+    :func:`scale_step_time`."""
     if not work:
         return 0.0, "nothing to do"
-    n0 = min(g.input_size for g, _, _ in work)
     masks = max((m for _, _, m in work), key=len)
+    sizes = sorted({g.input_size for g, _, _ in work})
+    steps = {n: _time_step(ctx, n, masks) for n in sorted({sizes[0], sizes[-1]})}
+    timed = ", ".join(f"{s:.2f} s at N={n}" for n, s in steps.items())
+    return scale_step_time(steps, ctx.settings.batch_size, len(masks), ctx.settings, work), \
+        f"one step of {len(masks)} models took {timed}"
+
+
+def _time_step(ctx: RunContext, input_size: int, masks) -> float:
     b = ctx.settings.batch_size
-    x, y = _random_digits(ctx, n0)
-    plan = choose_plan(ctx, n0, masks, x, y)
+    x, y = _random_digits(ctx, input_size)
+    plan = choose_plan(ctx, input_size, masks, x, y)
     trainer = FusedTrainer(build(plan, masks, list(initial_weights(0)), ctx.device), x, y, batch_size=b,
                            chunk_size=plan["chunk_size"])
     trainer.train_epoch(1, np.arange(1, b + 1))  # warm-up (and CUDA graph capture)
     start = time.perf_counter()
     trainer.train_epoch(2, np.arange(1, 2 * b + 1))
-    step = (time.perf_counter() - start) / 2
-    return scale_step_time(step, b, len(masks), n0, ctx.settings, work), \
-        f"one step of {len(masks)} models at N={n0} took {step:.2f} s"
+    return (time.perf_counter() - start) / 2
 
 
-def scale_step_time(step: float, batch_size: int, num_models: int, input_size: int, settings, work) -> float:
-    """Seconds for ``work`` given that one training step of ``num_models`` fused models on
-    ``batch_size`` images at ``input_size`` took ``step`` seconds: per image and model, scaled to each
-    group's N by the ratio of :func:`cost_per_image` (the step already paid for ``input_size``)."""
-    per_image_model = step / (batch_size * num_models) / cost_per_image(input_size)
+def scale_step_time(steps: dict, batch_size: int, num_models: int, settings, work) -> float:
+    """Seconds for ``work`` given ``steps``: {N: seconds of one training step of ``num_models``
+    fused models on ``batch_size`` images at N}.
+
+    A step at another N is interpolated linearly in :func:`cost_per_image` between the nearest timed
+    sizes below and above it, or scaled in proportion to it from the nearest one. Two timed sizes
+    matter on a GPU, where a small N is latency-bound (a step at N = 28 costs far more than its 1/15
+    of the arithmetic at N = 64), which the CPU-fitted cost model alone would not see.
+    """
+    timed = sorted(steps)
+
+    def step_at(n: int) -> float:
+        below = [t for t in timed if t <= n]
+        above = [t for t in timed if t >= n]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            if lo == hi:
+                return steps[lo]
+            f = (cost_per_image(n) - cost_per_image(lo)) / (cost_per_image(hi) - cost_per_image(lo))
+            return steps[lo] + f * (steps[hi] - steps[lo])
+        nearest = below[-1] if below else above[0]
+        return steps[nearest] * cost_per_image(n) / cost_per_image(nearest)
+
     images = settings.train_subset + CPU_EVAL_COST * settings.val_subset
-    return sum((settings.epochs - done) * images * len(m) * per_image_model * cost_per_image(group.input_size)
+    return sum((settings.epochs - done) * images / batch_size * len(m) / num_models * step_at(group.input_size)
                for group, done, m in work)
 
 
