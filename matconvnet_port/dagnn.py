@@ -1036,7 +1036,7 @@ def _block_from_simplenn(layer: dict, name: str, where: str) -> tuple[str, dict,
     if kind == "bnorm":
         params = [(f"{name}{suffix}", weights[j] if j < len(weights) else None, j) for j, suffix in enumerate("mbx")]
         return "dagnn.BatchNorm", {"numChannels": _row([np.asarray(weights[0]).size]),
-                                   "epsilon": _row([_scalar(layer.get("epsilon", 1e-5), f"{where}.epsilon")]),
+                                   "epsilon": _row([_scalar(layer["epsilon"], f"{where}.epsilon")]),
                                    "opts": []}, params
     raise ValueError(f"{where}: layer type {kind!r} cannot be converted to a DagNN")
 

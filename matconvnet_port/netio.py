@@ -132,9 +132,13 @@ def _vector_size(a: np.ndarray) -> int | None:
     return int(a.size) if sum(d != 1 for d in a.shape) <= 1 else None
 
 
+def _is_numeric(arr: np.ndarray) -> bool:
+    return arr.dtype != object and (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
+
+
 def _scalar_of(value, where: str) -> float:
     arr = np.asarray(value)
-    if arr.dtype == object or arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    if arr.size != 1 or not _is_numeric(arr):
         raise MatFormatError(f"{where}: expected a numeric scalar, got {value!r}")
     return float(arr.reshape(-1)[0])
 
@@ -164,8 +168,7 @@ def _check_fields(kind: str, layer: dict, where: str) -> None:
         if key not in layer:
             continue
         arr = np.asarray(layer[key])
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
-                or np.iscomplexobj(arr) or arr.size not in sizes:
+        if not _is_numeric(arr) or np.iscomplexobj(arr) or arr.size not in sizes:
             got = repr(layer[key]) if isinstance(layer[key], str) else f"{arr.size} {_dtype_name(arr)} values"
             want = " or ".join(map(str, sizes))
             raise MatFormatError(f"{where}.{key}: expected {want} real number{'s' if sizes != (1,) else ''}, got {got}")

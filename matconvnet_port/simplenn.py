@@ -225,7 +225,7 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
         g, b, m = (_weight(i, layer, j) for j in range(3))
         if g is None or b is None:
             raise ValueError(f"{_layer_label(i, layer)}: bnorm needs multipliers and biases in weights")
-        eps = float(np.asarray(layer.get("epsilon", 1e-5)).reshape(-1)[0])
+        eps = float(np.asarray(layer["epsilon"]).reshape(-1)[0])  # tidy's default when the file has none
         return L.BatchNorm(g.reshape(-1), b.reshape(-1), None if m is None else m.reshape(-1, 2), eps)
     if kind == "dropout":
         return L.DropOut(float(np.asarray(layer["rate"]).reshape(-1)[0]))

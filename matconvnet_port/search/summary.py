@@ -364,9 +364,10 @@ def _markdown(summary: dict, out_dir: Path) -> str:
     groups = _asked_groups(cfg, summary["groups_started"])
     asked_masks = set(masks) | set((cfg.get("grid") or {}).get("masks", []))
     expected = len(asked_masks) * len(groups)
-    if len(groups) == len({n for n, _ in groups}) * len({s for _, s in groups}):
-        grid_text = (f"{len(asked_masks)} masks x N = {', '.join(str(n) for n in sorted({n for n, _ in groups}))} "
-                     f"x seeds {', '.join(str(s) for s in sorted({s for _, s in groups}))}")
+    group_sizes, group_seeds = sorted({n for n, _ in groups}), sorted({s for _, s in groups})
+    if len(groups) == len(group_sizes) * len(group_seeds):
+        grid_text = (f"{len(asked_masks)} masks x N = {', '.join(map(str, group_sizes))} "
+                     f"x seeds {', '.join(map(str, group_seeds))}")
     else:  # a shard: name its groups
         grid_text = (f"{len(asked_masks)} masks x the (N, seed) groups "
                      f"{', '.join(f'N{n}-seed{s}' for n, s in groups)}"
