@@ -418,6 +418,27 @@ class Backlog:
         return self._record()
 
 
+# Capture on the lane's own stream (see _capture_stream). A switch so that the CUDA test can show
+# what it guards against; not a user setting.
+CAPTURE_ON_LANE_STREAM = True
+
+
+def _capture_stream(current):
+    """The stream to capture a training step on: ``current`` when the step runs on a lane's
+    stream (:mod:`matconvnet_port.search.lanes`), else None (PyTorch's shared capture stream;
+    capturing on the default stream is not allowed).
+
+    PyTorch keys cuBLAS's workspace by (handle, stream): graphs captured on one shared stream embed
+    one workspace address, so two lanes replaying their graphs side by side would race on it (the
+    H100 gave NaN losses with --lanes 3 where one lane trained normally), and destroying one
+    graph frees the workspace another still uses (pytorch/pytorch#193402). The lanes' streams are
+    distinct, and a lane's own graphs and eager work are ordered on its stream.
+    """
+    if CAPTURE_ON_LANE_STREAM and current != torch.cuda.default_stream(current.device):
+        return current
+    return None
+
+
 def run_to_end(steps):
     """Run a step generator (:meth:`FusedTrainer.train_epoch_steps`, ...) to its end; its return value."""
     while True:
@@ -496,9 +517,10 @@ class FusedTrainer:
                 with torch.cuda.stream(stream):
                     for _ in range(2):
                         self._step(static_x, static_index, lr, static_totals)
-                torch.cuda.current_stream().wait_stream(stream)
+                current = torch.cuda.current_stream()
+                current.wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, stream=_capture_stream(current)):
                     self._step(static_x, static_index, lr, static_totals)
             finally:
                 with torch.no_grad():  # undo the warm-up steps (a capture runs nothing)
@@ -509,6 +531,16 @@ class FusedTrainer:
             static_totals.zero_()
             self._graphs[key] = (graph, static_x, static_index, static_totals)
         return self._graphs[key]
+
+    def release_graphs(self) -> None:
+        """Free the captured steps now (a later step captures again). A graph's cuBLAS workspace
+        is keyed by its capture stream and freed with it: releasing before the next trainer of the
+        same lane captures keeps that trainer from inheriting a workspace about to be freed."""
+        if self._graphs:
+            torch.cuda.synchronize(self.device)  # none may still be replaying
+        for graph, *_ in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
 
     def train_epoch(self, epoch: int, train_indices: np.ndarray, order=None, progress=None) -> EpochStats:
         """One epoch of cnn_train over ``train_indices`` (1-based), shuffled as cnn_train does."""

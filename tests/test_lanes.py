@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from matconvnet_port.fused import FusedLeNet, FusedTrainer, run_to_end
+from matconvnet_port import fused
+from matconvnet_port.fused import FusedLeNet, FusedTrainer, build, run_to_end
 from matconvnet_port.models import ALL_MASKS
 from matconvnet_port.search.lanes import run_in_lanes
 from matconvnet_port.search.runner import initial_weights
@@ -100,12 +101,14 @@ def _trainers(device, sizes=(28, 32), masks=ALL_MASKS[:4]):
     return out
 
 
-def _epochs(trainer):
-    """Two epochs and an evaluation as one step generator; returns their statistics."""
+def _epochs(trainer, train=200, val=100):
+    """Two epochs and an evaluation as one step generator; returns their statistics. The trainer
+    then releases its CUDA graphs, as the search does when a job ends."""
     stats = []
     for epoch in (1, 2):
-        stats.append((yield from trainer.train_epoch_steps(epoch, np.arange(1, 201))))
-    stats.append((yield from trainer.evaluate_steps(np.arange(201, 301))))
+        stats.append((yield from trainer.train_epoch_steps(epoch, np.arange(1, train + 1))))
+    stats.append((yield from trainer.evaluate_steps(np.arange(train + 1, train + val + 1))))
+    trainer.release_graphs()
     return stats
 
 
@@ -126,15 +129,35 @@ def test_trainers_side_by_side_compute_what_they_compute_alone():
         np.testing.assert_array_equal(results[i], alone[i])
 
 
+# The plans the search picks on an H100 (channels-last, im2col + cuBLAS products, per-model cuDNN on
+# side streams, the composed tail): the cuBLAS products are what a shared capture stream broke.
+CUDA_PLANS = {28: {"memory_format": "nhwc", "conv": ("gemm", "gemm_wgrad", "gemm", "gemm"), "chunk_size": 16},
+              32: {"memory_format": "nhwc", "conv": ("gemm", "grouped", "gemm", "gemm"), "chunk_size": 16,
+                   "compose": True},
+              40: {"memory_format": "nhwc", "conv": ("gemm", "streams", "gemm", "gemm"), "chunk_size": 16,
+                   "compose": True}}
+
+
+def _cuda_trainers(device):
+    """A trainer of the 16 masks per N of CUDA_PLANS, on random digits (the same every call)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n, plan in CUDA_PLANS.items():
+        images = (torch.rand(700, 1, n, n, generator=g) * 255 - 33).to(device)
+        labels = torch.randint(1, 11, (700,), generator=g).to(device)
+        out.append(FusedTrainer(build(plan, ALL_MASKS, list(initial_weights(1)), device), images, labels, seed=3))
+    return out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trainers_on_cuda_streams_compute_what_they_compute_alone():
     device = torch.device("cuda")
-    alone = [_numbers(run_to_end(_epochs(t))) for t in _trainers(device)]
+    alone = [_numbers(run_to_end(_epochs(t, train=600))) for t in _cuda_trainers(device)]
     results, waited = {}, []
 
     def start(item):
         i, trainer = item
-        steps = _epochs(trainer)
+        steps = _epochs(trainer, train=600)
         try:
             event = next(steps)
             while True:
@@ -143,7 +166,32 @@ def test_trainers_on_cuda_streams_compute_what_they_compute_alone():
         except StopIteration as stop:
             results[i] = _numbers(stop.value)
 
-    run_in_lanes(list(enumerate(_trainers(device))), start, lanes=2, device=device, cost=lambda item: item[0])
+    # three jobs in two lanes: the third starts in a lane whose first job has just released its graphs
+    run_in_lanes(list(enumerate(_cuda_trainers(device))), start, lanes=2, device=device, cost=lambda item: item[0])
     assert any(waited)  # the trainers hand the scheduler events to wait for
-    for i in range(2):  # cuDNN may pick other algorithms on a busy device: float32 rounding apart
-        np.testing.assert_allclose(results[i], alone[i], rtol=1e-5, atol=1e-6)
+    for i in range(len(CUDA_PLANS)):  # cuDNN may pick other algorithms on a busy device: float32 rounding apart
+        assert np.isfinite(results[i]).all(), f"N={list(CUDA_PLANS)[i]}: non-finite statistics side by side"
+        np.testing.assert_allclose(results[i], alone[i], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"N={list(CUDA_PLANS)[i]} side by side vs alone")
+
+
+class _FakeStream:
+    def __init__(self, name):
+        self.name, self.device = name, "cuda:0"
+
+    def __eq__(self, other):
+        return self.name == other.name
+
+    __hash__ = None
+
+
+def test_a_lane_captures_its_graphs_on_its_own_stream(monkeypatch):
+    """Graphs captured on PyTorch's one shared capture stream share cuBLAS's workspace: lanes must
+    capture on their own streams, and the default stream (which cannot capture) leaves the choice
+    to PyTorch."""
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: _FakeStream("default"))
+    lane = _FakeStream("lane 1")
+    assert fused._capture_stream(lane) is lane
+    assert fused._capture_stream(_FakeStream("default")) is None
+    monkeypatch.setattr(fused, "CAPTURE_ON_LANE_STREAM", False)
+    assert fused._capture_stream(lane) is None

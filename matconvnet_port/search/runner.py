@@ -381,32 +381,37 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
     num_models = len(masks)
     advance = (lambda b: progress.advance(b * num_models, group.input_size)) if progress is not None else None
 
-    for epoch in range(done + 1, s.epochs + 1):
-        start = time.perf_counter()
-        train = yield from trainer.train_epoch_steps(epoch, train_indices, progress=advance)
-        val = yield from trainer.evaluate_steps(val_indices, progress=advance)
-        seconds = (time.perf_counter() - start) / num_models
-        rows = [_row(mask, group, epoch, m, train, val, seconds, num_models, ctx.device_label, conv)
-                for m, mask in enumerate(masks)]
+    # the graphs go with the job, before the lane's next job captures on the same stream
+    # (fused._capture_stream), not whenever the trainer is collected
+    try:
+        for epoch in range(done + 1, s.epochs + 1):
+            start = time.perf_counter()
+            train = yield from trainer.train_epoch_steps(epoch, train_indices, progress=advance)
+            val = yield from trainer.evaluate_steps(val_indices, progress=advance)
+            seconds = (time.perf_counter() - start) / num_models
+            rows = [_row(mask, group, epoch, m, train, val, seconds, num_models, ctx.device_label, conv)
+                    for m, mask in enumerate(masks)]
 
-        state = trainer.state_dict()
-        finished = epoch == s.epochs
-        for m, mask in enumerate(masks):
-            checkpoint["cells"][mask_bits(mask)] = {
-                "epochs_done": epoch,
-                # a finished cell needs no state: the grid never grows in epochs (config.json)
-                "state": None if finished else _slice_state(state, m)}
-        trained = {row["mask_bits"] for row in rows}
-        checkpoint["rows"] = [r for r in checkpoint["rows"]
-                              if not (r["epoch"] == epoch and r["mask_bits"] in trained)] + rows
-        ctx.rows_by_group[group.key] = checkpoint["rows"]
-        # a snapshot: the next epoch replaces entries of these containers while it may be written
-        snapshot = dict(checkpoint, cells=dict(checkpoint["cells"]))
-        _write(ctx, _save_epoch, path, snapshot, ctx.out_dir, dict(ctx.rows_by_group))
-        ctx.log(_epoch_line(group, epoch, s.epochs, rows, seconds * num_models))
+            state = trainer.state_dict()
+            finished = epoch == s.epochs
+            for m, mask in enumerate(masks):
+                checkpoint["cells"][mask_bits(mask)] = {
+                    "epochs_done": epoch,
+                    # a finished cell needs no state: the grid never grows in epochs (config.json)
+                    "state": None if finished else _slice_state(state, m)}
+            trained = {row["mask_bits"] for row in rows}
+            checkpoint["rows"] = [r for r in checkpoint["rows"]
+                                  if not (r["epoch"] == epoch and r["mask_bits"] in trained)] + rows
+            ctx.rows_by_group[group.key] = checkpoint["rows"]
+            # a snapshot: the next epoch replaces entries of these containers while it may be written
+            snapshot = dict(checkpoint, cells=dict(checkpoint["cells"]))
+            _write(ctx, _save_epoch, path, snapshot, ctx.out_dir, dict(ctx.rows_by_group))
+            ctx.log(_epoch_line(group, epoch, s.epochs, rows, seconds * num_models))
 
-    if ctx.save_nets:
-        _save_nets(ctx, group, model, masks)
+        if ctx.save_nets:
+            _save_nets(ctx, group, model, masks)
+    finally:
+        trainer.release_graphs()
 
 
 def _save_epoch(path: Path, checkpoint: dict, out_dir, rows_by_group: dict) -> None:
