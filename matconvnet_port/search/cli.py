@@ -80,7 +80,8 @@ def _run_parser() -> argparse.ArgumentParser:
                         "else the default)")
     p.add_argument("--lanes", type=int, default=1, metavar="K",
                    help="train K (N, seed) groups side by side, each on its own CUDA stream, to fill a GPU that "
-                        "small N leave idle; the same numbers (default 1; benchmarks/bench_lanes.py measures it)")
+                        "small N leave idle; the same numbers (default 1: an H100 gained 1.10x at best, "
+                        "benchmarks/bench_lanes.py)")
     p.add_argument("--save-nets", "--keep-weights", dest="save_nets", action="store_true",
                    help="write each finished cell's net as a MatConvNet .mat file in OUT/nets/")
     return p
