@@ -532,6 +532,21 @@ class FusedTrainer:
             self._graphs[key] = (graph, static_x, static_index, static_totals)
         return self._graphs[key]
 
+    def diverged_models(self) -> list[int]:
+        """The models whose conv4 filters and biases are all NaN (one host sync).
+
+        Such a model's class scores are NaN for every image from then on -- NaN times anything,
+        0 and infinity included, is NaN -- and its conv4 parameters stay NaN under cnn_train's
+        update (w + m is NaN whatever the momentum m). Its errors and objective are then the
+        same every epoch; the search (runner.train_cells_steps) also waits until two such
+        epochs reported equal statistics, dead-ReLU fractions included, before it stops
+        training the model.
+        """
+        f, b = self.params[6].detach(), self.params[7].detach()
+        m = self.model.num_models
+        gone = torch.isnan(f.reshape(m, -1)).all(1) & torch.isnan(b.reshape(m, -1)).all(1)
+        return [int(i) for i in torch.nonzero(gone).reshape(-1).cpu()]
+
     def release_graphs(self) -> None:
         """Free the captured steps now (a later step captures again). A graph's cuBLAS workspace
         is keyed by its capture stream and freed with it: releasing before the next trainer of the

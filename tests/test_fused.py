@@ -152,6 +152,22 @@ def test_evaluate_counts_dead_relus_only_where_there_are_relus(data):
     assert 0 <= stats.image_err.min() and stats.image_err.max() <= 1
 
 
+def test_diverged_models_are_those_whose_conv4_is_all_nan(data):
+    imdb, _, _ = data
+    images, labels = image_tensors(imdb)
+    trainer = FusedTrainer(FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=0))), images, labels)
+    filters, biases = trainer.model.weights[3], trainer.model.biases[3]
+    with torch.no_grad():
+        filters[10:20] = float("nan")      # model 1: conv4 all NaN -> NaN scores for good
+        biases[10:20] = float("nan")
+        filters[20:30] = float("nan")      # model 2: its biases still finite
+        filters[30:40] = float("inf")      # model 3: infinite, not NaN: not counted
+        biases[30:40] = float("inf")
+    assert trainer.diverged_models() == [1]
+    stats = trainer.evaluate(np.arange(1, 101))
+    assert np.isnan(stats.objective[1]) and not np.isnan(stats.objective[0])
+
+
 def test_composed_models_evaluate_layer_by_layer(data):
     """compose only changes how training steps run: evaluation (and its dead-ReLU counts) is the same."""
     imdb, _, val = data

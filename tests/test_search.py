@@ -50,16 +50,21 @@ def run_cli(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def run_cli_once(*argv):
+    """run_cli for a module-scoped fixture (the function-scoped _fast is not active there): stdout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "load_images", _cached_images)
+        mp.setattr(runner, "estimate_seconds", lambda ctx, work: (0.0, "skipped in tests"))
+        code, stdout, stderr = run_cli(*argv)
+    assert code == 0, stderr
+    return stdout
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The tiny grid run once, uninterrupted: (folder, stdout)."""
     out = tmp_path_factory.mktemp("search") / "ref"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "load_images", _cached_images)
-        mp.setattr(runner, "estimate_seconds", lambda ctx, work: (0.0, "skipped in tests"))
-        code, stdout, stderr = run_cli(*TINY, "--out", out, "--save-nets")
-    assert code == 0, stderr
-    return out, stdout
+    return out, run_cli_once(*TINY, "--out", out, "--save-nets")
 
 
 def numbers(rows):
@@ -222,6 +227,64 @@ def test_lanes_interrupted_then_rerun_recompute_nothing_finished(reference, tmp_
     code, _, _ = run_cli(*TINY, "--lanes", "2", "--out", out)
     assert code == 0 and counter.calls == GROUP_EPOCHS - finished
     assert same_numbers(numbers(read_results(out / "results.csv")), reference_numbers(reference))
+
+
+# A learning rate 50x the paper's drives three of the four masks to NaN class scores by epoch 3 at N = 40
+DIVERGING = ["--masks", *MASKS, "--sizes", "40", "--seeds", "1", "--epochs", "8", "--train-subset", "200",
+             "--val-subset", "100", "--learning-rate", "0.05", "--conv", "grouped"]
+
+
+@pytest.fixture(scope="module")
+def diverging(tmp_path_factory):
+    """DIVERGING trained through every epoch (--train-diverged): the rows to match."""
+    out = tmp_path_factory.mktemp("diverging") / "full"
+    run_cli_once(*DIVERGING, "--train-diverged", "--out", out)
+    rows = read_results(out / "results.csv")
+    assert {r["mask"] for r in rows if r["epoch"] == 8 and math.isnan(r["train_objective"])} == \
+        {"C CR C CR", "C C CR C", "C C C C"}  # the premise: three models diverge, one does not
+    return rows
+
+
+@pytest.mark.parametrize("lanes", ["1", "2"])  # 2: the trainer rebuilt inside a lane's step generator
+def test_diverged_models_stop_training_and_report_what_training_them_reports(diverging, tmp_path, monkeypatch,
+                                                                              lanes):
+    counter = CountingTrainEpoch(monkeypatch)
+    code, stdout, stderr = run_cli(*DIVERGING, "--out", tmp_path / "run", "--save-nets", "--lanes", lanes)
+    assert code == 0, stderr
+    assert "3 diverged model(s) finish early" in stdout
+    # NaN class scores from epoch 3 on: epochs 4 and 5 alike, then only the healthy model trains
+    assert counter.models == [4, 4, 4, 4, 4, 1, 1, 1]
+    rows = read_results(tmp_path / "run" / "results.csv")
+    assert same_numbers(numbers(rows), numbers(diverging))
+    assert all(r["seconds"] == 0 for r in rows if r["epoch"] > 5 and r["mask"] != "CR CR CR CR")
+    assert all(r["conv_impl"].endswith(", 2 lanes") == (lanes == "2") for r in rows)
+    assert len(list((tmp_path / "run" / "nets").glob("*.mat"))) == len(MASKS)
+
+
+@pytest.mark.parametrize("interrupt_at", [5, 7])  # before and after the diverged models finish
+def test_a_run_with_finished_diverged_models_resumes(diverging, tmp_path, monkeypatch, interrupt_at):
+    out = tmp_path / "run"
+    CountingTrainEpoch(monkeypatch, interrupt_at=interrupt_at)
+    assert run_cli(*DIVERGING, "--out", out)[0] == 130
+    counter = CountingTrainEpoch(monkeypatch)
+    assert run_cli(*DIVERGING, "--out", out)[0] == 0
+    # nothing finished trains again; resumed after epoch 4, the diverged models' NaN since epoch 4 counts
+    # from there (their past is not re-read), so they finish after epoch 6
+    assert counter.models == ([4, 4, 1, 1] if interrupt_at == 5 else [1, 1])
+    assert same_numbers(numbers(read_results(out / "results.csv")), numbers(diverging))
+
+
+def test_a_diverged_model_finishes_only_after_two_alike_epochs_of_nan_scores():
+    nan = float("nan")
+
+    def row(epoch, err):
+        return {"mask": "C C C C", "epoch": epoch, **dict.fromkeys(runner._STATISTICS, nan), "val_image_err": err}
+    mask = (0, 0, 0, 0)
+    rows = [row(3, 0.9), row(4, 0.9), row(5, 0.8)]
+    assert runner._settled(rows, {mask: 2}, 4) == [mask]       # NaN scores through epochs 3 and 4, alike
+    assert runner._settled(rows, {mask: 3}, 4) == []           # epoch 3 began with finite scores
+    assert runner._settled(rows, {mask: 2}, 5) == []           # epochs 4 and 5 differ
+    assert runner._settled(rows, {}, 4) == []
 
 
 def test_background_writer_keeps_order_and_reports_failures():

@@ -82,6 +82,9 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="train K (N, seed) groups side by side, each on its own CUDA stream, to fill a GPU that "
                         "small N leave idle; the same numbers (default 1: an H100 gained 1.10x at best, "
                         "benchmarks/bench_lanes.py)")
+    p.add_argument("--train-diverged", action="store_true",
+                   help="keep training models whose class scores have become NaN (by default such a model stops once "
+                        "two epochs reported the same statistics, and its later epochs repeat them: the same rows)")
     p.add_argument("--save-nets", "--keep-weights", dest="save_nets", action="store_true",
                    help="write each finished cell's net as a MatConvNet .mat file in OUT/nets/")
     return p
@@ -189,6 +192,7 @@ def run(argv) -> int:
         torch.backends.cudnn.benchmark = True
     ctx = runner.RunContext(out_dir=out, settings=settings, device=device, conv=args.conv,
                             memory_format=args.memory_format, lanes=args.lanes,
+                            finish_diverged=not args.train_diverged,
                             data_dir=args.data_dir, save_nets=args.save_nets, log=tqdm.write)
     groups = build_groups(masks, sizes, seeds)
     mine = shard_groups(groups, *shard)

@@ -63,6 +63,7 @@ class RunContext:
     data_dir: str | None = None
     save_nets: bool = False
     lanes: int = 1                # groups trained side by side (search.lanes)
+    finish_diverged: bool = True  # stop training models whose class scores are NaN (runner._settled)
     log: Callable[[str], None] = print
     rows_by_group: dict = field(default_factory=dict)  # group key -> rows (mirror of the checkpoints)
     plan_by_size: dict = field(default_factory=dict)
@@ -368,23 +369,19 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
     train_indices = np.arange(1, s.train_subset + 1)
     val_indices = np.arange(s.train_subset + 1, s.train_subset + s.val_subset + 1)
 
-    plan = choose_plan(ctx, group.input_size, masks, x, y)
-    # with lanes the seconds are those of a shared device: say so where they are written
-    conv = plan_label(plan) + (f", {ctx.lanes} lanes" if ctx.lanes > 1 else "")
-    model = build(plan, masks, list(initial_weights(group.seed)), ctx.device)
-    trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
-                           weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed,
-                           chunk_size=plan["chunk_size"])
+    trainer, conv = _fused_trainer(ctx, group, masks, x, y)
     del x, y  # the trainer keeps its own copies (images transposed): free the device memory
     if done > 0:
         trainer.load_state_dict(_stack_states([checkpoint["cells"][mask_bits(m)]["state"] for m in masks]))
-    num_models = len(masks)
-    advance = (lambda b: progress.advance(b * num_models, group.input_size)) if progress is not None else None
+    # mask -> the epoch at whose end its class scores became NaN for good (FusedTrainer.diverged_models)
+    diverged_since = {masks[m]: done for m in trainer.diverged_models()} if ctx.finish_diverged else {}
 
     # the graphs go with the job, before the lane's next job captures on the same stream
     # (fused._capture_stream), not whenever the trainer is collected
     try:
         for epoch in range(done + 1, s.epochs + 1):
+            num_models = len(masks)
+            advance = (lambda b, k=num_models: progress.advance(b * k, group.input_size)) if progress else None
             start = time.perf_counter()
             train = yield from trainer.train_epoch_steps(epoch, train_indices, progress=advance)
             val = yield from trainer.evaluate_steps(val_indices, progress=advance)
@@ -402,16 +399,90 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
             trained = {row["mask_bits"] for row in rows}
             checkpoint["rows"] = [r for r in checkpoint["rows"]
                                   if not (r["epoch"] == epoch and r["mask_bits"] in trained)] + rows
+            settled = []
+            if ctx.finish_diverged and not finished:
+                settled = _settled(checkpoint["rows"], diverged_since, epoch)
+                for m in trainer.diverged_models():
+                    diverged_since.setdefault(masks[m], epoch)
+                if settled:
+                    _finish_diverged(ctx, group, checkpoint, settled, epoch, trainer, masks, progress)
             ctx.rows_by_group[group.key] = checkpoint["rows"]
             # a snapshot: the next epoch replaces entries of these containers while it may be written
             snapshot = dict(checkpoint, cells=dict(checkpoint["cells"]))
             _write(ctx, _save_epoch, path, snapshot, ctx.out_dir, dict(ctx.rows_by_group))
             ctx.log(_epoch_line(group, epoch, s.epochs, rows, seconds * num_models))
 
+            if settled:  # train on without them (the others' states move to a smaller fused network)
+                for mask in settled:
+                    del diverged_since[mask]
+                live = [mask for mask in masks if mask not in settled]
+                if not live:
+                    masks = live
+                    break
+                keep = _stack_states([_slice_state(state, masks.index(mask)) for mask in live])
+                images, labels = trainer.images.transpose(2, 3), trainer.class_index + 1
+                trainer.release_graphs()
+                trainer, conv = _fused_trainer(ctx, group, live, images, labels)
+                trainer.load_state_dict(keep)
+                del images, labels
+                masks = live
+
         if ctx.save_nets:
-            _save_nets(ctx, group, model, masks)
+            _save_nets(ctx, group, trainer.model, masks)
     finally:
         trainer.release_graphs()
+
+
+def _fused_trainer(ctx: RunContext, group: Group, masks: list, x: torch.Tensor, y: torch.Tensor):
+    """A fused trainer of ``masks`` at the group's N on images ``x`` and 1-based labels ``y``, in the
+    plan :func:`choose_plan` picks, from the seed's initial weights; and the plan's label."""
+    s = ctx.settings
+    plan = choose_plan(ctx, group.input_size, masks, x, y)
+    # with lanes the seconds are those of a shared device: say so where they are written
+    conv = plan_label(plan) + (f", {ctx.lanes} lanes" if ctx.lanes > 1 else "")
+    model = build(plan, masks, list(initial_weights(group.seed)), ctx.device)
+    trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
+                           weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed,
+                           chunk_size=plan["chunk_size"])
+    return trainer, conv
+
+
+# the columns that must repeat before a diverged model stops training (all but the bookkeeping)
+_STATISTICS = ("train_objective", "train_top1err", "train_top5err", "val_objective", "val_top1err",
+               "val_top5err", "val_image_err") + tuple(f"dead_relu_conv{i}" for i in range(1, 5))
+
+
+def _settled(rows: list[dict], diverged_since: dict, epoch: int) -> list:
+    """The masks that need no more training after ``epoch``: class scores NaN through the whole of this
+    epoch and the one before (conv4 all NaN since the end of epoch - 2 or earlier) and these two epochs'
+    statistics equal (NaN equal to NaN) -- every later epoch would repeat them."""
+    by_key = {(r["mask"], r["epoch"]): r for r in rows}
+    out = []
+    for mask, since in diverged_since.items():
+        last, before = by_key.get((mask_name(mask), epoch)), by_key.get((mask_name(mask), epoch - 1))
+        if since <= epoch - 2 and last is not None and before is not None and all(
+                last[c] == before[c] or (last[c] != last[c] and before[c] != before[c]) for c in _STATISTICS):
+            out.append(mask)
+    return out
+
+
+def _finish_diverged(ctx: RunContext, group: Group, checkpoint: dict, settled: list, epoch: int,
+                     trainer: FusedTrainer, masks: list, progress) -> None:
+    """Finish the cells of ``settled`` (:func:`_settled`) after ``epoch``: their rows of the later
+    epochs are this epoch's statistics (``seconds`` 0: not trained), their cells done."""
+    s = ctx.settings
+    last = {r["mask"]: r for r in checkpoint["rows"] if r["epoch"] == epoch}
+    checkpoint["rows"] = checkpoint["rows"] + [dict(last[mask_name(mask)], epoch=later, seconds=0.0)
+                                               for mask in settled for later in range(epoch + 1, s.epochs + 1)]
+    for mask in settled:
+        checkpoint["cells"][mask_bits(mask)] = {"epochs_done": s.epochs, "state": None}
+    if ctx.save_nets:
+        _save_nets(ctx, group, trainer.model, [mask if mask in settled else None for mask in masks])
+    if progress is not None:
+        progress.advance((s.epochs - epoch) * (s.train_subset + s.val_subset) * len(settled), group.input_size)
+    ctx.log(f"N={group.input_size} seed={group.seed}: {len(settled)} diverged model(s) finish early "
+            f"({', '.join(mask_name(m) for m in settled)}: class scores NaN, epochs {epoch - 1} and {epoch} "
+            f"alike); epochs {epoch + 1}-{s.epochs} repeat epoch {epoch}'s statistics")
 
 
 def _save_epoch(path: Path, checkpoint: dict, out_dir, rows_by_group: dict) -> None:
@@ -516,6 +587,8 @@ def _save_nets(ctx: RunContext, group: Group, model: FusedLeNet, masks: list) ->
     folder = Path(ctx.out_dir) / "nets"
     folder.mkdir(parents=True, exist_ok=True)
     for m, mask in enumerate(masks):
+        if mask is None:  # a model of the fused network not to be saved
+            continue
         net = cnn_mnist_init(mask, weights=model.model_weights(m))
         net.meta["inputSize"] = np.array([[group.input_size, group.input_size, 1.0]])
         save_net(folder / f"net-{group.key}-{mask_bits(mask)}.mat", net)
