@@ -3,12 +3,15 @@
     python benchmarks/project_grid.py runs/<dir>/results.csv [--epochs 20 --seeds 3 --masks 16] [--epoch K]
 
 ``seconds`` in results.csv is a cell-epoch's share of its fused group's epoch
-(training and validation). The projection sums, over the paper's sizes
-N = 28..64, the measured mean seconds per cell-epoch at that N times masks x
-epochs x seeds; sizes not measured are interpolated linearly in N. By default
-it uses the slice's last epoch for the steady state and its first once: the
-first also pays one-time costs (CUDA graph capture, cuDNN's algorithm search
-for the training and evaluation shapes) that a 20-epoch run pays once.
+(training and validation; 0 for the epochs of a diverged model that finished
+early). The projection sums, over the paper's sizes N = 28..64, the measured
+mean seconds per cell-epoch at that N times masks x epochs x seeds; sizes not
+measured are interpolated linearly in N. By default it counts the slice's
+epochs as measured and its last epoch for each epoch after them: the first
+epoch also pays one-time costs (CUDA graph capture, cuDNN's algorithm search
+for the training and evaluation shapes) that a 20-epoch run pays once, and
+diverged models stop training after a few epochs, so the last epoch is the
+closest to the steady state.
 """
 
 import argparse
@@ -53,10 +56,12 @@ def main():
     for e in sorted(by_epoch):
         one_seed = project(by_epoch[e], args.masks, args.epochs)
         print(f"  if every epoch took epoch {e}'s time: {grid} {one_seed / 60:.1f} min")
-    first = min(by_epoch)
-    if first == 1 and epoch > 1 and args.epochs > 1:  # one-time costs once, then the steady state
-        one_seed = project(by_epoch[1], args.masks, 1) + project(per_size, args.masks, args.epochs - 1)
-        how = f"epoch 1 once + {args.epochs - 1} x epoch {epoch}"
+    measured = [e for e in sorted(by_epoch) if e < epoch]
+    if measured == list(range(1, epoch)) and epoch <= args.epochs:  # epochs 1..K-1 once, then K's state
+        one_seed = sum(project(by_epoch[e], args.masks, 1) for e in measured) + \
+            project(per_size, args.masks, args.epochs - len(measured))
+        how = (f"epochs {measured[0]}-{measured[-1]} as measured + " if len(measured) > 1 else
+               f"epoch {measured[0]} once + " if measured else "") + f"{args.epochs - len(measured)} x epoch {epoch}"
     else:
         one_seed = project(per_size, args.masks, args.epochs)
         how = f"{args.epochs} x epoch {epoch}"
