@@ -14,7 +14,7 @@ difference between the compiled and the eager gradients.
 
 Inductor cannot trace ``out=`` into a strided view, so the compiled function
 runs with ``functional.PRODUCTS_IN_PLACE = False`` (batched products copied
-into place instead); conv2 defaults to cuDNN's grouped convolution because
+into place instead; other ``out=`` uses still break the graph, as printed); conv2 defaults to cuDNN's grouped convolution because
 the 'streams' plans switch CUDA streams inside the step.
 """
 

@@ -418,8 +418,8 @@ class Backlog:
         return self._record()
 
 
-# Capture on the lane's own stream (see _capture_stream). A switch so that the CUDA test can show
-# what it guards against; not a user setting.
+# Capture on the lane's own stream (see _capture_stream). A switch for checking the fix on a GPU (the
+# CUDA lanes test does not reproduce the race at its size); not a user setting.
 CAPTURE_ON_LANE_STREAM = True
 
 

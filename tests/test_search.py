@@ -248,6 +248,7 @@ def diverging(tmp_path_factory):
 @pytest.mark.parametrize("lanes", ["1", "2"])  # 2: the trainer rebuilt inside a lane's step generator
 def test_diverged_models_stop_training_and_report_what_training_them_reports(diverging, tmp_path, monkeypatch,
                                                                               lanes):
+    monkeypatch.setattr(runner, "SETTLE_STEPS", 2)  # the tiny grid has 2 steps an epoch
     counter = CountingTrainEpoch(monkeypatch)
     code, stdout, stderr = run_cli(*DIVERGING, "--out", tmp_path / "run", "--save-nets", "--lanes", lanes)
     assert code == 0, stderr
@@ -263,6 +264,7 @@ def test_diverged_models_stop_training_and_report_what_training_them_reports(div
 
 @pytest.mark.parametrize("interrupt_at", [5, 7])  # before and after the diverged models finish
 def test_a_run_with_finished_diverged_models_resumes(diverging, tmp_path, monkeypatch, interrupt_at):
+    monkeypatch.setattr(runner, "SETTLE_STEPS", 2)
     out = tmp_path / "run"
     CountingTrainEpoch(monkeypatch, interrupt_at=interrupt_at)
     assert run_cli(*DIVERGING, "--out", out)[0] == 130
@@ -281,10 +283,11 @@ def test_a_diverged_model_finishes_only_after_two_alike_epochs_of_nan_scores():
         return {"mask": "C C C C", "epoch": epoch, **dict.fromkeys(runner._STATISTICS, nan), "val_image_err": err}
     mask = (0, 0, 0, 0)
     rows = [row(3, 0.9), row(4, 0.9), row(5, 0.8)]
-    assert runner._settled(rows, {mask: 2}, 4) == [mask]       # NaN scores through epochs 3 and 4, alike
-    assert runner._settled(rows, {mask: 3}, 4) == []           # epoch 3 began with finite scores
-    assert runner._settled(rows, {mask: 2}, 5) == []           # epochs 4 and 5 differ
-    assert runner._settled(rows, {}, 4) == []
+    assert runner._settled(rows, {mask: 2}, 4, 600) == [mask]  # NaN scores through epochs 3 and 4, alike
+    assert runner._settled(rows, {mask: 3}, 4, 600) == []      # epoch 3 began with finite scores
+    assert runner._settled(rows, {mask: 2}, 5, 600) == []      # epochs 4 and 5 differ
+    assert runner._settled(rows, {}, 4, 600) == []
+    assert runner._settled(rows, {mask: 2}, 4, 20) == []       # 20 NaN steps before epoch 4: too few
 
 
 def test_background_writer_keeps_order_and_reports_failures():

@@ -401,7 +401,8 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
                                   if not (r["epoch"] == epoch and r["mask_bits"] in trained)] + rows
             settled = []
             if ctx.finish_diverged and not finished:
-                settled = _settled(checkpoint["rows"], diverged_since, epoch)
+                steps = -(-s.train_subset // s.batch_size)
+                settled = _settled(checkpoint["rows"], diverged_since, epoch, steps)
                 for m in trainer.diverged_models():
                     diverged_since.setdefault(masks[m], epoch)
                 if settled:
@@ -422,7 +423,9 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
                 keep = _stack_states([_slice_state(state, masks.index(mask)) for mask in live])
                 images, labels = trainer.images.transpose(2, 3), trainer.class_index + 1
                 trainer.release_graphs()
-                trainer, conv = _fused_trainer(ctx, group, live, images, labels)
+                # the group's plan for fewer models, not a new autotune inside a running lane
+                plan = dict(trainer.plan, chunk_size=min(trainer.plan["chunk_size"], len(live)))
+                trainer, conv = _fused_trainer(ctx, group, live, images, labels, plan)
                 trainer.load_state_dict(keep)
                 del images, labels
                 masks = live
@@ -433,17 +436,20 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
         trainer.release_graphs()
 
 
-def _fused_trainer(ctx: RunContext, group: Group, masks: list, x: torch.Tensor, y: torch.Tensor):
-    """A fused trainer of ``masks`` at the group's N on images ``x`` and 1-based labels ``y``, in the
-    plan :func:`choose_plan` picks, from the seed's initial weights; and the plan's label."""
+def _fused_trainer(ctx: RunContext, group: Group, masks: list, x: torch.Tensor, y: torch.Tensor,
+                   plan: dict | None = None):
+    """A fused trainer of ``masks`` at the group's N on images ``x`` and 1-based labels ``y``, in
+    ``plan`` or the one :func:`choose_plan` picks, from the seed's initial weights; and the plan's
+    label. The trainer remembers its plan (``trainer.plan``)."""
     s = ctx.settings
-    plan = choose_plan(ctx, group.input_size, masks, x, y)
+    plan = plan or choose_plan(ctx, group.input_size, masks, x, y)
     # with lanes the seconds are those of a shared device: say so where they are written
     conv = plan_label(plan) + (f", {ctx.lanes} lanes" if ctx.lanes > 1 else "")
     model = build(plan, masks, list(initial_weights(group.seed)), ctx.device)
     trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
                            weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed,
                            chunk_size=plan["chunk_size"])
+    trainer.plan = plan
     return trainer, conv
 
 
@@ -452,15 +458,22 @@ _STATISTICS = ("train_objective", "train_top1err", "train_top5err", "val_objecti
                "val_top5err", "val_image_err") + tuple(f"dead_relu_conv{i}" for i in range(1, 5))
 
 
-def _settled(rows: list[dict], diverged_since: dict, epoch: int) -> list:
+# SGD steps with NaN class scores before the last compared epoch: a conv1 channel that is dead on every
+# training image keeps a zero gradient, so it stays finite and drifts only by its leftover momentum
+# (x 0.9 a step: below float32 rounding after ~200 steps); until then it could still change sign
+SETTLE_STEPS = 200
+
+
+def _settled(rows: list[dict], diverged_since: dict, epoch: int, steps_per_epoch: int) -> list:
     """The masks that need no more training after ``epoch``: class scores NaN through the whole of this
-    epoch and the one before (conv4 all NaN since the end of epoch - 2 or earlier) and these two epochs'
-    statistics equal (NaN equal to NaN) -- every later epoch would repeat them."""
+    epoch and the one before (conv4 all NaN since the end of epoch - 2 or earlier), at least
+    :data:`SETTLE_STEPS` steps of NaN scores before this epoch, and these two epochs' statistics equal
+    (NaN equal to NaN) -- every later epoch repeats them."""
     by_key = {(r["mask"], r["epoch"]): r for r in rows}
     out = []
     for mask, since in diverged_since.items():
         last, before = by_key.get((mask_name(mask), epoch)), by_key.get((mask_name(mask), epoch - 1))
-        if since <= epoch - 2 and last is not None and before is not None and all(
+        if since <= epoch - 2 and (epoch - 1 - since) * steps_per_epoch >= SETTLE_STEPS and last is not None and before is not None and all(
                 last[c] == before[c] or (last[c] != last[c] and before[c] != before[c]) for c in _STATISTICS):
             out.append(mask)
     return out
