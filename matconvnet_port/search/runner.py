@@ -180,6 +180,13 @@ class GridProgress:
         self.cost_done = 0.0
         self.start = time.perf_counter()
 
+    def skip(self, image_passes: int, input_size: int) -> None:
+        """Work that will not be done (diverged models that finished early): off the bar's total,
+        not counted as done, so that neither ETA takes it for speed."""
+        self.bar.total = max(self.bar.n, self.bar.total - image_passes)
+        self.bar.refresh()
+        self.cost_left -= image_passes * cost_per_image(input_size)
+
     def advance(self, image_passes: int, input_size: int) -> None:
         self.bar.update(image_passes)
         cost = image_passes * cost_per_image(input_size)
@@ -492,7 +499,7 @@ def _finish_diverged(ctx: RunContext, group: Group, checkpoint: dict, settled: l
     if ctx.save_nets:
         _save_nets(ctx, group, trainer.model, [mask if mask in settled else None for mask in masks])
     if progress is not None:
-        progress.advance((s.epochs - epoch) * (s.train_subset + s.val_subset) * len(settled), group.input_size)
+        progress.skip((s.epochs - epoch) * (s.train_subset + s.val_subset) * len(settled), group.input_size)
     ctx.log(f"N={group.input_size} seed={group.seed}: {len(settled)} diverged model(s) finish early "
             f"({', '.join(mask_name(m) for m in settled)}: class scores NaN, epochs {epoch - 1} and {epoch} "
             f"alike); epochs {epoch + 1}-{s.epochs} repeat epoch {epoch}'s statistics")
