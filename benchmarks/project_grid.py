@@ -60,8 +60,9 @@ def main():
     if measured == list(range(1, epoch)) and epoch <= args.epochs:  # epochs 1..K-1 once, then K's state
         one_seed = sum(project(by_epoch[e], args.masks, 1) for e in measured) + \
             project(per_size, args.masks, args.epochs - len(measured))
-        how = (f"epochs {measured[0]}-{measured[-1]} as measured + " if len(measured) > 1 else
-               f"epoch {measured[0]} once + " if measured else "") + f"{args.epochs - len(measured)} x epoch {epoch}"
+        how = f"{args.epochs - len(measured)} x epoch {epoch}"
+        if measured:
+            how = ("epoch 1 once + " if len(measured) == 1 else f"epochs 1-{measured[-1]} as measured + ") + how
     else:
         one_seed = project(per_size, args.masks, args.epochs)
         how = f"{args.epochs} x epoch {epoch}"

@@ -375,8 +375,9 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
     y = torch.from_numpy(labels).to(ctx.device)
     train_indices = np.arange(1, s.train_subset + 1)
     val_indices = np.arange(s.train_subset + 1, s.train_subset + s.val_subset + 1)
+    steps_per_epoch = -(-s.train_subset // s.batch_size)
 
-    trainer, conv = _fused_trainer(ctx, group, masks, x, y)
+    trainer, plan, conv = _fused_trainer(ctx, group, masks, x, y)
     del x, y  # the trainer keeps its own copies (images transposed): free the device memory
     if done > 0:
         trainer.load_state_dict(_stack_states([checkpoint["cells"][mask_bits(m)]["state"] for m in masks]))
@@ -408,8 +409,7 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
                                   if not (r["epoch"] == epoch and r["mask_bits"] in trained)] + rows
             settled = []
             if ctx.finish_diverged and not finished:
-                steps = -(-s.train_subset // s.batch_size)
-                settled = _settled(checkpoint["rows"], diverged_since, epoch, steps)
+                settled = _settled(checkpoint["rows"], diverged_since, epoch, steps_per_epoch)
                 for m in trainer.diverged_models():
                     diverged_since.setdefault(masks[m], epoch)
                 if settled:
@@ -431,8 +431,8 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
                 images, labels = trainer.images.transpose(2, 3), trainer.class_index + 1
                 trainer.release_graphs()
                 # the group's plan for fewer models, not a new autotune inside a running lane
-                plan = dict(trainer.plan, chunk_size=min(trainer.plan["chunk_size"], len(live)))
-                trainer, conv = _fused_trainer(ctx, group, live, images, labels, plan)
+                plan = dict(plan, chunk_size=min(plan["chunk_size"], len(live)))
+                trainer, plan, conv = _fused_trainer(ctx, group, live, images, labels, plan)
                 trainer.load_state_dict(keep)
                 del images, labels
                 masks = live
@@ -446,8 +446,8 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
 def _fused_trainer(ctx: RunContext, group: Group, masks: list, x: torch.Tensor, y: torch.Tensor,
                    plan: dict | None = None):
     """A fused trainer of ``masks`` at the group's N on images ``x`` and 1-based labels ``y``, in
-    ``plan`` or the one :func:`choose_plan` picks, from the seed's initial weights; and the plan's
-    label. The trainer remembers its plan (``trainer.plan``)."""
+    ``plan`` or the one :func:`choose_plan` picks, from the seed's initial weights; with the plan
+    and its label."""
     s = ctx.settings
     plan = plan or choose_plan(ctx, group.input_size, masks, x, y)
     # with lanes the seconds are those of a shared device: say so where they are written
@@ -456,8 +456,7 @@ def _fused_trainer(ctx: RunContext, group: Group, masks: list, x: torch.Tensor, 
     trainer = FusedTrainer(model, x, y, batch_size=s.batch_size, learning_rate=s.learning_rate,
                            weight_decay=s.weight_decay, momentum=s.momentum, seed=group.seed,
                            chunk_size=plan["chunk_size"])
-    trainer.plan = plan
-    return trainer, conv
+    return trainer, plan, conv
 
 
 # the columns that must repeat before a diverged model stops training (all but the bookkeeping)
@@ -480,7 +479,8 @@ def _settled(rows: list[dict], diverged_since: dict, epoch: int, steps_per_epoch
     out = []
     for mask, since in diverged_since.items():
         last, before = by_key.get((mask_name(mask), epoch)), by_key.get((mask_name(mask), epoch - 1))
-        if since <= epoch - 2 and (epoch - 1 - since) * steps_per_epoch >= SETTLE_STEPS and last is not None and before is not None and all(
+        long_enough = since <= epoch - 2 and (epoch - 1 - since) * steps_per_epoch >= SETTLE_STEPS
+        if long_enough and last is not None and before is not None and all(
                 last[c] == before[c] or (last[c] != last[c] and before[c] != before[c]) for c in _STATISTICS):
             out.append(mask)
     return out
