@@ -1,7 +1,7 @@
 """How many operations that launch a kernel one training step of the fused study makes, per plan.
 
     python benchmarks/count_launches.py [--size 28] [--conv gemm,grouped,gemm,gemm] [--memory-format nhwc]
-                                        [--no-compose] [--where OP] [--bandwidth 3.35]
+                                        [--compose gemm|library|none] [--where OP] [--bandwidth 3.35]
 
 Small N are launch-bound on a GPU (a step of the 16 LeNets at N = 28 is ~3 ms of a few hundred small
 kernels on an H100), so the count is a speed measure that needs no GPU. The step runs on the CPU as
@@ -100,7 +100,9 @@ def main():
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--conv", default="gemm,grouped,gemm,gemm")
     parser.add_argument("--memory-format", default="nhwc")
-    parser.add_argument("--no-compose", action="store_true")
+    parser.add_argument("--compose", choices=["gemm", "library", "none"], default="gemm",
+                        help="how conv3 and conv4 are composed where no ReLU separates them (default gemm)")
+    parser.add_argument("--no-compose", action="store_true", help="same as --compose none")
     parser.add_argument("--where", metavar="OP", help="list the call sites of this operation")
     parser.add_argument("--bandwidth", type=float, default=3.35, metavar="TB/s",
                         help="device memory bandwidth for the glue's time bound (default 3.35: H100 SXM)")
@@ -111,7 +113,7 @@ def main():
     weights = list(initial_weights(0))  # cnn_mnist_init(seed=0), as the search starts seed 0
     masks = sorted(ALL_MASKS, reverse=True)
     plan = {"memory_format": args.memory_format, "conv": parse_conv(args.conv), "chunk_size": len(masks),
-            "compose": not args.no_compose}
+            "compose": False if args.no_compose or args.compose == "none" else args.compose}
     n = args.size
     images, labels = torch.randn(200, 1, n, n) * 50, torch.randint(1, 11, (200,))
     trainer = FusedTrainer(build(plan, masks, weights, torch.device("cpu")), images, labels)

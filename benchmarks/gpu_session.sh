@@ -3,11 +3,12 @@
 # has its own time limit and the script goes on when one fails):
 #   1. the parity suite's CUDA cases, the fused trainer's and the lanes' CUDA tests (every CUDA
 #      candidate plan under graph replay against the CPU; trainers on CUDA streams),
-#   2. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 5 epochs x full MNIST
+#   2. benchmarks/bench_compose.py at N = 36 and 64 (the composed conv3 -> conv4: GEMM vs cuDNN),
+#   3. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 5 epochs x full MNIST
 #      (epoch 1 also captures graphs and searches cuDNN algorithms; after epoch 3, models whose
 #      scores went NaN in epoch 1 stop, and epoch 4 recaptures: epoch 5 is the steady state), and the projection
 #      from it (benchmarks/project_grid.py),
-#   3. benchmarks/bench_search.py: the search's path vs 16 naive LeNets, N = 28 and 64, if time is left.
+#   4. benchmarks/bench_search.py: the search's path vs 16 naive LeNets, N = 28 and 64, if time is left.
 # (bench_lanes.py -- --lanes stays 1: 1.10x at best -- and bench_plans.py --profile ran in earlier sessions.)
 # Everything printed goes to $OUT/log.txt; the slice's results.csv and summary.md and the
 # benchmark JSON are copied next to it (few files: the device tool returns at most eight).
@@ -20,8 +21,11 @@ environment
 stage "pytest: CUDA parity and fused-trainer cases"
 timeout 50 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py 2>&1 | tail -12
 
+stage "bench_compose: conv3 -> conv4 composed by GEMM or by cuDNN"
+timeout 20 python3 benchmarks/bench_compose.py --device cuda --sizes 36 64 --models 8 --repeats 5 2>&1 | tail -4
+
 stage "paper slice: 16 masks x N=28..64 x 5 epochs x 60000/10000 images x 1 seed"
-timeout 420 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 5 --device cuda \
+timeout 410 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 5 --device cuda \
   --out /tmp/paper_slice 2>&1 | clean | grep -v '^grid:' | tail -40
 cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
 cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"

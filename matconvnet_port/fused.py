@@ -37,7 +37,8 @@ library's grouped convolution, its filter derivative by im2col + GEMM), 'gemm'
 (:func:`matconvnet_port.functional.conv_gemm`: im2col + batched matrix
 products; conv1's product serves every model at once) -- models per pass,
 and ``compose`` (conv3 and the 1x1 conv4 as one linear layer where no ReLU
-separates them: :func:`matconvnet_port.functional.linear_pair_gemm`).
+separates them, by im2col + GEMM, :func:`matconvnet_port.functional.linear_pair_gemm`,
+or by the library's convolution, :func:`~matconvnet_port.functional.linear_pair_conv`).
 :func:`default_plan` is the measured CPU choice; :func:`autotune_plan` times
 candidates (the search does on CUDA).
 """
@@ -58,7 +59,8 @@ from . import functional as fn
 from .models import CONV_SHAPES
 from .train import default_order, error_multiclass, sgd_update
 
-__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "LAYER_IMPLS", "MEMORY_FORMATS", "parse_conv",
+__all__ = ["FusedLeNet", "FusedTrainer", "EpochStats", "LAYER_IMPLS", "MEMORY_FORMATS", "COMPOSE_METHODS",
+           "compose_method", "parse_conv",
            "plan_label", "build", "default_plan", "candidate_plans", "time_plan", "autotune_plan",
            "keep_freed_memory", "Backlog", "run_to_end"]
 
@@ -66,6 +68,8 @@ LAYER_IMPLS = ("grouped", "loop", "streams", "gemm", "gemm_wgrad")
 # CUDA streams that the 'streams' layers spread their models over
 STREAMS = 4
 MEMORY_FORMATS = ("nchw", "nhwc")
+# how a plan composes conv3 and conv4 (True, in plans saved before 'library' existed, means 'gemm')
+COMPOSE_METHODS = ("gemm", "library")
 NUM_CLASSES = 10
 
 
@@ -77,9 +81,10 @@ class FusedLeNet(nn.Module):
     start for all M models, as the study uses) or M such lists. ``conv``: a
     layer implementation for all layers or four (:data:`LAYER_IMPLS`,
     :func:`parse_conv`); ``memory_format``: 'nchw' or 'nhwc' (channels-last);
-    ``compose``: in training, conv3 and conv4 of the models without a ReLU
-    between them run as one composed linear layer (same function and
-    derivatives; evaluation always runs the layers one by one).
+    ``compose``: False, or how (:data:`COMPOSE_METHODS`; True is 'gemm'), in
+    training, conv3 and conv4 of the models without a ReLU between them run as
+    one composed linear layer (same function and derivatives; evaluation
+    always runs the layers one by one).
     ``forward(x)`` maps B x 1 x N x N images, stored transposed (see
     :meth:`prepare_images`), to B x (M*10) x w x h scores (model m owns
     channels ``m*10 .. m*10+9``; the spatial map is transposed too, which no
@@ -87,9 +92,9 @@ class FusedLeNet(nn.Module):
     """
 
     def __init__(self, masks: Sequence[Sequence[int]], weights, *, conv="grouped", memory_format: str = "nchw",
-                 compose: bool = False):
+                 compose: bool | str = False):
         super().__init__()
-        self.compose = bool(compose)
+        self.compose = compose_method(compose)
         self._subsets: dict = {}
         self._streams: dict = {}
         layer_impls = parse_conv(conv)
@@ -252,7 +257,8 @@ class FusedLeNet(nn.Module):
             y = F.relu(y)  # every model of this part has the ReLU after conv3
             parts.append(self._conv(3, y, f4[0], b4[0]))
         if linear:
-            parts.append(fn.linear_pair_gemm(xs[1], f3[1], b3[1], f4[1], b4[1]))
+            pair = fn.linear_pair_conv if self.compose == "library" else fn.linear_pair_gemm
+            parts.append(pair(xs[1], f3[1], b3[1], f4[1], b4[1]))
         scores = _Permute.apply(torch.cat(parts, 1) if len(parts) > 1 else parts[0], 1, *back)
         return fn.channel_relu(scores, self.rectified[3][first * n4:last * n4])
 
@@ -678,14 +684,26 @@ def parse_conv(spec) -> tuple[str, str, str, str]:
     return tuple(parts)
 
 
+def compose_method(compose) -> str | None:
+    """A plan's ``compose`` as None (no composition) or one of :data:`COMPOSE_METHODS`."""
+    if compose is None or compose is False:
+        return None
+    if compose is True:
+        return "gemm"
+    if compose not in COMPOSE_METHODS:
+        raise ValueError(f"compose must be False, True or one of {COMPOSE_METHODS}, got {compose!r}")
+    return compose
+
+
 def plan_label(plan: dict) -> str:
-    """'nhwc gemm,grouped,gemm,gemm x8 +compose': memory format, conv per layer, models per pass,
-    and whether conv3 and conv4 are composed where no ReLU separates them."""
+    """'nhwc gemm,grouped,gemm,gemm x8 +compose=library': memory format, conv per layer, models per
+    pass, and how conv3 and conv4 are composed where no ReLU separates them ('+compose' alone: gemm)."""
     conv = parse_conv(plan["conv"])
     conv_text = conv[0] if len(set(conv)) == 1 else ",".join(conv)
     chunk = plan.get("chunk_size")
+    compose = compose_method(plan.get("compose"))
     return (f"{plan.get('memory_format', 'nchw')} {conv_text}" + (f" x{chunk}" if chunk else "")
-            + (" +compose" if plan.get("compose") else ""))
+            + {None: "", "gemm": " +compose", "library": " +compose=library"}[compose])
 
 
 def build(plan: dict, masks, weights, device) -> FusedLeNet:
@@ -706,14 +724,15 @@ def default_plan(device_type: str, input_size: int, num_models: int) -> dict:
     where the convolution library is slowest) and conv4; the library's grouped
     convolution for conv2; 8 models per pass (their working set stays in
     cache at large N); from N = 36 on, conv3 and conv4 of the models without
-    a ReLU between them as one composed linear layer. Measured on a 2-core
+    a ReLU between them as one composed linear layer, by the library's
+    convolution (:func:`~matconvnet_port.functional.linear_pair_conv`). Measured on a 2-core
     CPU against the alternatives (README). CUDA: cuDNN's grouped convolutions,
     every model in one pass.
     """
     if device_type == "cuda":
         return {"memory_format": "nchw", "conv": ("grouped",) * 4, "chunk_size": num_models, "compose": False}
     return {"memory_format": "nhwc", "conv": ("gemm", "grouped", "gemm", "gemm"),
-            "chunk_size": min(8, num_models), "compose": input_size >= COMPOSE_FROM}
+            "chunk_size": min(8, num_models), "compose": "library" if input_size >= COMPOSE_FROM else False}
 
 
 def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> list[dict]:
@@ -723,18 +742,20 @@ def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> 
         # The first is autotune's reference: cuDNN's own grouped convolutions. Then im2col +
         # batched GEMM where cuDNN's grouped kernels are weakest (conv1, conv4, conv3 of small
         # maps), cuDNN per model for conv2/conv3 (in turn, or on side streams: conv3's kernels
-        # leave the GPU part idle), and composition. Which wins depends on N and the GPU;
-        # combinations that lost at every N on an H100 are left out (README, Speed).
-        s, w = "streams", "gemm_wgrad"
+        # leave the GPU part idle), and composition (by GEMM, or by cuDNN: its narrow composed
+        # bank needs no im2col columns). Which wins depends on N and the GPU; combinations that
+        # lost at every N on an H100 are left out (README, Speed).
+        s, w, lib = "streams", "gemm_wgrad", "library"
         return [{"memory_format": fmt, "conv": conv, "chunk_size": num_models, "compose": compose}
                 for fmt, conv, compose in (("nchw", (g,) * 4, False),
-                                           ("nhwc", (m, g, m, m), False), ("nhwc", (m, g, m, m), True),
-                                           ("nhwc", (m, s, m, m), False), ("nhwc", (m, s, m, m), True),
-                                           ("nhwc", (m, w, m, m), False), ("nhwc", (m, "loop", m, m), True),
-                                           ("nhwc", (m, g, s, m), True), ("nhwc", (m, s, s, m), True),
-                                           ("nhwc", (m, "loop", s, m), True))]
+                                           ("nhwc", (m, g, m, m), False), ("nhwc", (m, g, m, m), "gemm"),
+                                           ("nhwc", (m, s, m, m), False), ("nhwc", (m, s, m, m), "gemm"),
+                                           ("nhwc", (m, w, m, m), False),
+                                           ("nhwc", (m, g, m, m), lib), ("nhwc", (m, s, m, m), lib),
+                                           ("nhwc", (m, s, s, m), lib), ("nhwc", (m, s, g, m), lib))]
     default = default_plan(device_type, input_size, num_models)
-    others = [dict(default, compose=not default["compose"]), dict(default, chunk_size=num_models),
+    toggled = False if default["compose"] else "library"
+    others = [dict(default, compose=toggled), dict(default, chunk_size=num_models),
               dict(default, chunk_size=min(2, num_models)), dict(default, conv=(g, g, m, m))]
     unique = {plan_label(p): p for p in [default] + others}
     return list(unique.values())

@@ -56,11 +56,18 @@ PLANS = [("loop", "nchw", None, False, 1e-4), ("grouped", "nchw", None, False, 1
          ("grouped,grouped,gemm,gemm", "nhwc", None, True, 1e-3),
          # conv2 per model in NCHW slices of channels-last activations ('streams' is 'loop' off CUDA)
          ("gemm,loop,gemm,gemm", "nhwc", None, False, 1e-3), ("gemm,streams,gemm,gemm", "nhwc", None, True, 1e-3),
-         ("gemm,gemm_wgrad,gemm,gemm", "nhwc", None, True, 1e-3), ("gemm,streams,streams,gemm", "nhwc", None, True, 1e-3)]
+         ("gemm,gemm_wgrad,gemm,gemm", "nhwc", None, True, 1e-3), ("gemm,streams,streams,gemm", "nhwc", None, True, 1e-3),
+         # the composed layer by the convolution library (the CPU default from N = 36 on)
+         ("gemm,grouped,gemm,gemm", "nhwc", 2, "library", 1e-3), ("gemm,streams,gemm,gemm", "nhwc", None, "library", 1e-3),
+         ("grouped", "nchw", None, "library", 1e-3)]
+
+
+def _compose_id(compose):
+    return {False: "", True: "-compose", "library": "-compose=library"}[compose]
 
 
 @pytest.mark.parametrize("impl,memory_format,chunk,compose,tol", PLANS,
-                         ids=[f"{p[1]}-{p[0]}-{p[2]}{'-compose' * p[3]}" for p in PLANS])
+                         ids=[f"{p[1]}-{p[0]}-{p[2]}{_compose_id(p[3])}" for p in PLANS])
 def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chunk, compose, tol, tmp_path):
     imdb, train, val = data
     images, labels = image_tensors(imdb)
@@ -173,11 +180,13 @@ def test_composed_models_evaluate_layer_by_layer(data):
     imdb, _, val = data
     images, labels = image_tensors(imdb)
     stats = [FusedTrainer(FusedLeNet(MASKS, conv_weights(cnn_mnist_init(seed=3)), conv="gemm", memory_format="nhwc",
-                                     compose=compose), images, labels).evaluate(val) for compose in (False, True)]
-    for name in ("objective", "top1err", "image_err"):
-        np.testing.assert_array_equal(getattr(stats[0], name), getattr(stats[1], name))
-    for i in range(1, 5):
-        np.testing.assert_array_equal(stats[0].dead_relu[i], stats[1].dead_relu[i])
+                                     compose=compose), images, labels).evaluate(val)
+             for compose in (False, True, "library")]
+    for other in stats[1:]:
+        for name in ("objective", "top1err", "image_err"):
+            np.testing.assert_array_equal(getattr(stats[0], name), getattr(other, name))
+        for i in range(1, 5):
+            np.testing.assert_array_equal(stats[0].dead_relu[i], other.dead_relu[i])
 
 
 def test_labels_are_validated_once():
@@ -268,8 +277,13 @@ def test_plans_are_parsed_and_labelled():
     with pytest.raises(ValueError, match="memory_format"):
         FusedLeNet(MASKS, conv_weights(cnn_mnist_init()), memory_format="nwhc")
     assert plan_label(default_plan("cpu", 28, 16)) == "nhwc gemm,grouped,gemm,gemm x8"
-    assert plan_label(default_plan("cpu", 64, 16)) == "nhwc gemm,grouped,gemm,gemm x8 +compose"
+    assert plan_label(default_plan("cpu", 64, 16)) == "nhwc gemm,grouped,gemm,gemm x8 +compose=library"
     assert plan_label({"conv": "grouped"}) == "nchw grouped"
+    # plans saved before the library composition existed said True for the GEMM one
+    assert plan_label({"conv": "gemm", "compose": True}) == plan_label({"conv": "gemm", "compose": "gemm"}) \
+        == "nchw gemm +compose"
+    with pytest.raises(ValueError, match="compose must be"):
+        FusedLeNet(MASKS, conv_weights(cnn_mnist_init()), compose="fft")
 
 
 def test_relu_and_pooling_commute_exactly_ties_included():

@@ -89,25 +89,40 @@ def test_conv_gemm_max_pool_is_conv_then_pool_ties_included(groups, bias, block_
           *([rand(2 * groups)] if bias else []))
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("block_bytes", [None, 1, "in_place"])
-def test_linear_pair_gemm_is_two_convolutions(groups, block_bytes, monkeypatch):
-    _blocking(block_bytes, monkeypatch)
-    x = rand(3, 6, 7, 6)
-    f1, b1 = rand(4 * groups, 6 // groups, 3, 2), rand(4 * groups)
-    f2, b2 = rand(2 * groups, 4, 1, 1), rand(2 * groups)
+def assert_linear_pair_is_two_convolutions(pair, x, f1, b1, f2, b2):
+    """``pair`` (a composed conv3 -> conv4) against the two convolutions: values, derivatives, errors."""
+    groups = x.shape[1] // f1.shape[1]
     inputs = (x, f1, b1, f2, b2)
-    ours = fn.linear_pair_gemm(*inputs)
+    ours = pair(*inputs)
     ref = fn.conv(fn.conv(x, f1, b1), f2, b2)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     for a, r in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g)):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
-    check(fn.linear_pair_gemm, *inputs)
+    check(pair, *inputs)
     with pytest.raises(ValueError, match="1 x 1"):
-        fn.linear_pair_gemm(x, f1, b1, rand(2 * groups, 4, 2, 1), b2)
+        pair(x, f1, b1, rand(2 * groups, 4, 2, 1), b2)
     with pytest.raises(ValueError, match="grouping"):
-        fn.linear_pair_gemm(x, f1, b1, rand(2 * groups, 3, 1, 1), b2)
+        pair(x, f1, b1, rand(2 * groups, 3, 1, 1), b2)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("block_bytes", [None, 1, "in_place"])
+def test_linear_pair_gemm_is_two_convolutions(groups, block_bytes, monkeypatch):
+    _blocking(block_bytes, monkeypatch)
+    assert_linear_pair_is_two_convolutions(fn.linear_pair_gemm, rand(3, 6, 7, 6), rand(4 * groups, 6 // groups, 3, 2),
+                                           rand(4 * groups), rand(2 * groups, 4, 1, 1), rand(2 * groups))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_linear_pair_conv_is_two_convolutions(groups, layout):
+    def laid_out(t):
+        return t.detach().contiguous(memory_format=layout).requires_grad_(True)
+
+    assert_linear_pair_is_two_convolutions(fn.linear_pair_conv, laid_out(rand(3, 6, 7, 6)),
+                                           laid_out(rand(4 * groups, 6 // groups, 3, 2)), rand(4 * groups),
+                                           rand(2 * groups, 4, 1, 1), rand(2 * groups))
 
 
 def test_conv_gemm_rejects_what_it_does_not_cover():
