@@ -260,6 +260,8 @@ def test_diverged_models_stop_training_and_report_what_training_them_reports(div
     assert all(r["seconds"] == 0 for r in rows if r["epoch"] > 5 and r["mask"] != "CR CR CR CR")
     assert all(r["conv_impl"].endswith(", 2 lanes") == (lanes == "2") for r in rows)
     assert len(list((tmp_path / "run" / "nets").glob("*.mat"))) == len(MASKS)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "3 cell(s) stopped training once their class scores were NaN for good" in summary
 
 
 @pytest.mark.parametrize("interrupt_at", [5, 7])  # before and after the diverged models finish

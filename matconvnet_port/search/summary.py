@@ -171,6 +171,8 @@ def summarise(rows: list[dict], config: dict, threshold: float | None = None) ->
         "devices": sorted({r["device"] for r in rows}),
         "conv_impls": {str(n): sorted({r["conv_impl"] for r in rows if r["input_size"] == n}) for n in sizes},
         "fused_models": sorted({int(r["fused_models"]) for r in rows}),
+        # cells whose model stopped training once its scores were NaN for good (their later rows: seconds 0)
+        "stopped_cells": sum(any(r["seconds"] == 0 for r in curve.values()) for curve in curves.values()),
         "measures": {},
     }
     for measure in MEASURES:
@@ -401,8 +403,11 @@ def _markdown(summary: dict, out_dir: Path) -> str:
             "replicates: the p-values below are optimistic (the per-N tables show where an effect holds)."
             if len(sizes) > 1 else ""),
          f"- Device: {', '.join(summary['devices'])}; the masks of a (N, seed) were trained together as one "
-         f"fused network ({'/'.join(map(str, summary['fused_models']))} models; conv implementation {conv}). "
-         f"Training + validation time, summed over the (N, seed) groups: {summary['training_seconds']:.0f} s"
+         f"fused network ({'/'.join(map(str, summary['fused_models']))} models; conv implementation {conv})"
+         + (f"; {summary['stopped_cells']} cell(s) stopped training once their class scores were NaN for good, "
+            "their remaining epochs reported as the last (what training on reports), and the others of "
+            "their group trained on as a smaller fused network. " if summary.get("stopped_cells") else ". ")
+         + f"Training + validation time, summed over the (N, seed) groups: {summary['training_seconds']:.0f} s"
          + (" (groups ran side by side in lanes, so the wall clock was shorter)."
             if any("lanes" in c for v in summary["conv_impls"].values() for c in v) else "."),
          *_short_training_note(summary),
