@@ -52,13 +52,14 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed forward+backward passes per variant")
     parser.add_argument("--conv", default="gemm,grouped,gemm,gemm")
     parser.add_argument("--memory-format", default="nhwc", choices=("nchw", "nhwc"))
-    parser.add_argument("--no-compose", action="store_true")
+    parser.add_argument("--compose", choices=["gemm", "library", "none"], default="gemm",
+                        help="how conv3 and conv4 are composed where no ReLU separates them (default gemm)")
     parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     args = parser.parse_args()
     device = torch.device(args.device)
     masks = list(ALL_MASKS)
     plan = {"memory_format": args.memory_format, "conv": parse_conv(args.conv), "chunk_size": len(masks),
-            "compose": not args.no_compose}
+            "compose": False if args.compose == "none" else args.compose}
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"{len(masks)} models, batch {BATCH}, fp32; torch.compile mode={args.mode}")
     generator = torch.Generator().manual_seed(0)

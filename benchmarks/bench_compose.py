@@ -20,13 +20,13 @@ import argparse
 
 import torch
 
-from bench_layers import fwd_bwd, timed
+from bench_layers import fwd_bwd, lenet_shapes, timed
 from matconvnet_port import functional as fn
 from matconvnet_port.precision import exact_fp32
 
 
 def conv3_input_size(n: int) -> int:
-    return ((n - 4) // 2 - 4) // 2
+    return lenet_shapes(n)[0][2][4]
 
 
 def main():
@@ -38,6 +38,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer runs (timed's warm-up absorbs the search)
     print(f"device: {device}; torch {torch.__version__}; batch {args.batch}, fp32, forward + backward, "
           f"median of {args.repeats}")
     print(f"{'N':>3} {'models':>6} {'conv3 in':>8}  {'(a) two layers':>14}  {'(b) gemm':>14}  {'(c) library':>14}")

@@ -102,7 +102,6 @@ def main():
     parser.add_argument("--memory-format", default="nhwc")
     parser.add_argument("--compose", choices=["gemm", "library", "none"], default="gemm",
                         help="how conv3 and conv4 are composed where no ReLU separates them (default gemm)")
-    parser.add_argument("--no-compose", action="store_true", help="same as --compose none")
     parser.add_argument("--where", metavar="OP", help="list the call sites of this operation")
     parser.add_argument("--bandwidth", type=float, default=3.35, metavar="TB/s",
                         help="device memory bandwidth for the glue's time bound (default 3.35: H100 SXM)")
@@ -113,7 +112,7 @@ def main():
     weights = list(initial_weights(0))  # cnn_mnist_init(seed=0), as the search starts seed 0
     masks = sorted(ALL_MASKS, reverse=True)
     plan = {"memory_format": args.memory_format, "conv": parse_conv(args.conv), "chunk_size": len(masks),
-            "compose": False if args.no_compose or args.compose == "none" else args.compose}
+            "compose": False if args.compose == "none" else args.compose}
     n = args.size
     images, labels = torch.randn(200, 1, n, n) * 50, torch.randint(1, 11, (200,))
     trainer = FusedTrainer(build(plan, masks, weights, torch.device("cpu")), images, labels)

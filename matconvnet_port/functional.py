@@ -470,17 +470,13 @@ class _LinearPairGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, f1, b1, f2, b2):
-        k1, fc, fh, fw = f1.shape
+        _, fc, fh, fw = f1.shape
         k2 = f2.shape[0]
         n, c, h, w = x.shape
         groups = c // fc
-        k1g, k2g = k1 // groups, k2 // groups
         ho, wo = h - fh + 1, w - fw + 1
         xl = x.permute(0, 2, 3, 1).contiguous()
-        w1 = f1.permute(0, 2, 3, 1).reshape(groups, k1g, fh * fw * fc)
-        w2 = f2.reshape(groups, k2g, k1g)
-        wc = torch.bmm(w2, w1)                                             # g x k2g x width
-        bc = torch.baddbmm(b2.reshape(groups, k2g, 1), w2, b1.reshape(groups, k1g, 1)).reshape(k2)
+        w1, w2, wc, bc = _composed_bank(f1, b1, f2, b2, groups)            # wc: g x k2g x width
         z = x.new_empty(n, ho, wo, k2)
         blocks = _GemmConv._blocks(xl, groups, fh, fw, fc, k2, False)
         for i, j in blocks:
@@ -515,6 +511,17 @@ class _LinearPairGemm(torch.autograd.Function):
         db1 = torch.bmm(w2t, s).reshape(-1)
         df2 = torch.baddbmm(s * b1.reshape(groups, 1, k1g), gram, w1.transpose(1, 2))
         return dx, df1, db1, df2.reshape(k2, k1g, 1, 1), s.reshape(-1)
+
+
+def _composed_bank(f1, b1, f2, b2, groups: int):
+    """Per group, the two banks as matrices and the composed one: W1 (g x K1/g x FH*FW*FC, a row per
+    filter in channels-last order), W2 (g x K2/g x K1/g), Wc = W2 W1 and bc = W2 b1 + b2 (K2)."""
+    k1, fc, fh, fw = f1.shape
+    k2 = f2.shape[0]
+    w1 = f1.permute(0, 2, 3, 1).reshape(groups, k1 // groups, fh * fw * fc)
+    w2 = f2.reshape(groups, k2 // groups, k1 // groups)
+    bc = torch.baddbmm(b2.reshape(groups, -1, 1), w2, b1.reshape(groups, -1, 1)).reshape(k2)
+    return w1, w2, torch.bmm(w2, w1), bc
 
 
 def _check_linear_pair(x, f1, b1, f2, b2) -> None:
@@ -564,18 +571,16 @@ def linear_pair_conv(x: torch.Tensor, f1: torch.Tensor, b1: torch.Tensor, f2: to
     ``db2 = dbc``, the identities :class:`_LinearPairGemm` spells out). Where
     the composed bank is narrow (LeNet: 10 filters per model) the library
     avoids im2col's columns, which outweigh the arithmetic: on a 2-core CPU
-    this ran conv3 -> conv4 of 4 or 8 models at N = 64 2.4x faster than
-    :func:`linear_pair_gemm`. Same function and derivatives, other float rounding.
+    this ran conv3 -> conv4 of 4 or 8 models at N = 64 2.7-2.8x faster than
+    :func:`linear_pair_gemm` (``benchmarks/bench_compose.py``). Same function
+    and derivatives, other float rounding.
     """
     _check_linear_pair(x, f1, b1, f2, b2)
     k1, fc, fh, fw = f1.shape
-    k2 = f2.shape[0]
-    groups = x.shape[1] // fc
-    # the filters' own memory order for the products (channels-last filters stay channels-last)
-    w1 = f1.permute(0, 2, 3, 1).reshape(groups, k1 // groups, fh * fw * fc)
-    w2 = f2.reshape(groups, k2 // groups, k1 // groups)
-    wc = torch.bmm(w2, w1).reshape(k2, fh, fw, fc).permute(0, 3, 1, 2)
-    bc = torch.baddbmm(b2.reshape(groups, -1, 1), w2, b1.reshape(groups, -1, 1)).reshape(k2)
+    _, _, wc, bc = _composed_bank(f1, b1, f2, b2, x.shape[1] // fc)
+    wc = wc.reshape(-1, fh, fw, fc).permute(0, 3, 1, 2)  # channels-last memory, as the products made it
+    if x.is_contiguous():
+        wc = wc.contiguous()  # the library picks its layout from x and the filters: keep NCHW x's
     return conv(x, wc, bc)
 
 

@@ -239,8 +239,9 @@ class FusedLeNet(nn.Module):
     def _composed_tail(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """conv3 [ReLU] conv4 [ReLU] of models first..last-1 in training: where no ReLU follows
         conv3, conv3 and the 1x1 conv4 are one linear map, computed as one composed layer
-        (:func:`~matconvnet_port.functional.linear_pair_gemm`: same function and derivatives,
-        without the cost of the 500-channel middle); the other models run as usual. The two
+        (:func:`~matconvnet_port.functional.linear_pair_gemm` or
+        :func:`~matconvnet_port.functional.linear_pair_conv`, as ``compose`` says: same function
+        and derivatives, without the cost of the 500-channel middle); the other models run as usual. The two
         parts are regrouped by one channel permutation per tensor (one gather each way)."""
         plain, linear, p3, pf3, pf4, back = self._subset(first, last, x.device)
         c3, n3, n4 = CONV_SHAPES[2][2], CONV_SHAPES[2][3], CONV_SHAPES[3][3]
@@ -754,9 +755,10 @@ def candidate_plans(device_type: str, num_models: int, input_size: int = 28) -> 
                                            ("nhwc", (m, g, m, m), lib), ("nhwc", (m, s, m, m), lib),
                                            ("nhwc", (m, s, s, m), lib), ("nhwc", (m, s, g, m), lib))]
     default = default_plan(device_type, input_size, num_models)
-    toggled = False if default["compose"] else "library"
-    others = [dict(default, compose=toggled), dict(default, chunk_size=num_models),
-              dict(default, chunk_size=min(2, num_models)), dict(default, conv=(g, g, m, m))]
+    # every way to compose (none, GEMM, library) beside the default's
+    others = [dict(default, compose=c) for c in (False, "gemm", "library") if c != default["compose"]]
+    others += [dict(default, chunk_size=num_models), dict(default, chunk_size=min(2, num_models)),
+               dict(default, conv=(g, g, m, m))]
     unique = {plan_label(p): p for p in [default] + others}
     return list(unique.values())
 

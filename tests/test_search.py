@@ -704,3 +704,18 @@ def summary_markdown(summary):
 
     from matconvnet_port.search.summary import _markdown
     return _markdown(summary, Path("synthetic"))
+
+
+def test_remembered_plans_are_read_back_and_bad_entries_measured_over(tmp_path):
+    """autotune.json round trip; a plan saved when compose was a bool still loads; an entry this version
+    cannot build (unknown composition, layout or layer) is measured again rather than failing the run."""
+    plan = {"memory_format": "nhwc", "conv": ("gemm", "streams", "gemm", "gemm"), "chunk_size": 16,
+            "compose": "library"}
+    runner._remember_plan(tmp_path, "k", plan, {"a": 0.001})
+    assert runner._remembered_plan(tmp_path, "k") == plan
+    entries = {"old": dict(plan, compose=True), "fft": dict(plan, compose="fft"),
+               "layout": dict(plan, memory_format="nwhc"), "layer": dict(plan, conv="fast")}
+    for key, entry in entries.items():
+        runner._remember_plan(tmp_path, key, entry, {})
+    assert runner._remembered_plan(tmp_path, "old") == dict(plan, compose="gemm")
+    assert [runner._remembered_plan(tmp_path, key) for key in ("fft", "layout", "layer", "absent")] == [None] * 4

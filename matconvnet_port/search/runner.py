@@ -37,8 +37,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..fused import (FusedLeNet, FusedTrainer, autotune_plan, build, candidate_plans, default_plan, parse_conv,
-                     plan_label, run_to_end)
+from ..fused import (FusedLeNet, FusedTrainer, autotune_plan, build, candidate_plans, compose_method, default_plan,
+                     parse_conv, plan_label, run_to_end)
 from ..mnist import get_mnist_imdb
 from ..models import CONV_SHAPES, cnn_mnist_init, mask_bits, mask_name
 from .grid import Group, Settings, cost_per_image, fused_order
@@ -267,6 +267,7 @@ def _remembered_plan(out_dir, key: str) -> dict | None:
     try:
         plan = dict(entry["plan"])
         plan["conv"] = parse_conv(plan["conv"])
+        plan["compose"] = compose_method(plan.get("compose")) or False
         return plan if plan.get("memory_format") in ("nchw", "nhwc") else None
     except (TypeError, KeyError, ValueError):
         return None
