@@ -1,6 +1,7 @@
 """Does torch.compile speed up the fused LeNets? One plan's forward + backward, eager vs compiled.
 
     python benchmarks/bench_compile.py [--device cuda] [--sizes 64] [--steps 20] [--mode default]
+                                       [--conv gemm,grouped,gemm,gemm] [--memory-format nhwc] [--compose gemm|library|none]
 
 Issue 6 lists ``torch.compile`` among the ways to train the 16 masks fast.
 For each N this times, on the same batch, the 16 models' loss forward and

@@ -22,10 +22,10 @@ stage "pytest: CUDA parity and fused-trainer cases"
 timeout 50 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py 2>&1 | tail -12
 
 stage "bench_compose: conv3 -> conv4 composed by GEMM or by cuDNN"
-timeout 20 python3 benchmarks/bench_compose.py --device cuda --sizes 36 64 --models 8 --repeats 5 2>&1 | tail -4
+timeout 25 python3 benchmarks/bench_compose.py --device cuda --sizes 36 64 --models 8 --repeats 5 2>&1 | tail -4
 
 stage "paper slice: 16 masks x N=28..64 x 5 epochs x 60000/10000 images x 1 seed"
-timeout 410 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 5 --device cuda \
+timeout 405 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 5 --device cuda \
   --out /tmp/paper_slice 2>&1 | clean | grep -v '^grid:' | tail -40
 cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
 cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"

@@ -571,17 +571,16 @@ def linear_pair_conv(x: torch.Tensor, f1: torch.Tensor, b1: torch.Tensor, f2: to
     ``db2 = dbc``, the identities :class:`_LinearPairGemm` spells out). Where
     the composed bank is narrow (LeNet: 10 filters per model) the library
     avoids im2col's columns, which outweigh the arithmetic: on a 2-core CPU
-    this ran conv3 -> conv4 of 4 or 8 models at N = 64 2.7-2.8x faster than
+    this ran conv3 -> conv4 of 4 or 8 models at N = 64 2.3-2.8x faster than
     :func:`linear_pair_gemm` (``benchmarks/bench_compose.py``). Same function
     and derivatives, other float rounding.
     """
     _check_linear_pair(x, f1, b1, f2, b2)
-    k1, fc, fh, fw = f1.shape
+    _, fc, fh, fw = f1.shape
     _, _, wc, bc = _composed_bank(f1, b1, f2, b2, x.shape[1] // fc)
-    wc = wc.reshape(-1, fh, fw, fc).permute(0, 3, 1, 2)  # channels-last memory, as the products made it
-    if x.is_contiguous():
-        wc = wc.contiguous()  # the library picks its layout from x and the filters: keep NCHW x's
-    return conv(x, wc, bc)
+    # channels-last, as the products made it, whatever x's layout: with an NCHW input oneDNN ran the
+    # layer 2.0-2.2x faster so than with an NCHW bank (bench_compose.py --input-layout nchw)
+    return conv(x, wc.reshape(-1, fh, fw, fc).permute(0, 3, 1, 2), bc)
 
 
 def convt(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor | None = None,
