@@ -69,10 +69,11 @@ def time_pair(size: int, m: int, batch: int, device, repeats: int, channels_last
         return t.to(device).contiguous(memory_format=layout).requires_grad_(True)
 
     s = conv3_input_size(size)
-    inputs = (tensor(batch, 50 * m, s, s, layout=last if channels_last else torch.contiguous_format), tensor(500 * m, 50, 4, 4, scale=0.01, layout=last),
-              tensor(500 * m, scale=0.01), tensor(10 * m, 500, 1, 1, scale=0.01, layout=last),
-              tensor(10 * m, scale=0.01))
-    def nchw_bank(x, f1, b1, f2, b2):
+    inputs = (tensor(batch, 50 * m, s, s, layout=last if channels_last else torch.contiguous_format),
+              tensor(500 * m, 50, 4, 4, scale=0.01, layout=last), tensor(500 * m, scale=0.01),
+              tensor(10 * m, 500, 1, 1, scale=0.01, layout=last), tensor(10 * m, scale=0.01))
+
+    def nchw_bank(x, f1, b1, f2, b2):  # linear_pair_conv but for the bank's memory order
         _, fc, fh, fw = f1.shape
         _, _, wc, bc = fn._composed_bank(f1, b1, f2, b2, x.shape[1] // fc)
         return fn.conv(x, wc.reshape(-1, fh, fw, fc).permute(0, 3, 1, 2).contiguous(), bc)
