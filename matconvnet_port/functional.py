@@ -44,6 +44,8 @@ __all__ = [
 
 def _ints(value, n: int, name: str) -> tuple[int, ...]:
     """Expand a MatConvNet option (scalar or vector) to ``n`` integers."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise ValueError(f"{name} must be a number or a vector of numbers, got {value!r}")
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().reshape(-1).tolist()
     elif hasattr(value, "reshape") and not isinstance(value, (int, float)):
@@ -53,13 +55,16 @@ def _ints(value, n: int, name: str) -> tuple[int, ...]:
     value = list(value)
     if len(value) == 1:
         value = value * n
-    if n == 4 and len(value) == 2:
-        # MatConvNet accepts pad = [py px] as shorthand for [py py px px]
-        value = [value[0], value[0], value[1], value[1]]
     if len(value) != n:
         raise ValueError(f"{name} must have 1 or {n} elements, got {len(value)}")
     out = []
     for v in value:
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            int(v)  # NaN and infinities fail here too
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name} must be a number or a vector of numbers, got {value!r}") from None
         if float(v) != int(v):
             raise ValueError(f"{name} must be integers, got {value}")
         out.append(int(v))
@@ -928,7 +933,8 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     Shapes: ``x`` N x D x H x W. ``c``: for the categorical losses 1-based
     labels with N elements (one per image, every location) or N x 1 x H x W
     (0 = ignore); for the binary (attribute) losses N x D x H x W in {-1, +1}
-    (0 = ignore). Result: a 0-d tensor ``y = sum_{locations} w * t`` divided
+    (0 = ignore; with D = 1 also N elements, one per image, as ``vl_nnloss.m`` repeats
+    them over space). Result: a 0-d tensor ``y = sum_{locations} w * t`` divided
     by N when ``normalise`` (MatConvNet master; beta25 had no division),
     where ``w`` is (c != 0) times ``instance_weights`` (broadcast to the label
     shape) times ``class_weights[c]`` (categorical losses, D elements).
@@ -965,6 +971,8 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
         index, valid = _categorical(c, d)
         weight = valid.to(x.dtype)
     else:
+        if c.numel() == n and d == 1:  # one attribute, a label per image: repeated over space
+            c = c.reshape(n, 1, 1, 1).expand(n, 1, h, w).contiguous()
         if c.dim() != 4 or tuple(c.shape) != tuple(x.shape):
             raise ValueError(f"c must have the shape of x {tuple(x.shape)} for the binary loss "
                              f"{name!r}, got {tuple(c.shape)}")

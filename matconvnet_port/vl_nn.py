@@ -11,9 +11,17 @@ missing trailing dimensions mean 1 (MATLAB drops them: a single image may be
 ``H x W x C``). Filters are ``FH x FW x FC x K``, biases any shape with K
 elements. Inputs are numpy float32/float64 arrays or torch tensors (any
 device); the results are of the same kind as ``x`` (numpy in, numpy out).
-Feature-map results are always 4-D; derivatives have the shape of the input
-they belong to (so ``dzdb`` is 1 x K when ``b`` is 1 x K). Losses return a
-0-d value (a numpy scalar for numpy input).
+Results of convolution and pooling are 4-D; element-wise layers (ReLU,
+sigmoid, softmax, LRN, batch normalisation, dropout) return the shape of
+``x`` as MATLAB does, so ``y + x`` works for any shape; derivatives have the
+shape of the input they belong to (so ``dzdb`` is 1 x K when ``b`` is 1 x K).
+Losses return a 0-d value (a numpy scalar for numpy input).
+
+MatConvNet's backend switches (``cudnn``, ``no_cudnn``, ``verbose``,
+``cudnn_workspace_limit``) are accepted so that ported call sites need no
+edit; they change nothing here (the backend is PyTorch's). ``no_der_data``,
+``no_der_filters``, ``no_der_biases`` return empty derivatives, as in MatConvNet.
+Errors are one-line ``ValueError``s that start with the function's name.
 
 Passing ``dzdy`` (the derivative of some scalar objective with respect to the
 output) turns any call into its backward call, exactly as in MatConvNet;
@@ -94,12 +102,31 @@ def _out(t: torch.Tensor, as_numpy: bool, shape=None):
 
 
 def _fp32(entry: Callable) -> Callable:
-    """Entry points compute in IEEE float32 on CUDA too (no TF32), as MatConvNet did."""
+    """Entry points compute in IEEE float32 on CUDA too (no TF32), as MatConvNet did; their
+    errors name the function (as MATLAB's do), whichever helper found the problem."""
+    name = entry.__name__
+
     @functools.wraps(entry)
     def wrapped(*args, **kwargs):
-        with exact_fp32():
-            return entry(*args, **kwargs)
+        try:
+            with exact_fp32():
+                return entry(*args, **kwargs)
+        except (ValueError, TypeError) as e:
+            message = str(e)
+            if message.startswith(name):
+                raise
+            raise type(e)(f"{name}: {message}") from None
     return wrapped
+
+
+BACKEND_OPTIONS = ("cudnn", "no_cudnn", "verbose", "cudnn_workspace_limit")
+
+
+def _backend(**options) -> None:
+    """MatConvNet's backend switches: accepted, without effect (PyTorch picks the kernels)."""
+    unknown = [k for k in options if k not in BACKEND_OPTIONS]
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}")
 
 
 def _derivatives(forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
@@ -109,8 +136,9 @@ def _derivatives(forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Te
         leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
         y = forward(*leaves)
         if dzdy.numel() != y.numel():
-            raise ValueError(f"dzdy must have the size of the output {tuple(y.shape)}, "
-                             f"got {dzdy.numel()} elements")
+            size = " x ".join(map(str, (y.shape[2], y.shape[3], y.shape[1], y.shape[0]) if y.dim() == 4
+                                  else tuple(y.shape))) or "a scalar"
+            raise ValueError(f"dzdy must have the size of the output ({size}), got {dzdy.numel()} elements")
         wanted = [t for t in leaves if t is not None]
         grads = torch.autograd.grad(y, wanted, dzdy.reshape(y.shape).to(y.dtype), allow_unused=True) \
             if y.requires_grad else [None] * len(wanted)
@@ -160,12 +188,28 @@ def _shape(a) -> tuple[int, ...]:
     return tuple(a.shape) if a is not None and hasattr(a, "shape") else ()
 
 
+def _number(value, name: str) -> float:
+    """A scalar option as a float; a one-line error otherwise."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return float(np.asarray(value, dtype=np.float64).reshape(-1)[0]) if np.size(value) == 1 else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The elements of t in MATLAB's (column-major) memory order, as a vector."""
+    return t.permute(*reversed(range(t.dim()))).reshape(-1) if t.dim() > 1 else t.reshape(-1)
+
+
 # ---------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------
 
 @_fp32
-def vl_nnconv(x, f, b=None, dzdy=None, *, pad=0, stride=1, dilate=1):
+def vl_nnconv(x, f, b=None, dzdy=None, *, pad=0, stride=1, dilate=1, no_der_data=False, no_der_filters=False,
+              no_der_biases=False, **backend):
     """CNN convolution -- MatConvNet ``VL_NNCONV``.
 
     ``y = vl_nnconv(x, f, b, pad=0, stride=1, dilate=1)``
@@ -175,8 +219,10 @@ def vl_nnconv(x, f, b=None, dzdy=None, *, pad=0, stride=1, dilate=1):
     bank), ``b`` K elements (None/empty: no bias). ``pad`` [top bottom left
     right], ``stride`` [sy sx], ``dilate`` [dy dx]; groups when C > FC.
     Output ``Ho x Wo x K x N``, ``Ho = floor((H + pt + pb - ((FH-1)*dy + 1)) / sy) + 1``.
+    ``no_der_data`` / ``no_der_filters`` / ``no_der_biases``: that derivative comes back empty.
     See :func:`matconvnet_port.functional.conv`.
     """
+    _backend(**backend)
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
     ft = _filters(f, xt)
@@ -190,7 +236,9 @@ def vl_nnconv(x, f, b=None, dzdy=None, *, pad=0, stride=1, dilate=1):
     dx, df, db = _derivatives(forward, [xt, ft, bt], _dzdy_nchw(dzdy, xt))
     dzdf = _out(nchw_to_hwcn(df), as_numpy, _shape(f)) if df is not None else _empty_like(f, as_numpy, xt)
     dzdb = _out(db, as_numpy, _shape(b)) if db is not None else _empty_like(b, as_numpy, xt)
-    return _out(nchw_to_hwcn(dx), as_numpy, _shape(x)), dzdf, dzdb
+    dzdx = _out(nchw_to_hwcn(dx), as_numpy, _shape(x))
+    return _unless(no_der_data, dzdx, as_numpy, xt), _unless(no_der_filters, dzdf, as_numpy, xt), \
+        _unless(no_der_biases, dzdb, as_numpy, xt)
 
 
 def _empty_like(a, as_numpy: bool, x: torch.Tensor):
@@ -199,16 +247,23 @@ def _empty_like(a, as_numpy: bool, x: torch.Tensor):
     return _out(t, as_numpy)
 
 
+def _unless(skipped: bool, derivative, as_numpy: bool, x: torch.Tensor):
+    """A derivative, or the 0 x 0 array MatConvNet returns for one that ``NoDer*`` switched off."""
+    return _empty_like(None, as_numpy, x) if skipped else derivative
+
+
 @_fp32
-def vl_nnconvt(x, f, b=None, dzdy=None, *, upsample=1, crop=0, num_groups=1):
+def vl_nnconvt(x, f, b=None, dzdy=None, *, upsample=1, crop=0, num_groups=1, no_der_data=False,
+               no_der_filters=False, no_der_biases=False, **backend):
     """CNN convolution transpose -- MatConvNet ``VL_NNCONVT``.
 
     ``y = vl_nnconvt(x, f, b, upsample=1, crop=0, num_groups=1)``;
     ``dzdx, dzdf, dzdb = vl_nnconvt(x, f, b, dzdy, ...)``.
     ``f`` is FH x FW x K x D (filter k is ``f(:,:,k,:)``, D = input depth);
     output ``(uy (H-1) + FH - ct - cb) x (ux (W-1) + FW - cl - cr) x K*G x N``.
-    See :func:`matconvnet_port.functional.convt`.
+    ``no_der_*`` as for :func:`vl_nnconv`. See :func:`matconvnet_port.functional.convt`.
     """
+    _backend(**backend)
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
     # FH x FW x K x D -> D x K x FH x FW, PyTorch's conv_transpose2d order
@@ -224,12 +279,13 @@ def vl_nnconvt(x, f, b=None, dzdy=None, *, upsample=1, crop=0, num_groups=1):
         return _out(nchw_to_hwcn(forward(xt, ft, bt)), as_numpy)
     dx, df, db = _derivatives(forward, [xt, ft, bt], _dzdy_nchw(dzdy, xt))
     dzdb = _out(db, as_numpy, _shape(b)) if db is not None else _empty_like(b, as_numpy, xt)
-    return (_out(nchw_to_hwcn(dx), as_numpy, _shape(x)),
-            _out(nchw_to_hwcn(df), as_numpy, _shape(f)), dzdb)
+    return (_unless(no_der_data, _out(nchw_to_hwcn(dx), as_numpy, _shape(x)), as_numpy, xt),
+            _unless(no_der_filters, _out(nchw_to_hwcn(df), as_numpy, _shape(f)), as_numpy, xt),
+            _unless(no_der_biases, dzdb, as_numpy, xt))
 
 
 @_fp32
-def vl_nnpool(x, pool, dzdy=None, *, pad=0, stride=1, method="max"):
+def vl_nnpool(x, pool, dzdy=None, *, pad=0, stride=1, method="max", **backend):
     """CNN spatial pooling -- MatConvNet ``VL_NNPOOL``.
 
     ``y = vl_nnpool(x, pool, pad=0, stride=1, method='max')``;
@@ -239,6 +295,7 @@ def vl_nnpool(x, pool, dzdy=None, *, pad=0, stride=1, method="max"):
     Output ``floor((H + pt + pb - ph) / sy) + 1`` high (likewise wide).
     See :func:`matconvnet_port.functional.pool`.
     """
+    _backend(**backend)
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
 
@@ -252,10 +309,11 @@ def vl_nnpool(x, pool, dzdy=None, *, pad=0, stride=1, method="max"):
 
 
 def _elementwise(x, dzdy, forward: Callable[[torch.Tensor], torch.Tensor]):
+    """A layer whose output has the shape of its input (MATLAB keeps ``size(y) == size(x)``)."""
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
-    if dzdy is None or _is_empty(dzdy):
-        return _out(nchw_to_hwcn(forward(xt)), as_numpy)
+    if _is_empty(dzdy):
+        return _out(nchw_to_hwcn(forward(xt)), as_numpy, _shape(x))
     (dx,) = _derivatives(forward, [xt], _dzdy_nchw(dzdy, xt))
     return _out(nchw_to_hwcn(dx), as_numpy, _shape(x))
 
@@ -268,6 +326,7 @@ def vl_nnrelu(x, dzdy=None, *, leak=0.0):
     ``y = max(x, 0)`` (``leak * x`` for x <= 0 when leaky); the derivative
     uses ``x > 0`` (at exactly 0 it is ``leak``).
     """
+    leak = _number(leak, "leak")
     return _elementwise(x, dzdy, lambda t: fn.relu(t, leak))
 
 
@@ -287,7 +346,7 @@ def _scalar_loss(x, c, dzdy, forward: Callable[[torch.Tensor, torch.Tensor], tor
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
     ct = _labels(c, xt)
-    if dzdy is None:
+    if _is_empty(dzdy):  # vl_nnloss(x, c, [], ...) is a forward call, as in MATLAB
         return _out(forward(xt, ct), as_numpy)
     (dx,) = _derivatives(lambda xx: forward(xx, ct), [xt], _tensor(dzdy, "dzdy", like=xt))
     return _out(nchw_to_hwcn(dx), as_numpy, _shape(x))
@@ -333,42 +392,61 @@ def vl_nnloss(x, c, dzdy=None, *, loss="softmaxlog", instance_weights=None, clas
 
 
 @_fp32
-def vl_nnnormalize(x, param, dzdy=None, *, approximate_power=True):
+def vl_nnnormalize(x, param, dzdy=None, *, approximate_power=True, **backend):
     """Local response normalisation across channels -- MatConvNet ``VL_NNNORMALIZE``.
 
     ``param = [N kappa alpha beta]``; ``y = x / (kappa + alpha * sum_{window} x^2)^beta``.
     ``approximate_power=True`` reproduces MatConvNet's CPU power approximation.
     See :func:`matconvnet_port.functional.lrn`.
     """
-    param = [float(p) for p in np.asarray(param, dtype=np.float64).reshape(-1)]
+    _backend(**backend)
+    try:
+        param = [float(p) for p in np.asarray(param, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError):
+        raise ValueError(f"param must be 4 numbers [N kappa alpha beta], got {param!r}") from None
     return _elementwise(x, dzdy, lambda t: fn.lrn(t, param, approximate_power=approximate_power))
 
 
 @_fp32
-def vl_nnbnorm(x, g, b, dzdy=None, *, moments=None, epsilon=1e-4):
+def vl_nnbnorm(x, g, b, dzdy=None, *, moments=None, epsilon=1e-4, **backend):
     """Batch normalisation -- MatConvNet ``VL_NNBNORM``.
 
     ``y, moments = vl_nnbnorm(x, g, b, moments=None, epsilon=1e-4)``;
     ``dzdx, dzdg, dzdb, moments = vl_nnbnorm(x, g, b, dzdy, moments=None, epsilon=1e-4)``.
-    ``g``, ``b`` C elements; ``moments`` C x 2 [mean, sigma], sigma = sqrt(var + epsilon).
+    ``g``, ``b`` C elements; ``moments`` C x 2 [mean, sigma], sigma = sqrt(var + epsilon)
+    (any 2C-element array, read in MATLAB's column-major order: the C means first).
     With ``moments`` given the layer runs in test mode (see
     :func:`matconvnet_port.functional.bnorm` for MatConvNet's test-mode backward).
     """
+    _backend(**backend)
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
     gt = _vector(g, xt, "g")
     bt = _vector(b, xt, "b")
     if gt is None or bt is None:
         raise ValueError("g and b must not be empty")
-    mt = None if _is_empty(moments) else _tensor(moments, "moments", like=xt)
-    if dzdy is None:
+    mt = None
+    if not _is_empty(moments):
+        mt = _column_major(_tensor(moments, "moments", like=xt))
+        if mt.numel() != 2 * xt.shape[1]:
+            raise ValueError(f"moments must have 2C = {2 * xt.shape[1]} elements (C x 2 [mean, sigma]), "
+                             f"got shape {tuple(mt.shape)}")
+        mt = mt.reshape(2, -1).t()  # C x 2: the C means come first in MATLAB's memory order
+
+    def moments_out(m):  # C x 2, or the caller's moments' shape, filled in column-major order
+        if mt is None:
+            return _out(m, as_numpy)
+        shape = _shape(moments) or tuple(m.shape)
+        return _out(m.t().reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))), as_numpy)
+
+    if _is_empty(dzdy):
         y, m = fn.bnorm(xt, gt, bt, mt, epsilon)
-        return _out(nchw_to_hwcn(y), as_numpy), _out(m, as_numpy)
+        return _out(nchw_to_hwcn(y), as_numpy, _shape(x)), moments_out(m)
     _, m = fn.bnorm(xt.detach(), gt.detach(), bt.detach(), mt, epsilon)
     dx, dg, db = _derivatives(lambda xx, gg, bb: fn.bnorm(xx, gg, bb, mt, epsilon)[0], [xt, gt, bt],
                               _dzdy_nchw(dzdy, xt))
     return (_out(nchw_to_hwcn(dx), as_numpy, _shape(x)), _out(dg, as_numpy, _shape(g)),
-            _out(db, as_numpy, _shape(b)), _out(m, as_numpy, _shape(moments) if mt is not None else None))
+            _out(db, as_numpy, _shape(b)), moments_out(m))
 
 
 @_fp32
@@ -379,12 +457,13 @@ def vl_nndropout(x, dzdy=None, *, rate=0.5, mask=None):
     ``dzdx = vl_nndropout(x, dzdy, mask=mask)``; ``y, mask = vl_nndropout(x, mask=mask)``
     applies a given mask.
     """
+    rate = _number(rate, "rate")
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
     mt = None if mask is None else hwcn_to_nchw(_tensor(mask, "mask", like=xt), "mask")
-    if dzdy is None:
+    if _is_empty(dzdy):
         y, m = fn.dropout(xt, rate, mt)
-        return _out(nchw_to_hwcn(y), as_numpy), _out(nchw_to_hwcn(m), as_numpy)
+        return _out(nchw_to_hwcn(y), as_numpy, _shape(x)), _out(nchw_to_hwcn(m), as_numpy, _shape(x))
     if mt is None:
         raise ValueError("the derivative of vl_nndropout needs the mask of the forward call (mask=...)")
     (dx,) = _derivatives(lambda xx: fn.dropout(xx, rate, mt)[0], [xt], _dzdy_nchw(dzdy, xt))
