@@ -260,13 +260,44 @@ def _to_device_batch(images, labels, device, dtype):
     return x, c.to(device)
 
 
+def _images_and_labels(batch):
+    """What ``get_batch`` returned, checked: ``(images, labels)``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"get_batch must return (images H x W x C x n, labels), got "
+                         f"{type(batch).__name__}{f' of {len(batch)} values' if isinstance(batch, (tuple, list)) else ''}")
+    return batch
+
+
+def _errors(error_fn, prediction: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """A batch's error sums from ``error_fn(prediction, labels)`` (built in or the caller's), as a vector."""
+    errors = torch.as_tensor(error_fn(prediction, labels), dtype=torch.float64, device=prediction.device)
+    if errors.numel() != count:
+        raise ValueError(f"error_function returned {errors.numel()} values for {count} error labels")
+    return errors.reshape(-1)
+
+
+def _indices(value, default: np.ndarray, name: str, count: int) -> np.ndarray:
+    """cnn_train's ``train``/``val``: None = the default set, NaN = none, else 1-based image indices."""
+    if value is None:
+        return default
+    a = np.asarray(value)
+    if a.size == 1 and np.issubdtype(a.dtype, np.floating) and np.isnan(a).all():
+        return np.zeros(0, dtype=np.int64)  # MATLAB's opts.val = NaN: no validation
+    if a.size and (not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all() or (a != np.round(a)).any()):
+        raise ValueError(f"{name} must be 1-based image indices (integers), got {value!r:.80}")
+    a = a.astype(np.int64).reshape(-1)
+    if a.size and (a.min() < 1 or (count and a.max() > count)):
+        raise ValueError(f"{name} indices must lie in 1..{count} (1-based, as in MATLAB), got {a.min()}..{a.max()}")
+    return a
+
+
 def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_batch, subset: np.ndarray,
                    *, mode: str, epoch: int, batch_size: int, learning_rate: float, opts: dict,
                    batch_callback=None, progress: bool = True) -> tuple[dict, np.ndarray | None]:
     """Train (or evaluate) over ``subset`` in batches: ``process_epoch`` of ``cnn_train.m``."""
     device = next(module.parameters()).device
     dtype = next(module.parameters()).dtype
-    error_fn, error_labels = ERROR_FUNCTIONS[opts["error_function"]]
+    error_fn, error_labels = opts["error_function"]
     training = mode == "train"
     module.train(training)
     totals = torch.zeros(1 + len(error_labels), dtype=torch.float64, device=device)
@@ -277,7 +308,7 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
     bar = tqdm(batches, desc=f"{mode} epoch {epoch:02d}", unit="batch", disable=not progress, leave=False)
     for b, t in enumerate(bar):
         batch = subset[t:t + batch_size]
-        images, labels = get_batch(imdb, batch)
+        images, labels = _images_and_labels(get_batch(imdb, batch))
         x, c = _to_device_batch(images, labels, device, dtype)
         with torch.set_grad_enabled(training):
             prediction = module(x)
@@ -287,7 +318,8 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
         with torch.no_grad():
             # the loss layer divides by N (master), so scale back to a per-batch sum
             batch_sum = objective.detach() * (len(batch) if opts["normalise"] else 1)
-            errors = error_fn(prediction.detach(), c) if error_fn else prediction.new_zeros(0)
+            errors = _errors(error_fn, prediction.detach(), c, len(error_labels)) if error_fn \
+                else prediction.new_zeros(0)
             row = torch.cat([batch_sum.reshape(1).to(torch.float64), errors.to(torch.float64)])
             totals += row
         if training:
@@ -322,7 +354,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
               batch_size: int = 256, epoch_size: int | None = None, learning_rate=0.001,
               weight_decay: float = 0.0005, momentum: float = 0.9, nesterov_update: bool = False,
               train=None, val=None, random_seed: int = 0, order: Callable | None = None,
-              resume: bool = True, device="auto", error_function: str = "multiclass",
+              resume: bool = True, device="auto", error_function="multiclass", error_labels=None,
               normalise: bool = True, progress: bool = True, batch_callback: Callable | None = None,
               dtype: torch.dtype = torch.float32):
     """Train a SimpleNN with SGD exactly as MatConvNet's ``cnn_train`` -> ``(net, info)``.
@@ -330,7 +362,13 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     ``imdb`` is MATLAB's imdb as a dict (``imdb['images']['data']``
     H x W x C x n, ``['labels']``, ``['set']``); ``get_batch(imdb, batch)``
     returns ``(images H x W x C x b, labels)`` for 1-based indices ``batch``.
-    ``train``/``val`` default to the indices with set 1 / set 3.
+    ``train``/``val`` default to the indices with set 1 / set 3; ``NaN`` (as in
+    MATLAB) or an empty list means none -- with no training images the run
+    only evaluates and writes no checkpoint (``cnn_train``'s evaluateMode).
+    Indices are checked: 1-based, within the imdb.
+    ``error_function`` is 'multiclass', 'binary', 'none' or a function
+    ``(prediction N x C x H x W, labels) -> error sums`` (one per name in
+    ``error_labels``, which also renames the built-in ones' statistics).
     ``learning_rate`` may be a vector indexed by epoch (the last entry holds
     afterwards). ``order(epoch, mode, indices)`` returns the 1-based indices
     in the order to use (default: :func:`default_order`); ``epoch_size``
@@ -347,15 +385,25 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     """
     from .netio import load_checkpoint, save_checkpoint  # the .mat layer, imported lazily
 
-    if error_function not in ERROR_FUNCTIONS:
-        raise ValueError(f"error_function must be one of {list(ERROR_FUNCTIONS)}, got {error_function!r}")
+    if callable(error_function):
+        error = (error_function, tuple(error_labels or ()))
+    elif error_function in ERROR_FUNCTIONS:
+        error = ERROR_FUNCTIONS[error_function]
+        error = (error[0], tuple(error_labels) if error_labels else error[1])
+    else:
+        raise ValueError(f"error_function must be one of {list(ERROR_FUNCTIONS)} or a function, got {error_function!r}")
+    if len(error[1]) != len(set(error[1])) or {"objective", "num", "time"} & set(error[1]):
+        raise ValueError(f"error_labels must be distinct names other than objective, num, time; got {error[1]}")
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
-                error_function=error_function, normalise=normalise)
+                error_function=error, normalise=normalise)
     device = resolve_device(device)
     os.makedirs(exp_dir, exist_ok=True)
     sets = np.asarray(imdb["images"]["set"]).reshape(-1)
-    train = np.flatnonzero(sets == 1) + 1 if train is None else np.asarray(train, dtype=np.int64).reshape(-1)
-    val = np.flatnonzero(sets == 3) + 1 if val is None else np.asarray(val, dtype=np.int64).reshape(-1)
+    train = _indices(train, np.flatnonzero(sets == 1) + 1, "train", sets.size)
+    val = _indices(val, np.flatnonzero(sets == 3) + 1, "val", sets.size)
+    # cnn_train's evaluateMode: nothing to train, so nothing is saved (a checkpoint written now
+    # would be taken for a trained epoch by the next run in exp_dir)
+    evaluate_mode = train.size == 0
     rates = np.asarray(learning_rate, dtype=np.float64).reshape(-1)
 
     # 1. the net, as cnn_train prepares it
@@ -414,12 +462,13 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                 net.layers[-1]["class"] = np.asarray(last_labels, dtype=np.float64)
             state = {"solverState": solver.solver_state(len(net.layers)),
                      "stats": {"train": train_stats, "val": val_stats}}
-            save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info)
+            if not evaluate_mode:
+                save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info)
             if progress:
                 print(f"epoch {epoch:02d}: train objective {train_stats['objective']:.4f} "
-                      + " ".join(f"{k} {train_stats[k]:.4f}" for k in ERROR_FUNCTIONS[error_function][1])
+                      + " ".join(f"{k} {train_stats[k]:.4f}" for k in error[1])
                       + f" | val objective {val_stats['objective']:.4f} "
-                      + " ".join(f"{k} {val_stats[k]:.4f}" for k in ERROR_FUNCTIONS[error_function][1])
+                      + " ".join(f"{k} {val_stats[k]:.4f}" for k in error[1])
                       + f" | {train_stats['num'] / max(train_stats['time'], 1e-9):.0f} images/s")
     net.load_torch_weights(module)
     return net, info

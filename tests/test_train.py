@@ -256,3 +256,54 @@ def test_full_mnist_one_epoch_meets_matconvnet_nnmnist_acceptance(tmp_path):
           f"val top1err {info['val'][0]['top1err']:.4f}, {seconds:.0f} s")
     assert info["train"][0]["top1err"] < 0.08
     assert info["val"][0]["top1err"] < 0.025
+
+
+def test_evaluate_only_run_writes_no_checkpoint_and_a_later_run_trains(tmp_path):
+    """cnn_train's evaluateMode (no training images) saves nothing: a checkpoint would be taken
+    for a trained epoch by the next run in the folder, which would then train nothing."""
+    imdb, train, val = _small_imdb(200, 100)
+    common = dict(num_epochs=1, batch_size=100, progress=False, device="cpu", exp_dir=str(tmp_path))
+    _, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, train=[], val=val, **common)
+    assert info["train"][0]["num"] == 0 and info["val"][0]["num"] == len(val)
+    assert find_last_checkpoint(str(tmp_path)) == 0
+    net0 = cnn_mnist_init(seed=1)
+    net, info = cnn_train(net0, imdb, get_batch, train=train, val=np.nan, **common)
+    assert info["train"][0]["num"] == len(train) and info["val"][0]["num"] == 0  # val = NaN: none
+    assert not np.array_equal(net.layers[0]["weights"][0], net0.layers[0]["weights"][0])
+
+
+@pytest.mark.parametrize("indices, words", [(np.arange(0, 100), "1..2500"), ([1.5, 2], "integers"),
+                                            ([2501], "1..2500"), (["a"], "integers")])
+def test_train_indices_are_checked_one_based(tmp_path, indices, words):
+    imdb, _, val = _small_imdb(200, 100)
+    with pytest.raises(ValueError) as exc:
+        cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, exp_dir=str(tmp_path), num_epochs=1, batch_size=100,
+                  train=indices, val=val, progress=False, device="cpu")
+    assert "train" in str(exc.value) and words in str(exc.value) and "\n" not in str(exc.value)
+    assert find_last_checkpoint(str(tmp_path)) == 0
+
+
+def test_error_function_may_be_the_callers_with_its_labels(tmp_path):
+    """A function handle, as cnn_train's errorFunction: its sums are averaged like the built-in ones'."""
+    import torch
+    imdb, train, val = _small_imdb(200, 100)
+    common = dict(exp_dir=str(tmp_path), num_epochs=1, batch_size=100, train=train, val=val, progress=False,
+                  device="cpu", resume=False)
+    _, builtin = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, **common)
+
+    def top1(prediction, labels):
+        return [torch.sum(prediction.argmax(dim=1).reshape(-1) + 1 != labels.reshape(-1))]
+    _, own = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, error_function=top1, error_labels=["mine"], **common)
+    for mode in ("train", "val"):
+        assert own[mode][0]["mine"] == builtin[mode][0]["top1err"]
+        assert "top1err" not in own[mode][0]
+    with pytest.raises(ValueError, match="2 values for 1 error labels"):
+        cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, error_function=lambda p, c: [0, 0],
+                  error_labels=["one"], **common)
+
+
+def test_get_batch_returning_something_else_is_a_one_line_error(tmp_path):
+    imdb, train, val = _small_imdb(100, 100)
+    with pytest.raises(ValueError, match=r"get_batch must return \(images"):
+        cnn_train(cnn_mnist_init(seed=1), imdb, lambda imdb, batch: (1, 2, 3), exp_dir=str(tmp_path),
+                  num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
