@@ -871,7 +871,7 @@ class DagNN:
         dag = cls()
         for i, layer in enumerate(_struct_items(s["layers"], f"{where}.layers")):
             w = f"{where}.layers({i + 1})"
-            for key in ("name", "type", "inputs", "outputs"):
+            for key in ("name", "type", "inputs", "outputs", "block"):  # loadobj reads every one
                 if key not in layer:
                     raise MatFormatError(f"{w}: no field '{key}'")
             name = _text(layer["name"], f"{w}.name")

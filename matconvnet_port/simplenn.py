@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -200,7 +201,8 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
     if kind == "pool":
         return L.Pool(layer["pool"], pad=layer["pad"], stride=layer["stride"], method=str(layer["method"]))
     if kind == "relu":
-        return L.ReLU(float(np.asarray(layer["leak"]).reshape(-1)[0]))
+        leak = float(np.asarray(layer["leak"]).reshape(-1)[0])
+        return L.ReLU(leak if leak > 0 else 0.0)  # vl_simplenn passes the leak only when it is > 0
     if kind == "sigmoid":
         return L.Sigmoid()
     if kind == "softmax":
@@ -208,17 +210,14 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
     if kind == "softmaxloss":
         return L.SoftMaxLoss()
     if kind == "loss":
-        opts = cell_items(layer.get("opts"))
-        names = {"loss": "loss", "instanceWeights": "instance_weights", "classWeights": "class_weights",
-                 "topK": "top_k", "threshold": "threshold", "normalise": "normalise"}
-        options = {}
-        for k in range(0, len(opts) - 1, 2):
-            if opts[k] not in names:
-                raise ValueError(f"{_layer_label(i, layer)}: unknown vl_nnloss option {opts[k]!r}")
-            options[names[opts[k]]] = opts[k + 1]
-        if "loss" in layer:
-            options.setdefault("loss", layer["loss"])
-        return L.Loss(**options)
+        # vl_simplenn calls vl_nnloss(x, l.class) with no options, whatever the layer holds
+        ignored = [k for k in ("loss", "opts") if k in layer and len(cell_items(layer[k]) if k == "opts" else [1])]
+        if ignored:
+            warnings.warn(f"{_layer_label(i, layer)}: vl_simplenn ignores a loss layer's "
+                          f"{' and '.join(repr(k) for k in ignored)} (it calls vl_nnloss(x, l.class)): "
+                          f"the loss is softmaxlog, as in MatConvNet; use a DagNN Loss block for other losses",
+                          stacklevel=2)
+        return L.Loss()
     if kind in ("normalize", "lrn"):
         return L.LRN(np.asarray(layer["param"], dtype=np.float64).reshape(-1))
     if kind == "bnorm":

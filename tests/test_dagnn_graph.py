@@ -196,6 +196,14 @@ def test_loadobj_rejects_bad_structs():
         DagNN.loadobj(s)
 
 
+def test_loadobj_without_a_block_is_an_error_not_the_defaults():
+    """MatConvNet's loadobj reads every layer's block; defaults here would run 1 x 1 pools silently."""
+    s = load_net(os.path.join(REF, "dagnn_lenet.mat")).saveobj()
+    del s["layers"][1]["block"]
+    with pytest.raises(MatFormatError, match=r"net.layers\(2\): no field 'block'"):
+        DagNN.loadobj(s)
+
+
 def test_from_simplenn_builds_the_saved_dagnn():
     ref = load_net(os.path.join(REF, "dagnn_lenet.mat"))
     ours = DagNN.from_simplenn(load_net(os.path.join(REF, "train", "net-epoch-2.mat")))

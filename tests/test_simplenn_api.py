@@ -145,3 +145,22 @@ def test_weights_written_back_are_copies_not_views_of_the_module():
     after = [w for layer in net.layers for w in layer.get("weights", [])]
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_relu_with_a_negative_leak_is_a_plain_relu():
+    """vl_simplenn passes 'leak' only when l.leak > 0."""
+    x = np.array([[-1.0, 2.0]], np.float32)
+    np.testing.assert_array_equal(vl_simplenn(SimpleNN([{"type": "relu", "leak": -0.1}]), x)[-1].x.ravel(), [0, 2])
+    np.testing.assert_allclose(vl_simplenn(SimpleNN([{"type": "relu", "leak": 0.1}]), x)[-1].x.ravel(), [-0.1, 2])
+
+
+def test_loss_layer_is_softmaxlog_whatever_it_holds_as_vl_simplenn_calls_it():
+    """vl_simplenn calls vl_nnloss(x, l.class): a layer's 'loss' or 'opts' never reach it."""
+    from matconvnet_port import vl_nnloss
+    x = np.random.default_rng(0).standard_normal((1, 1, 5, 3)).astype(np.float32)
+    c = np.array([[1.0, 3.0, 5.0]])
+    plain = vl_simplenn(SimpleNN([{"type": "loss", "class": c}]), x)[-1].x
+    np.testing.assert_allclose(plain, vl_nnloss(x, c), rtol=1e-6)
+    with pytest.warns(UserWarning, match="ignores a loss layer's 'loss'"):
+        other = vl_simplenn(SimpleNN([{"type": "loss", "class": c, "loss": "classerror"}]), x)[-1].x
+    np.testing.assert_array_equal(other, plain)
