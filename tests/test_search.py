@@ -425,6 +425,9 @@ def test_other_training_settings_in_the_same_folder_are_refused(reference, tmp_p
     (["--threshold", "2"], "--threshold"),
     (["summary", "/no/such/folder", "--threshold", "2"], "--threshold"),  # checked before the folder
     (["merge", "/no/such/folder", "--out", "/tmp/x", "--threshold", "0"], "--threshold"),
+    (["--learning-rate", "nan"], "--learning-rate: must be a finite number"),
+    (["--learning-rate", "inf"], "--learning-rate: must be a finite number"),
+    (["--precision", "tf32", "--device", "cpu"], "--precision tf32: TF32 exists on CUDA only"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     code, stdout, stderr = run_cli(*argv, "--out", tmp_path / "x") if argv[0] not in ("merge", "summary") \
@@ -434,24 +437,72 @@ def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     assert "Traceback" not in stderr + stdout
 
 
-@pytest.mark.parametrize("lanes", ["1", "2"])
-def test_out_of_device_memory_is_a_one_line_error_that_keeps_finished_epochs(tmp_path, monkeypatch, lanes):
+@pytest.mark.parametrize("lanes, error", [
+    ("1", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+    ("2", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+    ("1", RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2.00 GiB"))])
+def test_out_of_device_memory_is_a_one_line_error_that_keeps_finished_epochs(tmp_path, monkeypatch, lanes, error):
     calls = []
     original = runner.train_cells_steps
 
     def running_out(ctx, group, *args, **kwargs):  # the second group runs out of memory
         calls.append(group.input_size)
         if len(calls) == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
         return (yield from original(ctx, group, *args, **kwargs))
 
     monkeypatch.setattr(runner, "train_cells_steps", running_out)
     code, _, stderr = run_cli(*TINY, "--lanes", lanes, "--out", tmp_path / "run")
     last = stderr.strip().splitlines()[-1]  # (the progress bar writes to stderr before it)
     assert code == 1 and "Traceback" not in stderr and last.startswith("python -m matconvnet_port.search: error:")
-    assert "out of cpu memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in last and "resume" in last
+    assert f"out of cpu memory ({error})" in last and "resume" in last
     assert ("fewer --lanes" in last) == (lanes == "2")
     assert all(r["input_size"] == calls[0] for r in read_results(tmp_path / "run" / "results.csv"))
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path, monkeypatch):
+    def broken(ctx, group, *args, **kwargs):
+        raise RuntimeError("a bug")
+        yield
+
+    monkeypatch.setattr(runner, "train_cells_steps", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(*TINY, "--out", tmp_path / "run")
+
+
+@pytest.mark.parametrize("make", ["file", "under_file", "bad_json", "not_ours", "no_settings"])
+def test_an_output_folder_that_cannot_be_used_is_a_one_line_error(tmp_path, make):
+    out = tmp_path / "out"
+    if make == "file":
+        out.write_text("")
+    elif make == "under_file":
+        (tmp_path / "f").write_text("")
+        out = tmp_path / "f" / "out"
+    else:
+        out.mkdir()
+        (out / "config.json").write_text({"bad_json": '{"training": ', "not_ours": "{}",
+                                          "no_settings": '{"training": {}, "grid": {}}'}[make])
+    code, stdout, stderr = run_cli(*TINY, "--out", out)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr + stdout, stderr
+    assert ("--out" if make in ("file", "under_file") else "config.json") in stderr
+
+
+def test_a_folder_refuses_other_images_than_it_was_trained_on(tmp_path):
+    """Fashion-MNIST has no built-in checksum: the folder keeps a fingerprint of its images."""
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(*TINY, "--out", out)
+    assert code == 0, stderr
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["data_sha256"]) == 16
+    config["data_sha256"] = "0" * 16  # as if trained on other files
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, stderr = run_cli(*TINY, "--out", out)
+    assert code == 2 and "--data-dir" in stderr and "other mnist images" in stderr, stderr
+    del config["data_sha256"]  # a folder from before the fingerprint: accepted, and it gains one
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, stderr = run_cli(*TINY, "--out", out)
+    assert code == 0, stderr
+    assert json.loads((out / "config.json").read_text())["data_sha256"] != "0" * 16
 
 
 def test_autotuned_plans_are_remembered_in_the_output_folder(tmp_path, monkeypatch):

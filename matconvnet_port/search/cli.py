@@ -15,11 +15,14 @@ with ``--out`` of that folder) resumes it.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
 import shlex
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -55,7 +58,7 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="'all', names like 'C CR C CR' or bits like 0101 (conv1 first); several allowed")
     p.add_argument("--sizes", nargs="+", metavar="N", help="input sizes N (>= 28, divisible by 4)")
     p.add_argument("--seeds", type=int, metavar="K", help="seeds 0..K-1")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="epochs per cell (default: the preset's; the paper's 20)")
     p.add_argument("--train-subset", type=int, metavar="n", help="first n of the 60000 training images")
     p.add_argument("--val-subset", type=int, metavar="n", help="first n of the 10000 t10k images")
     p.add_argument("--resize", choices=RESIZE_METHODS, default="imresize",
@@ -64,9 +67,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with the IDX files (default: the vendored MNIST)")
     p.add_argument("--out", help="output folder (default runs/<preset>-<timestamp>); rerun to resume")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="CUDA matmul/conv precision")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--learning-rate", type=float, default=0.001)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="CUDA matmul/conv precision (default fp32; tf32 only on CUDA)")
+    p.add_argument("--batch-size", type=int, default=100, help="SGD batch size (default 100, cnn_train's)")
+    p.add_argument("--learning-rate", type=float, default=0.001, help="SGD learning rate (default 0.001, cnn_train's)")
     p.add_argument("--threshold", type=float,
                    help="validation image-level error counted as converged (default: the preset's)")
     p.add_argument("--shard", metavar="I/K", help="run only the I-th of K slices of the (N, seed) groups")
@@ -93,6 +97,11 @@ def _run_parser() -> argparse.ArgumentParser:
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Out of device memory: CUDA raises OutOfMemoryError, PyTorch's CPU allocator a RuntimeError."""
+    return isinstance(e, OUT_OF_MEMORY) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def _check_range(name: str, value, low, high=None) -> None:
     if value is not None and (value < low or (high is not None and value > high)):
         bound = f">= {low}" if high is None else f"in {low}..{high}"
@@ -110,8 +119,8 @@ def _settings_and_grid(args, preset):
     for name, low, high in (("--epochs", 1, None), ("--seeds", 1, None), ("--train-subset", 1, 60000),
                             ("--val-subset", 1, 10000), ("--batch-size", 1, None), ("--lanes", 1, None)):
         _check_range(name, getattr(args, name[2:].replace("-", "_")), low, high)
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning-rate: must be > 0, got {args.learning_rate}")
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate: must be a finite number > 0, got {args.learning_rate}")
     _check_threshold(args.threshold)
     if args.conv != "auto":
         try:
@@ -129,17 +138,24 @@ def _settings_and_grid(args, preset):
     return settings, masks, sizes, seeds
 
 
-def _check_data(data_dir, dataset) -> None:
+def _check_data(data_dir, dataset) -> str:
+    """Check the dataset loads; return a fingerprint of its images and labels (Fashion-MNIST has no
+    built-in checksum, so a folder records what it was trained on)."""
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"--data-dir: {data_dir}: no such folder")
     try:
-        load_mnist(data_dir, dataset)
+        data = load_mnist(data_dir, dataset)
     except (FileNotFoundError, MnistDataError) as e:
         raise UsageError(f"data: {e}") from None
+    digest = hashlib.sha256()
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        digest.update(np.ascontiguousarray(data[key]).tobytes())
+    return digest.hexdigest()[:16]
 
 
-def _open_folder(out: Path, settings: Settings, grid: dict, preset_name: str, threshold: float, shard) -> dict:
-    """Create or reopen ``out``: the settings must match its config.json; the grid may grow."""
+def _open_folder(out: Path, settings: Settings, grid: dict, preset_name: str, threshold: float, shard,
+                 data: str) -> dict:
+    """Create or reopen ``out``: the settings and data must match its config.json; the grid may grow."""
     config = load_config(out)
     if config is not None:
         stored = Settings.from_dict(config["training"])
@@ -147,8 +163,15 @@ def _open_folder(out: Path, settings: Settings, grid: dict, preset_name: str, th
         if diff:
             raise UsageError(f"{out} was trained with other settings ({'; '.join(diff)}; stored preset "
                              f"{config.get('preset')!r}): rerun with the original options or use another --out")
+        if config.get("data_sha256", data) != data:  # folders from before the fingerprint: unknown
+            raise UsageError(f"--data-dir: {out} was trained on other {settings.dataset} images (fingerprint "
+                             f"{config['data_sha256']}, these {data}): use the same files or another --out")
+        if config.get("preset") not in (None, preset_name):
+            print(f"note: {out} was started with --preset {config['preset']}; its cells are kept, and "
+                  f"--preset {preset_name} adds its own")
         grid = grid_union(config["grid"], grid)
-    config = {"training": settings.to_dict(), "grid": grid, "preset": preset_name, "threshold": threshold,
+    config = {"training": settings.to_dict(), "data_sha256": data, "grid": grid, "preset": preset_name,
+              "threshold": threshold,
               "shard": f"{shard[0]}/{shard[1]}" if shard != (1, 1) else None,
               "paired_design": "for each seed, every mask and N starts from cnn_mnist_init(seed=seed)'s weights "
                                "and sees the batches of default_order(epoch, train, seed)"}
@@ -178,14 +201,19 @@ def run(argv) -> int:
         preset_name, why = "quick", "default without a CUDA device; --preset paper for the full grid"
     preset = PRESETS[preset_name]
     settings, masks, sizes, seeds = _settings_and_grid(args, preset)
+    if settings.precision == "tf32" and device.type != "cuda":
+        raise UsageError(f"--precision tf32: TF32 exists on CUDA only; on {device.type} the arithmetic is fp32")
     shard = parse_shard(args.shard)
-    _check_data(args.data_dir, args.dataset)
+    data = _check_data(args.data_dir, args.dataset)
     threshold = args.threshold if args.threshold is not None else preset.threshold
     out = Path(args.out or f"runs/{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
     grid = {"masks": [mask_bits(m) for m in masks], "sizes": list(sizes), "seeds": list(seeds)}
-    config = _open_folder(out, settings, grid, preset_name, threshold, shard)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        config = _open_folder(out, settings, grid, preset_name, threshold, shard, data)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
     set_precision(settings.precision)
     if device.type == "cuda":
@@ -199,7 +227,10 @@ def run(argv) -> int:
     work = runner.pending_work(ctx, mine)
     pending_cells = sum(len(m) for _, _, m in work)
 
-    print(f"preset: {preset_name} ({why}): {preset.description}")
+    overridden = [f"--{k.replace('_', '-')}" for k in ("masks", "sizes", "seeds", "epochs", "train_subset", "val_subset")
+                  if getattr(args, k) is not None]
+    print(f"preset: {preset_name} ({why}): {preset.description}"
+          + (f"; {', '.join(overridden)} given: the grid is" if overridden else ""))
     seed_text = "seed 0" if len(seeds) == 1 else f"seeds 0..{len(seeds) - 1}"
     print(f"grid: {describe_masks(masks)} x N = {', '.join(map(str, sizes))} x {seed_text} = "
           f"{len(masks) * len(sizes) * len(seeds)} cells x {settings.epochs} epochs, "
@@ -223,7 +254,9 @@ def run(argv) -> int:
         print(f"\ninterrupted: {out} is consistent (finished epochs are kept in groups/ and results.csv).\n"
               f"resume with: {resume}", file=sys.stderr)
         return 130
-    except OUT_OF_MEMORY as e:
+    except (*OUT_OF_MEMORY, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
         runner.regenerate_results(out)
         fewer = " with fewer --lanes" if args.lanes > 1 else ""
         print(f"{PROG}: error: out of {device.type} memory ({str(e).splitlines()[0]}); finished epochs are kept in "
@@ -266,7 +299,10 @@ def merge(argv) -> int:
     for d in args.dirs:
         if not Path(d).is_dir():
             raise UsageError(f"merge: {d}: no such folder")
-    config, rows = merge_dirs(args.dirs, args.out)
+    try:
+        config, rows = merge_dirs(args.dirs, args.out)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
     return _summarise(Path(args.out), config, rows, args.threshold)
 
 
@@ -293,3 +329,6 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started (a run's own handler keeps what it trained)
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -13,7 +13,7 @@ the grid (masks, sizes, seeds) may grow between runs.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from ..models import ALL_MASKS, mask_bits, mask_name, parse_mask
 
@@ -79,6 +79,11 @@ class Settings:
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
         names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict):
+            raise UsageError(f"config.json: 'training' must be an object, got {type(d).__name__}")
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
+        if missing:
+            raise UsageError(f"config.json: the training settings lack {', '.join(missing)}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def differences(self, other: "Settings") -> list[str]:

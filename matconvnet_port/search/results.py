@@ -137,8 +137,15 @@ def load_config(folder) -> dict | None:
     path = Path(folder) / "config.json"
     if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{path}: not a readable config.json ({e})") from None
+    missing = [k for k in ("training", "grid") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise UsageError(f"{path}: not a config.json of this search (no {', '.join(missing)})")
+    return config
 
 
 def save_config(folder, config: dict) -> None:
@@ -180,6 +187,10 @@ def merge_dirs(dirs, out) -> tuple[dict, list[dict]]:
             diff = Settings.from_dict(config["training"]).differences(Settings.from_dict(cfg["training"]))
             if diff:
                 raise UsageError(f"merge: {d} was trained with other settings ({'; '.join(diff)})")
+            if None not in (config.get("data_sha256"), cfg.get("data_sha256")) and \
+                    config["data_sha256"] != cfg["data_sha256"]:
+                raise UsageError(f"merge: {d} was trained on other images (data fingerprint {cfg['data_sha256']}, "
+                                 f"not {config['data_sha256']})")
             config["grid"] = grid_union(config["grid"], cfg["grid"])
         for row in read_results(d / "results.csv"):
             key = cell_key(row)
