@@ -5,7 +5,7 @@ A :class:`DagNN` holds what the MATLAB object holds:
 * ``vars``: name -> :class:`Var` (``value``, ``der``, ``precious``), in
   MatConvNet's order (variables are added as layers are added: inputs, then
   outputs);
-* ``params``: name -> :class:`Param` (``value`` a numpy float32 array in
+* ``params``: name -> :class:`Param` (``value`` a numpy float32/float64 array in
   MatConvNet layout -- filters FH x FW x FC x K, biases 1 x K or K x 1,
   batch-norm moments C x 2 -- ``der``, ``learningRate``, ``weightDecay``);
 * ``layers``: a list of plain dicts ``{'name', 'type', 'inputs', 'outputs',
@@ -166,7 +166,7 @@ def _struct_items(value, where: str) -> list[dict]:
 
 
 def _float_param(value, where: str) -> np.ndarray:
-    """A parameter value as float32 numpy in MatConvNet layout (single and double accepted)."""
+    """A parameter value as numpy in MatConvNet layout, single or double as stored (MatConvNet runs both)."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if value is None or (isinstance(value, (list, tuple)) and not value):
@@ -174,7 +174,7 @@ def _float_param(value, where: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype not in (np.float32, np.float64):
         raise MatFormatError(f"{where}: parameter values must be single or double, got {arr.dtype}")
-    return np.array(arr, dtype=np.float32, copy=True)
+    return np.array(arr, copy=True)
 
 
 def _row(values) -> np.ndarray:
@@ -582,7 +582,17 @@ class DagNNModule(nn.Module):
                                      f"{', '.join(self.network_inputs)})")
                 continue
             params = [self.param(p) for p in self.layer_params[index]]
-            outputs = self.blocks[index]([values[v] for v in names], params)
+            try:
+                outputs = self.blocks[index]([values[v] for v in names], params)
+            except (ValueError, RuntimeError) as e:  # name the layer, as MatConvNet's errors do not
+                label = f"layer '{self.layer_names[index]}'"
+                if str(e).startswith(label):
+                    raise
+                try:  # torch's own error types may take other arguments: then as it was
+                    renamed = type(e)(f"{label}: {e}")
+                except Exception:
+                    raise e from None
+                raise renamed from None
             for name, value in zip(self.layer_outputs[index], outputs):
                 values[name] = value
             executed.append(index)

@@ -26,8 +26,8 @@ Representation in Python
 ------------------------
 A SimpleNN's ``layers`` are plain dicts with MatConvNet's field names, in
 file order: ``type``/``name``/``method`` as ``str``; ``weights`` a list of
-numpy float32 arrays in MatConvNet layout (filters FH x FW x FC x K, biases
-1 x K as stored; double weights are converted to single); ``precious`` a
+numpy float32 (or float64, for a double network) arrays in MatConvNet layout
+(filters FH x FW x FC x K, biases 1 x K as stored); ``precious`` a
 ``bool``; other numbers numpy arrays with their MATLAB shape and class
 (``stride`` 1x1 double, ``pool`` 1x2, ``class`` 1xN); 1 x K cells (and
 ``{}``) as lists; structs as dicts (1x1) or :class:`matio.StructArray`.
@@ -115,7 +115,7 @@ def _dtype_name(a: np.ndarray) -> str:
 
 
 def _weight(value, where: str) -> np.ndarray:
-    """One weight array as float32 (single and double accepted; anything else is an error)."""
+    """One weight array, single or double as stored (MatConvNet runs both; anything else is an error)."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if value is None or (isinstance(value, list) and not value):
@@ -125,7 +125,7 @@ def _weight(value, where: str) -> np.ndarray:
     if value.dtype not in (np.float32, np.float64):
         raise MatFormatError(f"{where}: expected a single or double array, got {value.ndim}-D "
                              f"{_dtype_name(value)}")
-    return np.array(value, dtype=np.float32, copy=True)
+    return np.array(value, copy=True)
 
 
 def _vector_size(a: np.ndarray) -> int | None:
@@ -146,9 +146,9 @@ def _scalar_of(value, where: str) -> float:
 # The numeric fields vl_simplenn reads per layer type, with the numbers each may hold (a missing one
 # gets vl_simplenn_tidy's default; only a pool's window has none)
 _NUMERIC_FIELDS = {
-    "conv": {"pad": (1, 2, 4), "stride": (1, 2), "dilate": (1, 2)},
-    "convt": {"upsample": (1, 2), "crop": (1, 2, 4), "numGroups": (1,)},
-    "pool": {"pool": (1, 2), "pad": (1, 2, 4), "stride": (1, 2)},
+    "conv": {"pad": (1, 4), "stride": (1, 2), "dilate": (1, 2)},
+    "convt": {"upsample": (1, 2), "crop": (1, 4), "numGroups": (1,)},
+    "pool": {"pool": (1, 2), "pad": (1, 4), "stride": (1, 2)},
     "relu": {"leak": (1,)},
     "dropout": {"rate": (1,)},
     "normalize": {"param": (4,)},
@@ -156,6 +156,8 @@ _NUMERIC_FIELDS = {
     "bnorm": {"epsilon": (1,)},
 }
 _REQUIRED_FIELDS = {"pool": ("pool",)}
+# integer options and their least value (the MEX files reject the others)
+_INTEGER_FIELDS = {"pad": 0, "crop": 0, "stride": 1, "dilate": 1, "pool": 1, "upsample": 1, "numGroups": 1}
 
 
 def _check_fields(kind: str, layer: dict, where: str) -> None:
@@ -172,6 +174,15 @@ def _check_fields(kind: str, layer: dict, where: str) -> None:
             got = repr(layer[key]) if isinstance(layer[key], str) else f"{arr.size} {_dtype_name(arr)} values"
             want = " or ".join(map(str, sizes))
             raise MatFormatError(f"{where}.{key}: expected {want} real number{'s' if sizes != (1,) else ''}, got {got}")
+        if key in _INTEGER_FIELDS:
+            values = arr.astype(np.float64).reshape(-1)
+            least = _INTEGER_FIELDS[key]
+            if not np.isfinite(values).all() or (values != np.round(values)).any() or (values < least).any() \
+                    or (values > 2 ** 31 - 1).any():
+                kind_of = "non-negative" if least == 0 else "positive"
+                raise MatFormatError(f"{where}.{key}: expected {kind_of} integers, got {values.tolist()}")
+    if kind == "pool" and "method" in layer and str(layer["method"]) not in ("max", "avg"):
+        raise MatFormatError(f"{where}.method: expected 'max' or 'avg', got {layer['method']!r}")
 
 
 def _check_weights(kind: str, weights: list, layer: dict, where: str) -> None:

@@ -2,7 +2,7 @@
 
 A :class:`SimpleNN` is what MATLAB has in ``net``: ``net.layers`` is a list
 of plain dicts with MatConvNet's field names (``type``, ``name``,
-``weights`` = [filters, biases] as numpy float32 arrays in MatConvNet layout
+``weights`` = [filters, biases] as numpy float32 (or float64) arrays in MatConvNet layout
 FH x FW x FC x K and 1 x K, ``pad``, ``stride``, ``dilate``, ``method``,
 ``pool``, ``leak``, ``class``, ...), ``net.meta`` a dict. Edit it as in
 MATLAB (``net.layers[2]['pad'] = 1``, ``net.layers = net.layers[:-1]``);
@@ -254,11 +254,14 @@ def param_to_matconvnet(t: torch.Tensor | None, like=None, as_numpy: bool = True
 def _layer_weights_from_module(m: nn.Module, layer: dict) -> list | None:
     old = cell_items(layer.get("weights"))
     pad = old + [None] * 3
+
+    def back(t, like):  # a double network stays double, whatever precision it was trained in
+        w = param_to_matconvnet(t, like)
+        return w.astype(np.float64) if getattr(like, "dtype", None) == np.float64 else w
     if isinstance(m, (L.Conv, L.ConvTranspose)):
-        return [param_to_matconvnet(m.weight, pad[0]), param_to_matconvnet(m.bias, pad[1])]
+        return [back(m.weight, pad[0]), back(m.bias, pad[1])]
     if isinstance(m, L.BatchNorm):
-        return [param_to_matconvnet(m.weight, pad[0]), param_to_matconvnet(m.bias, pad[1]),
-                param_to_matconvnet(m.moments, pad[2])]
+        return [back(m.weight, pad[0]), back(m.bias, pad[1]), back(m.moments, pad[2])]
     return None
 
 
@@ -294,8 +297,22 @@ class SimpleNNModule(nn.Module):
             c = c.to(x.device)
             if c.numel() != x.shape[0]:
                 c = hwcn_to_nchw(c, "class")
-            return self.layers[i](x, c)
-        return self.layers[i](x)
+            return self._named(i, self.layers[i], x, c)
+        return self._named(i, self.layers[i], x)
+
+    def _named(self, i: int, layer, *args):
+        """Run layer i; a bad input or option is reported with the layer's position, type and name."""
+        try:
+            return layer(*args)
+        except (ValueError, RuntimeError) as e:
+            label = f"layer {i + 1} ({self.types[i]} '{self.names[i]}')"
+            if str(e).startswith(label):
+                raise
+            try:  # torch's own error types may take other arguments: then as it was
+                renamed = type(e)(f"{label}: {e}")
+            except Exception:
+                raise e from None
+            raise renamed from None
 
     def forward(self, x: torch.Tensor, c=None) -> torch.Tensor:
         for i in range(len(self.layers)):

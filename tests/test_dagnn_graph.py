@@ -262,3 +262,10 @@ def test_from_simplenn_evaluates_like_vl_simplenn(mode):
         for j, name in enumerate(layer["params"]):
             np.testing.assert_allclose(dag.params[name].der, res[i].dzdw[j].reshape(dag.params[name].der.shape),
                                        rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_an_error_while_running_names_the_layer():
+    dag = load_net(os.path.join(REF, "dagnn_lenet.mat"))
+    with pytest.raises(ValueError) as exc:
+        dag.eval({"input": np.zeros((28, 28, 3, 1), np.float32)})  # 3 channels into a 1-channel conv
+    assert str(exc.value).startswith(f"layer '{dag.layers[0]['name']}': ") and "\n" not in str(exc.value)

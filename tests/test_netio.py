@@ -19,7 +19,7 @@ from matconvnet_port import matio
 from matconvnet_port.dagnn import DagNN
 from matconvnet_port.errors import MatFormatError
 from matconvnet_port.netio import load_checkpoint, load_net, save_checkpoint, save_net
-from matconvnet_port.simplenn import SimpleNN
+from matconvnet_port.simplenn import SimpleNN, vl_simplenn
 
 REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference_data")
 EPOCH2 = os.path.join(REF, "train", "net-epoch-2.mat")
@@ -383,6 +383,12 @@ def test_bnorm_sizes_inconsistent(tmp_path):
     (5, "leak", np.zeros((0, 0)), ("net.layers{6}.leak", "0 double values")),
     (0, "pad", "same", ("net.layers{1}.pad", "'same'")),
     (3, "stride", np.array([[2.0, 2.0, 2.0]]), ("net.layers{4}.stride", "1 or 2")),
+    (0, "pad", np.array([[1.0, 2.0]]), ("net.layers{1}.pad", "1 or 4")),  # vl_nnconv takes 1 or 4
+    (0, "stride", np.zeros((1, 1)), ("net.layers{1}.stride", "positive integers", "[0.0]")),
+    (1, "pad", np.array([[-1.0]]), ("net.layers{2}.pad", "non-negative integers")),
+    (2, "pad", np.array([[0.5]]), ("net.layers{3}.pad", "non-negative integers")),
+    (3, "stride", np.array([[np.nan]]), ("net.layers{4}.stride", "positive integers")),
+    (1, "method", "median", ("net.layers{2}.method", "'max' or 'avg'", "'median'")),
 ])
 def test_bad_layer_option_names_the_field(tmp_path, index, field, value, needles):
     def edit(net):
@@ -391,6 +397,31 @@ def test_bad_layer_option_names_the_field(tmp_path, index, field, value, needles
         else:
             net["layers"][0, index][field] = value
     assert_error(_broken_copy(tmp_path, edit), *needles)
+
+
+def test_a_double_network_stays_double(tmp_path):
+    """MatConvNet runs double networks: loading must not round them to single, nor saving change their class."""
+    def to_double(net):
+        for layer in net["layers"][0]:
+            if "weights" in layer and np.asarray(layer["weights"]).size:
+                for j in range(layer["weights"].shape[1]):
+                    layer["weights"][0, j] = np.asarray(layer["weights"][0, j], np.float64) + 1e-12
+    path = _broken_copy(tmp_path, to_double)
+    net = load_net(path)
+    stored = matio.read_mat_variable(path, "net")
+    for k, layer in enumerate(net.layers):
+        for j, w in enumerate(layer.get("weights", [])):
+            assert w.dtype == np.float64 and w.tobytes() == np.asarray(stored["layers"][0, k]["weights"][0, j]).tobytes()
+    save_net(tmp_path / "again.mat", net)
+    again = load_net(tmp_path / "again.mat")
+    for a, b in zip(again.layers, net.layers):
+        for wa, wb in zip(a.get("weights", []), b.get("weights", [])):
+            assert wa.dtype == np.float64 and wa.tobytes() == wb.tobytes()
+    f = net.layers[0]["weights"][0]
+    assert not np.array_equal(f.astype(np.float32).astype(np.float64), f)  # not single underneath
+    net.layers[-1]["class"] = np.array([[3.0, 7.0]])
+    res = vl_simplenn(net, np.random.default_rng(0).standard_normal((28, 28, 1, 2)))  # double all through
+    assert res[-2].x.dtype == np.float64
 
 
 def test_bad_legacy_learning_rate_names_the_field(tmp_path):

@@ -164,3 +164,11 @@ def test_loss_layer_is_softmaxlog_whatever_it_holds_as_vl_simplenn_calls_it():
     with pytest.warns(UserWarning, match="ignores a loss layer's 'loss'"):
         other = vl_simplenn(SimpleNN([{"type": "loss", "class": c, "loss": "classerror"}]), x)[-1].x
     np.testing.assert_array_equal(other, plain)
+
+
+def test_an_error_while_running_names_the_layer():
+    net = SimpleNN([{"type": "relu"}, {"type": "conv", "name": "c2",
+                                       "weights": [np.ones((3, 3, 5, 2), np.float32), np.zeros((1, 2), np.float32)]}])
+    with pytest.raises(ValueError) as exc:
+        vl_simplenn(net, np.zeros((8, 8, 3, 1), np.float32))
+    assert str(exc.value).startswith("layer 2 (conv 'c2'): x has 3 channels") and "\n" not in str(exc.value)
