@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from . import functional as fn
-from .errors import MatFormatError
+from .errors import MatFormatError, labelled
 from .matio import cell_items
 from .precision import exact_fp32
 from .vl_nn import hwcn_to_nchw, nchw_to_hwcn
@@ -585,14 +585,7 @@ class DagNNModule(nn.Module):
             try:
                 outputs = self.blocks[index]([values[v] for v in names], params)
             except (ValueError, RuntimeError) as e:  # name the layer, as MatConvNet's errors do not
-                label = f"layer '{self.layer_names[index]}'"
-                if str(e).startswith(label):
-                    raise
-                try:  # torch's own error types may take other arguments: then as it was
-                    renamed = type(e)(f"{label}: {e}")
-                except Exception:
-                    raise e from None
-                raise renamed from None
+                raise labelled(e, f"layer '{self.layer_names[index]}'") from None
             for name, value in zip(self.layer_outputs[index], outputs):
                 values[name] = value
             executed.append(index)

@@ -12,3 +12,14 @@ class MatFormatError(ValueError):
     The message names the file and the variable / layer / field at fault, e.g.
     ``net.mat: net.layers{3}.weights{1}: expected 4-D single array, got 2-D uint8``.
     """
+
+
+def labelled(error: Exception, label: str) -> Exception:
+    """``error`` with ``label: `` before its message (same type), to say which layer raised it;
+    ``error`` itself if it already starts so, or if its type cannot be made from a message."""
+    if str(error).startswith(label):
+        return error
+    try:
+        return type(error)(f"{label}: {error}")
+    except Exception:  # torch's own error types may take other arguments
+        return error

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import layers as L
+from .errors import labelled
 from .matio import cell_items
 from .precision import exact_fp32
 from .vl_nn import hwcn_to_nchw, nchw_to_hwcn
@@ -305,14 +306,7 @@ class SimpleNNModule(nn.Module):
         try:
             return layer(*args)
         except (ValueError, RuntimeError) as e:
-            label = f"layer {i + 1} ({self.types[i]} '{self.names[i]}')"
-            if str(e).startswith(label):
-                raise
-            try:  # torch's own error types may take other arguments: then as it was
-                renamed = type(e)(f"{label}: {e}")
-            except Exception:
-                raise e from None
-            raise renamed from None
+            raise labelled(e, f"layer {i + 1} ({self.types[i]} '{self.names[i]}')") from None
 
     def forward(self, x: torch.Tensor, c=None) -> torch.Tensor:
         for i in range(len(self.layers)):
