@@ -388,6 +388,7 @@ def _to_mat(value, where: str):
 def _simplenn_layer_to_mat(layer: dict, where: str) -> dict:
     if not isinstance(layer, dict) or "type" not in layer:
         raise MatFormatError(f"{where}: a layer must be a dict with a 'type' field")
+    _simplenn_layer(layer, where)  # what load_net would refuse is not written
     out = {}
     for key, value in layer.items():
         if key == "weights":

@@ -480,3 +480,17 @@ def test_error_in_top_level_legacy_file_names_the_field(tmp_path):
     data["layers"][0, 0]["filters"] = data["layers"][0, 0]["filters"].astype(np.int32)
     matio.write_mat(path, data)
     assert_error(path, "layers{1}.weights{1}", "int32")
+
+
+@pytest.mark.parametrize("layer, needle", [
+    ({"type": "conv", "weights": [np.ones((3, 3, 1, 2), np.float32), np.zeros((1, 5), np.float32)]},
+     "net.layers{1}.weights{2}: 5 biases for 2 filters"),
+    ({"type": "maxout"}, "net.layers{1}.type: unsupported layer type 'maxout'"),
+    ({"type": "pool", "pool": 2, "stride": 0}, "net.layers{1}.stride: expected positive integers"),
+])
+def test_save_net_refuses_what_load_net_would(tmp_path, layer, needle):
+    path = tmp_path / "net.mat"
+    with pytest.raises(MatFormatError) as exc:
+        save_net(path, SimpleNN([layer]))
+    assert str(exc.value) == f"{path}: {needle}" or str(exc.value).startswith(f"{path}: {needle}")
+    assert not path.exists()
