@@ -415,6 +415,7 @@ def test_other_training_settings_in_the_same_folder_are_refused(reference, tmp_p
     (["--epochs", "0"], "--epochs"),
     (["--train-subset", "60001"], "--train-subset"),
     (["--device", "tpu"], "--device"),
+    (["--device", "gpu"], "unknown device 'gpu': use auto, cpu, cuda or cuda:K"),
     (["--conv", "fast"], "--conv"),
     (["--conv", "gemm,gemm"], "--conv"),
     (["--lanes", "0"], "--lanes"),
@@ -425,6 +426,7 @@ def test_other_training_settings_in_the_same_folder_are_refused(reference, tmp_p
     (["--threshold", "2"], "--threshold"),
     (["summary", "/no/such/folder", "--threshold", "2"], "--threshold"),  # checked before the folder
     (["merge", "/no/such/folder", "--out", "/tmp/x", "--threshold", "0"], "--threshold"),
+    (["--sizes", "28", "--seeds", "1", "--shard", "2/2"], "this shard would be empty"),
     (["--learning-rate", "nan"], "--learning-rate: must be a finite number"),
     (["--learning-rate", "inf"], "--learning-rate: must be a finite number"),
     (["--precision", "tf32", "--device", "cpu"], "--precision tf32: TF32 exists on CUDA only"),
@@ -773,6 +775,11 @@ def test_relu_effects_with_noise_and_a_partial_grid():
     rows = [r for r in _factorial_rows([0.001, 0.0, 0.0, 0.0]) if r["mask_bits"][0] == "0"]
     partial = summarise(rows, synthetic_config(epochs=1))["measures"]["val_image_err"]["relu_effects"]
     assert [e["mask_pairs"] for e in partial] == [0, 4, 4, 4] and partial[0]["n"] == 0
+    assert "n/a:" not in summary_markdown(summarise(rows, synthetic_config(epochs=1)))
+    # masks that differ in two ReLUs or more: no effect can be read, and the section says so
+    apart = [r for r in _factorial_rows([0.001, 0.0, 0.0, 0.0]) if r["mask_bits"] in ("0000", "0101", "0011", "1111")]
+    text = summary_markdown(summarise(apart, synthetic_config(epochs=1)))
+    assert "n/a: no two finished masks differ in exactly one ReLU" in text
 
 
 def summary_markdown(summary):

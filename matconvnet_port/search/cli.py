@@ -208,6 +208,11 @@ def run(argv) -> int:
     threshold = args.threshold if args.threshold is not None else preset.threshold
     out = Path(args.out or f"runs/{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     grid = {"masks": [mask_bits(m) for m in masks], "sizes": list(sizes), "seeds": list(seeds)}
+    groups = build_groups(masks, sizes, seeds)
+    mine = shard_groups(groups, *shard)
+    if not mine:
+        raise UsageError(f"--shard {shard[0]}/{shard[1]}: the grid has {len(groups)} (N, seed) groups, "
+                         f"so this shard would be empty")
     try:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
@@ -222,8 +227,6 @@ def run(argv) -> int:
                             memory_format=args.memory_format, lanes=args.lanes,
                             finish_diverged=not args.train_diverged,
                             data_dir=args.data_dir, save_nets=args.save_nets, log=tqdm.write)
-    groups = build_groups(masks, sizes, seeds)
-    mine = shard_groups(groups, *shard)
     work = runner.pending_work(ctx, mine)
     pending_cells = sum(len(m) for _, _, m in work)
 

@@ -502,10 +502,12 @@ def _effects_markdown(summary: dict) -> list[str]:
          "matched pairs of masks that differ only there (8 in the full grid) for each (N, seed) pair; `mean` "
          "± 95% CI and the one-sample t-test are over the (N, seed) pairs, `lower / higher` counts the single "
          "mask comparisons. Negative: the ReLU lowers the error."]
+    shown = 0
     for measure, (label, _) in MEASURES.items():
         effects = [e for e in summary["measures"][measure]["relu_effects"] if e["mask_pairs"] and e["n"]]
         if not effects:
             continue
+        shown += 1
         L += ["", f"**{label}**", "",
               "| ReLU after | mask pairs | " + " | ".join(f"N={n}" for n in sizes)
               + " | mean ± 95% CI | lower / higher | t-test p |",
@@ -516,6 +518,8 @@ def _effects_markdown(summary: dict) -> list[str]:
             L.append(f"| conv{e['conv']} | {e['mask_pairs']} | " + " | ".join(cells)
                      + f" | {e['mean_diff'] * 100:+.2f}{ci} | {e['lower_with_relu']} / {e['higher_with_relu']} | "
                      f"{format_p(e['t_p'])} |")
+    if not shown:
+        L += ["", "n/a: no two finished masks differ in exactly one ReLU (run more masks, e.g. --masks all)."]
     return L
 
 
