@@ -14,7 +14,9 @@ trains on; an interrupted run waits for them, so it keeps every finished epoch.
 Each cell's result depends only on (mask, N, seed) and the settings: its
 initial weights and data order come from its own seed, and the fused models
 never interact (see :mod:`matconvnet_port.fused`). Masks added to a finished
-group later are trained as a new fused model from the same start.
+group later are trained as a new fused model from the same start. (The error
+columns are identical however the cells were grouped; the objective, a float32
+sum over a batch of models, can differ in its last bits, ~1e-7 relative.)
 Resuming: a cell whose checkpoint says ``epochs_done = e`` restarts at epoch
 e + 1 from the stored weights and momenta (cells at different epochs are
 trained as separate fused models, since a fused model steps all its models
