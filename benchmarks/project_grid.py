@@ -12,6 +12,13 @@ epoch also pays one-time costs (CUDA graph capture, cuDNN's algorithm search
 for the training and evaluation shapes) that a 20-epoch run pays once, and
 diverged models stop training after a few epochs, so the last epoch is the
 closest to the steady state.
+
+A slice shorter than the diverged-model stop (2 epochs: the stop needs two
+equal epochs after the NaN) still trains its diverged cells in every epoch.
+``--diverged-stop-after K`` estimates the grid with the stop: cells whose
+train objective is NaN in the slice's last epoch cost nothing after epoch K,
+assuming the fused models left cost the same per model (compute-bound sizes;
+an estimate until a slice of more than K epochs measures it).
 """
 
 import argparse
@@ -23,10 +30,18 @@ import numpy as np
 PAPER_SIZES = list(range(28, 65, 4))
 
 
-def project(per_size: dict, masks: int, epochs: int) -> float:
+def project(per_size: dict, masks: int, epochs: int, alive: dict | None = None) -> float:
+    """Seconds for ``epochs`` epochs of the grid; ``alive`` (fraction of cells still training per N)
+    scales each N's cost (default: all)."""
     sizes = sorted(per_size)
     mean = [float(np.mean(per_size[n])) for n in sizes]
-    return sum(float(np.interp(n, sizes, mean)) for n in PAPER_SIZES) * masks * epochs
+    share = [1.0 if alive is None else alive[n] for n in sizes]
+    return sum(float(np.interp(n, sizes, mean)) * float(np.interp(n, sizes, share))
+               for n in PAPER_SIZES) * masks * epochs
+
+
+def _diverged(value: str) -> bool:
+    return value == "" or not np.isfinite(float(value))
 
 
 def main():
@@ -36,11 +51,15 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--masks", type=int, default=16)
     parser.add_argument("--epoch", type=int, default=None, help="project from this epoch's rows (default: the last)")
+    parser.add_argument("--diverged-stop-after", type=int, metavar="K",
+                        help="estimate: cells NaN in the last epoch cost nothing after epoch K (see above)")
     args = parser.parse_args()
     by_epoch = defaultdict(lambda: defaultdict(list))
+    nan = defaultdict(lambda: defaultdict(list))
     with open(args.results, newline="") as f:
         for row in csv.DictReader(f):
             by_epoch[int(row["epoch"])][int(row["input_size"])].append(float(row["seconds"]))
+            nan[int(row["epoch"])][int(row["input_size"])].append(_diverged(row["train_objective"]))
     if not by_epoch:
         raise SystemExit(f"{args.results}: no rows")
     epoch = args.epoch or max(by_epoch)
@@ -67,6 +86,19 @@ def main():
         one_seed = project(per_size, args.masks, args.epochs)
         how = f"{args.epochs} x epoch {epoch}"
     print(f"projected ({how}): {grid} {one_seed / 60:.1f} min; {args.seeds} seeds {one_seed * args.seeds / 60:.1f} min")
+    if args.diverged_stop_after:
+        k = args.diverged_stop_after
+        last = max(nan)
+        alive = {n: 1.0 - float(np.mean(flags)) for n, flags in nan[last].items()}
+        if k >= args.epochs:
+            raise SystemExit(f"--diverged-stop-after {k}: must be below --epochs {args.epochs}")
+        first = sum(project(by_epoch[e], args.masks, 1) for e in measured if e <= k) + \
+            project(per_size, args.masks, k - len([e for e in measured if e <= k]))
+        estimate = first + project(per_size, args.masks, args.epochs - k, alive)
+        stopped = ", ".join(f"N={n}: {sum(nan[last][n])}/{len(nan[last][n])}" for n in sorted(alive) if alive[n] < 1)
+        print(f"estimate with diverged models stopping after epoch {k} (NaN in epoch {last}: {stopped or 'none'}; "
+              f"the rest at the same cost per model): {grid} {estimate / 60:.1f} min; "
+              f"{args.seeds} seeds {estimate * args.seeds / 60:.1f} min")
 
 
 if __name__ == "__main__":
