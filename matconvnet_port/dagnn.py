@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ from . import functional as fn
 from .errors import MatFormatError, labelled
 from .matio import cell_items
 from .precision import exact_fp32
-from .vl_nn import hwcn_to_nchw, nchw_to_hwcn
+from .vl_nn import _column_major, hwcn_to_nchw, nchw_to_hwcn
 
 __all__ = ["DagNN", "DagNNModule", "Var", "Param", "BLOCK_TYPES", "BLOCK_DEFAULTS"]
 
@@ -104,6 +105,16 @@ class Param:
 # ---------------------------------------------------------------------------
 # Reading MATLAB-ish values (numpy arrays from MAT-files, or Python values)
 # ---------------------------------------------------------------------------
+
+def _name_value_pairs(value, what: str) -> dict:
+    """{name: value}, or MATLAB's {'name', value, ...} written as a list or tuple, as a dict."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) % 2 == 0 and all(isinstance(k, str) for k in value[::2]):
+        return dict(zip(value[::2], value[1::2]))
+    raise ValueError(f"{what} must be a dict {{name: value}} or a list [name, value, ...], "
+                     f"got {type(value).__name__}")
+
 
 def _numbers(value, where: str) -> list[float]:
     """A numeric option (scalar, vector, numpy array, list, bool) as a flat list of floats."""
@@ -307,11 +318,16 @@ class _BatchNorm(_Block):
 
     def forward(self, inputs, params):
         x, (g, b, moments) = inputs[0], params[:3]
+        if g is None or b is None:
+            raise ValueError("the multipliers and biases (params 1 and 2) are empty")
         g, b = g.reshape(-1), b.reshape(-1)
-        if self.training:
+        if self.training or moments is None:  # vl_nnbnorm without moments: the batch's, in test mode too
             y, self.batch_moments = fn.bnorm(x, g, b, None, self.epsilon)
             return [y]
-        y = fn.bnorm(x, g, b, moments.reshape(-1, 2), self.epsilon)[0]
+        if moments.numel() != 2 * g.numel():
+            raise ValueError(f"the moments (param 3) must have 2C = {2 * g.numel()} elements, got {moments.numel()}")
+        # any 2C-element array, read column-major as vl_nnbnorm does: the C means first
+        y = fn.bnorm(x, g, b, _column_major(moments).reshape(2, -1).t(), self.epsilon)[0]
         if torch.is_grad_enabled():
             y_batch, self.batch_moments = fn.bnorm(x, g, b, None, self.epsilon)
             y = y.detach() + (y_batch - y_batch.detach())  # value of y, gradient of y_batch
@@ -641,6 +657,10 @@ class DagNN:
             raise ValueError(f"there is already a layer with name {name!r}")
         if type not in BLOCK_DEFAULTS:
             raise ValueError(f"layer {name!r}: unsupported block type {type!r} (supported: {', '.join(BLOCK_TYPES)})")
+        unknown = [k for k in (block or {}) if k not in BLOCK_DEFAULTS[type]]
+        if unknown:  # MATLAB's block.(name) = value fails for a property the class lacks
+            raise ValueError(f"layer {name!r}: {type} has no property {unknown[0]!r} "
+                             f"(it has: {', '.join(BLOCK_DEFAULTS[type]) or 'none'})")
         inputs, outputs, params = ([inputs] if isinstance(inputs, str) else list(inputs),
                                    [outputs] if isinstance(outputs, str) else list(outputs),
                                    [params] if isinstance(params, str) else list(params))
@@ -650,6 +670,10 @@ class DagNN:
             self.vars.setdefault(v, Var(v))
         for p in params:
             self.params.setdefault(p, Param(p, np.zeros((0, 0), np.float32)))
+        if type == "dagnn.BatchNorm" and len(params) >= 3:  # what dagnn.BatchNorm.attach sets
+            moments = self.params[params[2]]
+            moments.learningRate = 0.1
+            moments.extra.setdefault("trainMethod", "average")
 
     def rename_var(self, old: str, new: str) -> None:
         """Rename a variable everywhere -- MatConvNet ``renameVar``."""
@@ -731,8 +755,9 @@ class DagNN:
         or H x W x 1 x N. ``derivatives`` maps output variables to their
         derivative (``{'objective': 1}``; an array shaped like the output
         for non-scalar outputs); when given, the backward pass runs too.
+        Either may also be MATLAB's flat ``['input', x, 'label', c]``.
         ``mode`` 'normal' or 'test' (dropout off, batch norm with stored
-        moments).
+        moments, or the batch's when they are empty, as ``vl_nnbnorm``).
 
         Afterwards ``vars[name].value`` / ``.der`` and ``params[name].der``
         are numpy arrays in MatConvNet layout (scalars as 1 x 1), or None
@@ -741,6 +766,8 @@ class DagNN:
         """
         if mode not in ("normal", "test"):
             raise ValueError(f"mode must be 'normal' or 'test', got {mode!r}")
+        inputs = _name_value_pairs(inputs, "inputs")
+        derivatives = None if derivatives is None else _name_value_pairs(derivatives, "derivatives")
         for name in list(inputs) + list(derivatives or {}):
             if name not in self.vars:
                 raise ValueError(f"{name!r} is not a variable of the network (variables: {', '.join(self.vars)})")
@@ -820,9 +847,12 @@ class DagNN:
                 if isinstance(block, _BatchNorm) and j == 2:
                     # dagnn.BatchNorm: the "derivative" of the moments is the batch moments times N
                     n = values[module.layer_inputs[index][0]].shape[0]
-                    der = (block.batch_moments * n).cpu().numpy().astype(np.float32)
-                    der = der.reshape(module.param_shapes[name]) if der.size == np.prod(
-                        module.param_shapes[name]) else der
+                    der = (block.batch_moments * n).cpu().numpy()  # C x 2
+                    shape = module.param_shapes[name]
+                    if der.size == np.prod(shape):  # in the parameter's shape, filled column-major
+                        der = der.reshape(-1, order="F").reshape(shape, order="F")
+                    stored = np.asarray(self.params[name].value)
+                    der = der.astype(stored.dtype if stored.dtype in (np.float32, np.float64) else np.float32)
                 else:
                     t = module.param(name)
                     if t is None:
@@ -887,12 +917,18 @@ class DagNN:
                 block = {}
             if not isinstance(block, dict):
                 raise MatFormatError(f"{w}.block: expected a struct, got {type(block).__name__}")
+            unknown = {k: v for k, v in block.items() if k not in BLOCK_DEFAULTS[kind]}
+            if unknown:  # another MatConvNet version's property, or a typo: not computed with, kept on save
+                warnings.warn(f"{w}.block: {kind} property {', '.join(map(repr, unknown))} is not one this port "
+                              f"knows ({', '.join(BLOCK_DEFAULTS[kind]) or 'none'}); it is ignored", stacklevel=2)
             try:
                 dag.add_layer(name, kind, _names(layer["inputs"], f"{w}.inputs"),
                               _names(layer["outputs"], f"{w}.outputs"),
-                              _names(layer.get("params"), f"{w}.params"), block)
+                              _names(layer.get("params"), f"{w}.params"),
+                              {k: v for k, v in block.items() if k not in unknown})
             except ValueError as e:
                 raise MatFormatError(f"{w}: {e}") from None
+            dag.layers[-1]["block"].update(unknown)
         for i, item in enumerate(_struct_items(s["params"], f"{where}.params")):
             w = f"{where}.params({i + 1})"
             name = _text(item.get("name"), f"{w}.name")

@@ -41,6 +41,8 @@ def mask_bits(mask) -> str:
 
 
 def _check_mask(mask) -> tuple[int, ...]:
+    if isinstance(mask, str):  # 'C CR C CR' or '0101'
+        return parse_mask(mask)
     bits = tuple(int(b) for b in mask)
     if len(bits) != 4 or any(b not in (0, 1) for b in bits):
         raise ValueError(f"a ReLU mask has 4 bits (conv1 first), got {mask!r}")

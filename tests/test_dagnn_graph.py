@@ -269,3 +269,63 @@ def test_an_error_while_running_names_the_layer():
     with pytest.raises(ValueError) as exc:
         dag.eval({"input": np.zeros((28, 28, 3, 1), np.float32)})  # 3 channels into a 1-channel conv
     assert str(exc.value).startswith(f"layer '{dag.layers[0]['name']}': ") and "\n" not in str(exc.value)
+
+
+def _bnorm_dag(moments):
+    dag = DagNN()
+    dag.add_layer("bn", "dagnn.BatchNorm", "input", "y", ["g", "b", "m"])
+    dag.params["g"].value = np.array([1.0, 2.0, 0.5], np.float32)
+    dag.params["b"].value = np.array([0.0, 1.0, -1.0], np.float32)
+    dag.params["m"].value = moments
+    return dag
+
+
+def test_batchnorm_moments_read_column_major_and_empty_moments_use_the_batch():
+    """As vl_nnbnorm: any 2C-element moments, the C means first; none given: the batch's, in test mode too."""
+    from matconvnet_port import vl_nnbnorm
+    x = randn(4, 5, 3, 2)
+    g, b = np.array([1.0, 2.0, 0.5], np.float32), np.array([0.0, 1.0, -1.0], np.float32)
+    m = np.array([[0.5, 1.0], [-1.0, 2.0], [2.0, 4.0]], np.float32)  # C x 2 [mean sigma]
+    expected = vl_nnbnorm(x, g, b, moments=m)[0]
+    for moments in (m, m.reshape(-1, order="F").reshape(6, 1), m.reshape(-1, order="F")[None, :]):
+        dag = _bnorm_dag(moments)
+        dag.eval({"input": x}, {"y": np.ones_like(x)}, mode="test")
+        np.testing.assert_allclose(dag.vars["y"].value, expected, rtol=1e-6, atol=1e-6)
+        assert dag.params["m"].der.shape == moments.shape
+        np.testing.assert_allclose(dag.params["m"].der.reshape(-1, order="F"),
+                                   (vl_nnbnorm(x, g, b, epsilon=1e-5)[1] * 2).reshape(-1, order="F"), rtol=1e-5)
+    dag = _bnorm_dag(np.zeros((0, 0), np.float32))
+    dag.eval({"input": x}, mode="test")
+    np.testing.assert_allclose(dag.vars["y"].value, vl_nnbnorm(x, g, b, epsilon=1e-5)[0], rtol=1e-6, atol=1e-6)
+    dag.params["g"].value = np.zeros((0, 0), np.float32)
+    with pytest.raises(ValueError, match="layer 'bn': the multipliers and biases"):
+        dag.eval({"input": x})
+
+
+def test_add_layer_is_strict_about_block_properties_and_sets_batchnorm_moments_as_attach():
+    dag = DagNN()
+    with pytest.raises(ValueError, match="dagnn.Pooling has no property 'poolsize'"):
+        dag.add_layer("p", "dagnn.Pooling", "input", "y", block={"poolsize": [2, 2]})
+    dag.add_layer("bn", "dagnn.BatchNorm", "input", "y", ["g", "b", "m"])
+    assert dag.params["m"].learningRate == 0.1 and dag.params["m"].extra["trainMethod"] == "average"
+    assert dag.params["g"].learningRate == 1.0
+
+
+def test_loading_an_unknown_block_property_warns_and_keeps_it():
+    s = load_net(os.path.join(REF, "dagnn_lenet.mat")).saveobj()
+    s["layers"][1]["block"]["poolsize"] = np.array([[3.0, 3.0]])
+    with pytest.warns(UserWarning, match=r"net.layers\(2\).block: dagnn.Pooling property 'poolsize'"):
+        dag = DagNN.loadobj(s)
+    assert "poolsize" in dag.layers[1]["block"]
+
+
+def test_eval_takes_matlab_flat_name_value_lists():
+    dag = load_net(os.path.join(REF, "dagnn_lenet.mat"))
+    x, c = randn(28, 28, 1, 2), np.array([3.0, 7.0])
+    dag.eval(["input", x, "label", c], ["objective", 1.0])
+    flat = (dag.vars["objective"].value.copy(), dag.vars["input"].der.copy())
+    dag.eval({"input": x, "label": c}, {"objective": 1.0})
+    np.testing.assert_array_equal(flat[0], dag.vars["objective"].value)
+    np.testing.assert_array_equal(flat[1], dag.vars["input"].der)
+    with pytest.raises(ValueError, match="inputs must be a dict"):
+        dag.eval(["input", x, "label"])

@@ -307,3 +307,11 @@ def test_get_batch_returning_something_else_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match=r"get_batch must return \(images"):
         cnn_train(cnn_mnist_init(seed=1), imdb, lambda imdb, batch: (1, 2, 3), exp_dir=str(tmp_path),
                   num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
+
+
+def test_cnn_mnist_init_takes_a_mask_by_name_or_bits():
+    by_name, by_bits = cnn_mnist_init("C CR C CR", seed=2), cnn_mnist_init((0, 1, 0, 1), seed=2)
+    assert [layer["type"] for layer in by_name.layers] == [layer["type"] for layer in by_bits.layers]
+    assert [layer["type"] for layer in cnn_mnist_init("0101").layers] == [layer["type"] for layer in by_bits.layers]
+    with pytest.raises(ValueError, match="unknown mask"):
+        cnn_mnist_init("C CR X CR")
