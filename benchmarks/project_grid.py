@@ -13,12 +13,13 @@ for the training and evaluation shapes) that a 20-epoch run pays once, and
 diverged models stop training after a few epochs, so the last epoch is the
 closest to the steady state.
 
-A slice shorter than the diverged-model stop (2 epochs: the stop needs two
-equal epochs after the NaN) still trains its diverged cells in every epoch.
-``--diverged-stop-after K`` estimates the grid with the stop: cells whose
-train objective is NaN in the slice's last epoch cost nothing after epoch K,
-assuming the fused models left cost the same per model (compute-bound sizes;
-an estimate until a slice of more than K epochs measures it).
+A slice that ends before the diverged-model stop takes effect still trains
+its diverged cells in every epoch. ``--diverged-stop`` estimates the grid
+with the stop, by the search's rule: a cell whose train objective is first
+NaN in epoch e stops training after epoch e + 2 (two equal epochs after the
+NaN, :func:`matconvnet_port.search.runner._settled`), assuming the fused
+models left cost the same per model (compute-bound sizes; an estimate until
+a longer slice measures it).
 """
 
 import argparse
@@ -31,7 +32,7 @@ PAPER_SIZES = list(range(28, 65, 4))
 
 
 def project(per_size: dict, masks: int, epochs: int, alive: dict | None = None) -> float:
-    """Seconds for ``epochs`` epochs of the grid; ``alive`` (fraction of cells still training per N)
+    """Seconds for ``epochs`` epochs of the grid; ``alive`` (fraction of cell-epochs trained per N)
     scales each N's cost (default: all)."""
     sizes = sorted(per_size)
     mean = [float(np.mean(per_size[n])) for n in sizes]
@@ -51,15 +52,20 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--masks", type=int, default=16)
     parser.add_argument("--epoch", type=int, default=None, help="project from this epoch's rows (default: the last)")
-    parser.add_argument("--diverged-stop-after", type=int, metavar="K",
-                        help="estimate: cells NaN in the last epoch cost nothing after epoch K (see above)")
+    parser.add_argument("--diverged-stop", action="store_true",
+                        help="estimate: cells first NaN in epoch e cost nothing after epoch e + 2 (see above)")
     args = parser.parse_args()
     by_epoch = defaultdict(lambda: defaultdict(list))
-    nan = defaultdict(lambda: defaultdict(list))
+    first_nan = {}  # (N, mask, seed) -> the first epoch with a NaN train objective (None: none)
     with open(args.results, newline="") as f:
         for row in csv.DictReader(f):
-            by_epoch[int(row["epoch"])][int(row["input_size"])].append(float(row["seconds"]))
-            nan[int(row["epoch"])][int(row["input_size"])].append(_diverged(row["train_objective"]))
+            n, e = int(row["input_size"]), int(row["epoch"])
+            by_epoch[e][n].append(float(row["seconds"]))
+            key = (n, row["mask"], row.get("seed"))
+            if _diverged(row["train_objective"]) and (first_nan.get(key) is None or e < first_nan[key]):
+                first_nan[key] = e
+            else:
+                first_nan.setdefault(key, None)
     if not by_epoch:
         raise SystemExit(f"{args.results}: no rows")
     epoch = args.epoch or max(by_epoch)
@@ -86,19 +92,21 @@ def main():
         one_seed = project(per_size, args.masks, args.epochs)
         how = f"{args.epochs} x epoch {epoch}"
     print(f"projected ({how}): {grid} {one_seed / 60:.1f} min; {args.seeds} seeds {one_seed * args.seeds / 60:.1f} min")
-    if args.diverged_stop_after:
-        k = args.diverged_stop_after
-        last = max(nan)
-        alive = {n: 1.0 - float(np.mean(flags)) for n, flags in nan[last].items()}
-        if k >= args.epochs:
-            raise SystemExit(f"--diverged-stop-after {k}: must be below --epochs {args.epochs}")
-        first = sum(project(by_epoch[e], args.masks, 1) for e in measured if e <= k) + \
-            project(per_size, args.masks, k - len([e for e in measured if e <= k]))
-        estimate = first + project(per_size, args.masks, args.epochs - k, alive)
-        stopped = ", ".join(f"N={n}: {sum(nan[last][n])}/{len(nan[last][n])}" for n in sorted(alive) if alive[n] < 1)
-        print(f"estimate with diverged models stopping after epoch {k} (NaN in epoch {last}: {stopped or 'none'}; "
-              f"the rest at the same cost per model): {grid} {estimate / 60:.1f} min; "
-              f"{args.seeds} seeds {estimate * args.seeds / 60:.1f} min")
+    if args.diverged_stop:
+        estimate = 0.0
+        for e in range(1, args.epochs + 1):
+            # the fraction of each N's cells still training in epoch e
+            alive = {n: float(np.mean([f is None or e <= f + 2 for (m, _, _), f in first_nan.items() if m == n]))
+                     for n in per_size}
+            estimate += project(by_epoch[e] if e in measured else per_size, args.masks, 1, alive)
+        stopped = defaultdict(lambda: defaultdict(int))
+        for (n, _, _), f in first_nan.items():
+            if f is not None:
+                stopped[n][f] += 1
+        text = ", ".join(f"N={n}: " + " + ".join(f"{c} after epoch {f + 2}" for f, c in sorted(stopped[n].items()))
+                         for n in sorted(stopped))
+        print(f"estimate with diverged models stopping ({text or 'none'}; the rest at the same cost per model): "
+              f"{grid} {estimate / 60:.1f} min; {args.seeds} seeds {estimate * args.seeds / 60:.1f} min")
 
 
 if __name__ == "__main__":

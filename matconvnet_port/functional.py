@@ -584,7 +584,7 @@ def linear_pair_conv(x: torch.Tensor, f1: torch.Tensor, b1: torch.Tensor, f2: to
     _, fc, fh, fw = f1.shape
     _, _, wc, bc = _composed_bank(f1, b1, f2, b2, x.shape[1] // fc)
     # channels-last, as the products made it, whatever x's layout: with an NCHW input oneDNN ran the
-    # layer 2.0-2.2x faster so than with an NCHW bank (bench_compose.py --input-layout nchw)
+    # layer 1.7-2.2x faster so than with an NCHW bank (bench_compose.py --input-layout nchw)
     return conv(x, wc.reshape(-1, fh, fw, fc).permute(0, 3, 1, 2), bc)
 
 

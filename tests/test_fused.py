@@ -93,6 +93,35 @@ def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chu
         assert abs(fused_val.top5err[k] - info["val"][1]["top5err"]) * len(val) <= 1
 
 
+@pytest.mark.parametrize("size", [32, 36])
+def test_default_plan_matches_cnn_train_at_larger_n_with_a_partial_last_batch(size, tmp_path):
+    """The CPU default at N = 32 and (composing conv3 and conv4 by the library) N = 36; 250 training
+    images, so each epoch ends with a batch of 50."""
+    from matconvnet_port.mnist import get_mnist_imdb
+    imdb = get_mnist_imdb(input_size=size, train_subset=250, val_subset=100)
+    sets = imdb["images"]["set"].reshape(-1)
+    train, val = np.flatnonzero(sets == 1) + 1, np.flatnonzero(sets == 3) + 1
+    images, labels = image_tensors(imdb)
+    plan = default_plan("cpu", size, len(MASKS))
+    assert bool(plan["compose"]) == (size >= 36)
+    model = build(plan, MASKS, conv_weights(cnn_mnist_init(seed=7)), torch.device("cpu"))
+    trainer = FusedTrainer(model, images, labels, batch_size=100, seed=7, chunk_size=plan["chunk_size"])
+    for epoch in (1, 2):
+        fused_train = trainer.train_epoch(epoch, train)
+    fused_val = trainer.evaluate(val)
+    for k, mask in enumerate(MASKS):
+        net, info = cnn_train(cnn_mnist_init(mask, seed=7), imdb,
+                              lambda db, b: (db["images"]["data"][:, :, :, b - 1], db["images"]["labels"][:, b - 1]),
+                              exp_dir=str(tmp_path / str(k)), num_epochs=2, batch_size=100, train=train, val=val,
+                              random_seed=7, progress=False, device="cpu")
+        for (fa, ba), (fb, bb) in zip(conv_weights(net), model.model_weights(k)):
+            assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-3, f"mask {mask}: filters differ"
+            assert np.abs(ba.reshape(-1) - bb.reshape(-1)).max() / np.abs(fa).max() <= 1e-3
+        assert fused_train.objective[k] == pytest.approx(info["train"][1]["objective"], rel=1e-4)
+        assert fused_val.objective[k] == pytest.approx(info["val"][1]["objective"], rel=1e-4)
+        assert abs(fused_val.top1err[k] - info["val"][1]["top1err"]) * len(val) <= 1
+
+
 @pytest.mark.parametrize("masked_numel", [0, 1 << 30])  # a kernel per run of flags; broadcast masks
 def test_channel_relu_is_relu_with_a_per_channel_leak_of_0_or_1(masked_numel, monkeypatch):
     monkeypatch.setattr(fn, "MASKED_RELU_NUMEL", masked_numel)

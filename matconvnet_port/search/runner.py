@@ -14,9 +14,12 @@ trains on; an interrupted run waits for them, so it keeps every finished epoch.
 Each cell's result depends only on (mask, N, seed) and the settings: its
 initial weights and data order come from its own seed, and the fused models
 never interact (see :mod:`matconvnet_port.fused`). Masks added to a finished
-group later are trained as a new fused model from the same start. (The error
-columns are identical however the cells were grouped; the objective, a float32
-sum over a batch of models, can differ in its last bits, ~1e-7 relative.)
+group later are trained as a new fused model from the same start. That is the
+function; the float32 rounding depends on the grouping (a fused network sums
+in another order than a smaller one: ~1e-9 apart after a few steps, and SGD
+can amplify that at a near-tie), so a cell regrouped by a resume, an added
+mask or the diverged-model stop can differ from an ungrouped run by rounding,
+as any two float32 implementations do.
 Resuming: a cell whose checkpoint says ``epochs_done = e`` restarts at epoch
 e + 1 from the stored weights and momenta (cells at different epochs are
 trained as separate fused models, since a fused model steps all its models
@@ -468,8 +471,11 @@ _STATISTICS = ("train_objective", "train_top1err", "train_top5err", "val_objecti
 
 
 # SGD steps with NaN class scores before the last compared epoch: a conv1 channel that is dead on every
-# training image keeps a zero gradient, so it stays finite and drifts only by its leftover momentum
-# (x 0.9 a step: below float32 rounding after ~200 steps); until then it could still change sign
+# training image keeps a zero gradient, so it stays finite; its leftover momentum (x 0.9 a step) is below
+# float32 rounding after ~200 steps, and until then it could still change sign. Weight decay goes on
+# shrinking its filter and bias together (x 0.99904 in 200 steps, 0.94 in 12,000), which keeps every
+# sign and so every statistic: the rows are those of training on, while a stopped cell's saved net
+# (--save-nets) holds the weights of the epoch it stopped at.
 SETTLE_STEPS = 200
 
 
