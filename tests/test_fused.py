@@ -62,6 +62,14 @@ PLANS = [("loop", "nchw", None, False, 1e-4), ("grouped", "nchw", None, False, 1
          ("grouped", "nchw", None, "library", 1e-3)]
 
 
+def cnn_train_alone(imdb, mask, train, val, exp_dir):
+    """One mask trained alone by cnn_train, 2 epochs from cnn_mnist_init(seed=7): the reference."""
+    return cnn_train(cnn_mnist_init(mask, seed=7), imdb,
+                     lambda db, b: (db["images"]["data"][:, :, :, b - 1], db["images"]["labels"][:, b - 1]),
+                     exp_dir=str(exp_dir), num_epochs=2, batch_size=100, train=train, val=val, random_seed=7,
+                     progress=False, device="cpu")
+
+
 def _compose_id(compose):
     return {False: "", True: "-compose", "library": "-compose=library"}[compose]
 
@@ -78,10 +86,7 @@ def test_each_fused_model_matches_cnn_train_alone(data, impl, memory_format, chu
         fused_train = trainer.train_epoch(epoch, train)
     fused_val = trainer.evaluate(val)
     for k, mask in enumerate(MASKS):
-        net, info = cnn_train(cnn_mnist_init(mask, seed=7), imdb,
-                              lambda db, b: (db["images"]["data"][:, :, :, b - 1], db["images"]["labels"][:, b - 1]),
-                              exp_dir=str(tmp_path / f"{memory_format}{k}"), num_epochs=2, batch_size=100, train=train,
-                              val=val, random_seed=7, progress=False, device="cpu")
+        net, info = cnn_train_alone(imdb, mask, train, val, tmp_path / f"{memory_format}{k}")
         for (fa, ba), (fb, bb) in zip(conv_weights(net), model.model_weights(k)):
             assert np.abs(fa - fb).max() / np.abs(fa).max() <= tol, f"mask {mask}: filters differ"
             # biases start at 0 and are ~1e-6 after six steps, sums of cancelling gradient terms:
@@ -110,10 +115,7 @@ def test_default_plan_matches_cnn_train_at_larger_n_with_a_partial_last_batch(si
         fused_train = trainer.train_epoch(epoch, train)
     fused_val = trainer.evaluate(val)
     for k, mask in enumerate(MASKS):
-        net, info = cnn_train(cnn_mnist_init(mask, seed=7), imdb,
-                              lambda db, b: (db["images"]["data"][:, :, :, b - 1], db["images"]["labels"][:, b - 1]),
-                              exp_dir=str(tmp_path / str(k)), num_epochs=2, batch_size=100, train=train, val=val,
-                              random_seed=7, progress=False, device="cpu")
+        net, info = cnn_train_alone(imdb, mask, train, val, tmp_path / str(k))
         for (fa, ba), (fb, bb) in zip(conv_weights(net), model.model_weights(k)):
             assert np.abs(fa - fb).max() / np.abs(fa).max() <= 1e-3, f"mask {mask}: filters differ"
             assert np.abs(ba.reshape(-1) - bb.reshape(-1)).max() / np.abs(fa).max() <= 1e-3
