@@ -181,7 +181,12 @@ def _labels(c, x: torch.Tensor, name: str = "c") -> torch.Tensor:
     n = x.shape[0]
     if t.numel() == n:
         return t.reshape(n)
-    return hwcn_to_nchw(t, name)
+    nchw = hwcn_to_nchw(t, name)
+    if nchw.shape[0] != n or tuple(nchw.shape[2:]) != tuple(x.shape[2:]):  # said in MATLAB's layout
+        h, w = x.shape[2], x.shape[3]
+        raise ValueError(f"{name} must have N = {n} elements (one label per image) or be H x W x D x N = "
+                         f"{h} x {w} x D x {n}, got {' x '.join(map(str, t.shape))}")
+    return nchw
 
 
 def _shape(a) -> tuple[int, ...]:

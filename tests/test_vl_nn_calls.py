@@ -108,6 +108,8 @@ def test_no_der_switches_return_empty_derivatives_and_backend_switches_change_no
     (lambda: vl_nndropout(rand(3, 3), rate="0.5"), "vl_nndropout: rate must be a number"),
     (lambda: vl_nnnormalize(rand(3, 3, 4), "abc"), "vl_nnnormalize: param must be 4 numbers"),
     (lambda: vl_nnconv(rand(5, 6, 3), rand(3, 3, 3, 4), None, stride_x=2), "vl_nnconv: unknown option 'stride_x'"),
+    (lambda: vl_nnsoftmaxloss(rand(4, 4, 10, 2), np.ones((1, 3))),
+     "vl_nnsoftmaxloss: c must have N = 2 elements (one label per image) or be H x W x D x N = 4 x 4 x D x 2, got 1 x 3"),
 ])
 def test_bad_arguments_are_one_line_errors_naming_the_function(call, words):
     with pytest.raises((ValueError, TypeError)) as exc:
