@@ -52,7 +52,7 @@ from . import functional as fn
 from .errors import MatFormatError, labelled
 from .matio import cell_items
 from .precision import exact_fp32
-from .vl_nn import _column_major, hwcn_to_nchw, nchw_to_hwcn
+from .vl_nn import hwcn_to_nchw, nchw_to_hwcn
 
 __all__ = ["DagNN", "DagNNModule", "Var", "Param", "BLOCK_TYPES", "BLOCK_DEFAULTS"]
 
@@ -321,13 +321,13 @@ class _BatchNorm(_Block):
         if g is None or b is None:
             raise ValueError("the multipliers and biases (params 1 and 2) are empty")
         g, b = g.reshape(-1), b.reshape(-1)
-        if self.training or moments is None:  # vl_nnbnorm without moments: the batch's, in test mode too
+        # no moments in test mode: the batch's (MatConvNet would pass the empty 'moments' to vl_nnbnorm,
+        # which refuses it; computing what vl_nnbnorm computes without them is this port's choice)
+        if self.training or moments is None:
             y, self.batch_moments = fn.bnorm(x, g, b, None, self.epsilon)
             return [y]
-        if moments.numel() != 2 * g.numel():
-            raise ValueError(f"the moments (param 3) must have 2C = {2 * g.numel()} elements, got {moments.numel()}")
         # any 2C-element array, read column-major as vl_nnbnorm does: the C means first
-        y = fn.bnorm(x, g, b, _column_major(moments).reshape(2, -1).t(), self.epsilon)[0]
+        y = fn.bnorm(x, g, b, moments, self.epsilon)[0]
         if torch.is_grad_enabled():
             y_batch, self.batch_moments = fn.bnorm(x, g, b, None, self.epsilon)
             y = y.detach() + (y_batch - y_batch.detach())  # value of y, gradient of y_batch
@@ -757,7 +757,8 @@ class DagNN:
         for non-scalar outputs); when given, the backward pass runs too.
         Either may also be MATLAB's flat ``['input', x, 'label', c]``.
         ``mode`` 'normal' or 'test' (dropout off, batch norm with stored
-        moments, or the batch's when they are empty, as ``vl_nnbnorm``).
+        moments; where they are empty, the batch's -- MatConvNet would refuse
+        the empty moments, this port computes what vl_nnbnorm does without them).
 
         Afterwards ``vars[name].value`` / ``.der`` and ``params[name].der``
         are numpy arrays in MatConvNet layout (scalars as 1 x 1), or None
@@ -847,12 +848,9 @@ class DagNN:
                 if isinstance(block, _BatchNorm) and j == 2:
                     # dagnn.BatchNorm: the "derivative" of the moments is the batch moments times N
                     n = values[module.layer_inputs[index][0]].shape[0]
-                    der = (block.batch_moments * n).cpu().numpy()  # C x 2
+                    der = block.batch_moments * n  # C x 2, then in the parameter's shape, filled column-major
                     shape = module.param_shapes[name]
-                    if der.size == np.prod(shape):  # in the parameter's shape, filled column-major
-                        der = der.reshape(-1, order="F").reshape(shape, order="F")
-                    stored = np.asarray(self.params[name].value)
-                    der = der.astype(stored.dtype if stored.dtype in (np.float32, np.float64) else np.float32)
+                    der = (fn.bnorm_moments_as(der, shape) if der.numel() == np.prod(shape) else der).cpu().numpy()
                 else:
                     t = module.param(name)
                     if t is None:
@@ -868,16 +866,18 @@ class DagNN:
 
         Struct arrays are lists of dicts (written as 1 x K struct arrays by
         :func:`matconvnet_port.netio.save_net`); cells are lists; numbers
-        numpy arrays or Python scalars; parameter values numpy float32.
+        numpy arrays or Python scalars; parameter values numpy float32 or float64.
         """
-        # a struct array has one set of fields: a param without another's extra field (say one added by
-        # add_layer to a loaded net that carries trainMethod) gets it empty, as MATLAB would
+        # a struct array has one set of fields: a param without another's extra field gets it empty, as
+        # MATLAB would -- except trainMethod, whose value addParam gives every parameter ('gradient';
+        # an empty one would stop cnn_train_dag from updating it)
         extra_fields = list(dict.fromkeys(k for p in self.params.values() for k in p.extra))
+        missing = {k: ("gradient" if k == "trainMethod" else np.zeros((0, 0))) for k in extra_fields}
         out = {
             "vars": [{"name": v.name, "precious": bool(v.precious)} for v in self.vars.values()],
             "params": [{"name": p.name, "value": _float_param(p.value, f"params {p.name}"),
                         "learningRate": p.learningRate, "weightDecay": p.weightDecay,
-                        **{k: np.zeros((0, 0)) for k in extra_fields}, **copy.deepcopy(p.extra)}
+                        **missing, **copy.deepcopy(p.extra)}
                        for p in self.params.values()],
             "layers": [{"name": layer["name"], "type": layer["type"], "inputs": list(layer["inputs"]),
                         "outputs": list(layer["outputs"]), "params": list(layer["params"]),
@@ -1062,16 +1062,16 @@ def _block_from_simplenn(layer: dict, name: str, where: str) -> tuple[str, dict,
         return "dagnn.LRN", {"param": _row(num("param"))}, []
     if kind == "dropout":
         return "dagnn.DropOut", {"rate": _row(num("rate")), "frozen": _logical(False)}, []
-    if kind == "relu":
-        return "dagnn.ReLU", {"leak": _row(num("leak")), "useShortCircuit": _logical(True), "opts": []}, []
+    if kind == "relu":  # vl_simplenn passes the leak only when > 0
+        leak = [v if v > 0 else 0.0 for v in num("leak")]
+        return "dagnn.ReLU", {"leak": _row(leak), "useShortCircuit": _logical(True), "opts": []}, []
     if kind == "sigmoid":
         return "dagnn.Sigmoid", {}, []
     if kind == "softmax":
         return "dagnn.SoftMax", {}, []
-    if kind in ("softmaxloss", "loss"):
-        loss = "softmaxlog" if kind == "softmaxloss" else str(layer.get("loss", "softmaxlog"))
-        return "dagnn.Loss", {"loss": loss, "ignoreAverage": _logical(False), "normalise": _logical(True),
-                              "opts": _opts_list(layer) if kind == "loss" else []}, []
+    if kind in ("softmaxloss", "loss"):  # vl_simplenn calls vl_nnloss(x, l.class): softmaxlog, no options
+        return "dagnn.Loss", {"loss": "softmaxlog", "ignoreAverage": _logical(False), "normalise": _logical(True),
+                              "opts": []}, []
     if kind == "bnorm":
         params = [(f"{name}{suffix}", weights[j] if j < len(weights) else None, j) for j, suffix in enumerate("mbx")]
         return "dagnn.BatchNorm", {"numChannels": _row([np.asarray(weights[0]).size]),

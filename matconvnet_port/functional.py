@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "conv", "conv_gemm", "linear_pair_gemm", "linear_pair_conv", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
-    "softmaxloss_per_image", "loss", "lrn", "bnorm", "dropout", "conv_output_size", "pool_output_size",
+    "softmaxloss_per_image", "loss", "lrn", "bnorm", "bnorm_moments", "bnorm_moments_as", "dropout",
+    "conv_output_size", "pool_output_size",
     "LOSS_TYPES",
 ]
 
@@ -1154,12 +1155,30 @@ class _BnormGivenMoments(torch.autograd.Function):
         return dzdx, dzdg, dzdb, None, None
 
 
+def bnorm_moments(moments: torch.Tensor, c: int) -> torch.Tensor:
+    """Batch-norm moments as C x 2 [mean, sigma] from any array of 2C elements, read in MATLAB's
+    column-major order as ``vl_nnbnorm`` reads them (the C means first; a C x 2 array is itself)."""
+    if moments.numel() != 2 * c:
+        raise ValueError(f"moments must have 2C = {2 * c} elements (C x 2 [mean, sigma]), got shape "
+                         f"{tuple(moments.shape)}")
+    flat = moments.permute(*reversed(range(moments.dim()))).reshape(-1) if moments.dim() > 1 else moments.reshape(-1)
+    return flat.reshape(2, c).t()
+
+
+def bnorm_moments_as(moments: torch.Tensor, shape) -> torch.Tensor:
+    """C x 2 moments in ``shape`` (2C elements), filled in column-major order: the inverse of
+    :func:`bnorm_moments`, to give moments back in the array shape they came in."""
+    shape = tuple(shape)
+    return moments.t().reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape))))
+
+
 def bnorm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, moments: torch.Tensor | None = None,
           epsilon: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch normalisation -- MatConvNet ``vl_nnbnorm``.
 
     Shapes: ``x`` N x C x H x W; ``g``, ``b`` C (multipliers, biases);
-    ``moments`` C x 2 = [mean, sigma]. Returns ``(y, moments)``.
+    ``moments`` C x 2 = [mean, sigma] (or any 2C-element array, read column-major:
+    :func:`bnorm_moments`). Returns ``(y, moments)``, the moments C x 2.
 
     Training (``moments`` None): per channel ``mean`` over N, H, W, biased
     variance, ``sigma = sqrt(var + epsilon)``, ``y = g * (x - mean) / sigma + b``;
@@ -1180,9 +1199,7 @@ def bnorm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, moments: torch.Tens
         sigma = torch.sqrt(var + epsilon)
         y = (g / sigma).reshape(view) * (x - mean.reshape(view)) + b.reshape(view)
         return y, torch.stack([mean, sigma], dim=1).detach()
-    moments = moments.reshape(c, 2) if moments.numel() == 2 * c else None
-    if moments is None:
-        raise ValueError(f"moments must be C x 2 = {c} x 2 [mean, sigma]")
+    moments = bnorm_moments(moments, c)
     y = _BnormGivenMoments.apply(x, g, b, moments[:, 0].detach(), moments[:, 1].detach())
     return y, moments
 

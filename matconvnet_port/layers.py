@@ -148,7 +148,7 @@ class BatchNorm(nn.Module):
         self.bias = nn.Parameter(bias.reshape(c))
         if moments is None:
             moments = torch.zeros(c, 2, dtype=weight.dtype, device=weight.device)
-        self.moments = nn.Parameter(moments.reshape(c, 2))
+        self.moments = nn.Parameter(fn.bnorm_moments(moments, c).contiguous())  # any 2C, column-major
         self.epsilon = epsilon
         self.batch_moments: torch.Tensor | None = None
 

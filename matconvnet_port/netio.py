@@ -388,11 +388,11 @@ def _to_mat(value, where: str):
 def _simplenn_layer_to_mat(layer: dict, where: str) -> dict:
     if not isinstance(layer, dict) or "type" not in layer:
         raise MatFormatError(f"{where}: a layer must be a dict with a 'type' field")
-    _simplenn_layer(layer, where)  # what load_net would refuse is not written
+    checked = _simplenn_layer(layer, where)  # what load_net would refuse is not written
     out = {}
     for key, value in layer.items():
         if key == "weights":
-            out[key] = [_weight(v, f"{where}.weights{{{j + 1}}}") for j, v in enumerate(cell_items(value))]
+            out[key] = checked["weights"]  # as load_net's checks converted them (copies)
         elif key == "precious":
             out[key] = bool(_scalar_of(value, f"{where}.precious")) if np.asarray(value).size else False
         else:

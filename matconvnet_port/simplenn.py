@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import functional as fn
 from . import layers as L
 from .errors import labelled
 from .matio import cell_items
@@ -226,7 +227,7 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
         if g is None or b is None:
             raise ValueError(f"{_layer_label(i, layer)}: bnorm needs multipliers and biases in weights")
         eps = float(np.asarray(layer["epsilon"]).reshape(-1)[0])  # tidy's default when the file has none
-        return L.BatchNorm(g.reshape(-1), b.reshape(-1), None if m is None else m.reshape(-1, 2), eps)
+        return L.BatchNorm(g.reshape(-1), b.reshape(-1), None if m is None else fn.bnorm_moments(m, g.numel()), eps)
     if kind == "dropout":
         return L.DropOut(float(np.asarray(layer["rate"]).reshape(-1)[0]))
     raise ValueError(f"{_layer_label(i, layer)}: unsupported layer type {kind!r} "
@@ -262,8 +263,15 @@ def _layer_weights_from_module(m: nn.Module, layer: dict) -> list | None:
     if isinstance(m, (L.Conv, L.ConvTranspose)):
         return [back(m.weight, pad[0]), back(m.bias, pad[1])]
     if isinstance(m, L.BatchNorm):
-        return [back(m.weight, pad[0]), back(m.bias, pad[1]), back(m.moments, pad[2])]
+        return [back(m.weight, pad[0]), back(m.bias, pad[1]), back(_moments_like(m.moments, pad[2]), pad[2])]
     return None
+
+
+def _moments_like(moments: torch.Tensor, like) -> torch.Tensor:
+    """C x 2 moments in the shape of the stored ones (``like``), filled column-major as MATLAB stores them."""
+    if like is None or np.size(like) != moments.numel() or np.shape(like) == tuple(moments.shape):
+        return moments
+    return fn.bnorm_moments_as(moments.detach(), np.shape(like))
 
 
 # ---------------------------------------------------------------------------
@@ -389,6 +397,8 @@ def vl_simplenn(net: SimpleNN, x, dzdy=None, res=None, *, mode: str = "normal") 
                     moments = m.batch_moments if mode == "normal" else m.moments.detach()
                     grads.append(moments * outputs[i].shape[0])
                 like = cell_items(tidy.layers[i].get("weights")) + [None] * 3
+                if isinstance(m, L.BatchNorm):
+                    grads[2] = _moments_like(grads[2], like[2])
                 results[i].dzdw = [param_to_matconvnet(g, like[j], as_numpy) for j, g in enumerate(grads)]
     for i, m in enumerate(module.layers):
         if isinstance(m, L.DropOut) and m.mask is not None and mode == "normal":

@@ -397,6 +397,9 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
         error = (error[0], tuple(error_labels) if error_labels else error[1])
     else:
         raise ValueError(f"error_function must be one of {list(ERROR_FUNCTIONS)} or a function, got {error_function!r}")
+    if error_labels and not callable(error_function) and len(error[1]) != len(ERROR_FUNCTIONS[error_function][1]):
+        raise ValueError(f"error_labels: error_function {error_function!r} gives "
+                         f"{len(ERROR_FUNCTIONS[error_function][1])} values, got {len(error[1])} labels")
     if len(error[1]) != len(set(error[1])) or {"objective", "num", "time"} & set(error[1]):
         raise ValueError(f"error_labels must be distinct names other than objective, num, time; got {error[1]}")
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,

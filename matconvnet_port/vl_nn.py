@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import functional as fn
+from .errors import labelled
 from .precision import exact_fp32
 
 __all__ = [
@@ -112,10 +113,7 @@ def _fp32(entry: Callable) -> Callable:
             with exact_fp32():
                 return entry(*args, **kwargs)
         except (ValueError, TypeError) as e:
-            message = str(e)
-            if message.startswith(name):
-                raise
-            raise type(e)(f"{name}: {message}") from None
+            raise labelled(e, name) from None
     return wrapped
 
 
@@ -189,23 +187,26 @@ def _labels(c, x: torch.Tensor, name: str = "c") -> torch.Tensor:
     return nchw
 
 
-def _shape(a) -> tuple[int, ...]:
-    return tuple(a.shape) if a is not None and hasattr(a, "shape") else ()
+def _shape(a) -> tuple[int, ...] | None:
+    """The caller's array shape (a list's as numpy sees it); None for None."""
+    if a is None:
+        return None
+    return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
 
 
 def _number(value, name: str) -> float:
     """A scalar option as a float; a one-line error otherwise."""
     try:
-        if isinstance(value, (str, bytes)):
+        if isinstance(value, (str, bytes)) or value is None:
             raise TypeError
-        return float(np.asarray(value, dtype=np.float64).reshape(-1)[0]) if np.size(value) == 1 else float(value)
+        number = float(np.asarray(value, dtype=np.float64).reshape(-1)[0]) if np.size(value) == 1 else float(value)
+        if not np.isfinite(number):
+            raise ValueError
+        return number
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
 
 
-def _column_major(t: torch.Tensor) -> torch.Tensor:
-    """The elements of t in MATLAB's (column-major) memory order, as a vector."""
-    return t.permute(*reversed(range(t.dim()))).reshape(-1) if t.dim() > 1 else t.reshape(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def vl_nnconv(x, f, b=None, dzdy=None, *, pad=0, stride=1, dilate=1, no_der_data
 
 
 def _empty_like(a, as_numpy: bool, x: torch.Tensor):
-    shape = _shape(a) or (0, 0)
+    shape = _shape(a) if a is not None and np.size(a) else (0, 0)  # MATLAB's [] is 0 x 0
     t = torch.zeros(shape, dtype=x.dtype, device=x.device)
     return _out(t, as_numpy)
 
@@ -430,19 +431,11 @@ def vl_nnbnorm(x, g, b, dzdy=None, *, moments=None, epsilon=1e-4, **backend):
     bt = _vector(b, xt, "b")
     if gt is None or bt is None:
         raise ValueError("g and b must not be empty")
-    mt = None
-    if not _is_empty(moments):
-        mt = _column_major(_tensor(moments, "moments", like=xt))
-        if mt.numel() != 2 * xt.shape[1]:
-            raise ValueError(f"moments must have 2C = {2 * xt.shape[1]} elements (C x 2 [mean, sigma]), "
-                             f"got shape {tuple(mt.shape)}")
-        mt = mt.reshape(2, -1).t()  # C x 2: the C means come first in MATLAB's memory order
+    # any 2C-element moments, read column-major as vl_nnbnorm.cu does (the C means first)
+    mt = None if _is_empty(moments) else fn.bnorm_moments(_tensor(moments, "moments", like=xt), xt.shape[1])
 
-    def moments_out(m):  # C x 2, or the caller's moments' shape, filled in column-major order
-        if mt is None:
-            return _out(m, as_numpy)
-        shape = _shape(moments) or tuple(m.shape)
-        return _out(m.t().reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))), as_numpy)
+    def moments_out(m):  # C x 2, or in the caller's moments' shape, filled in the same order
+        return _out(m if mt is None else fn.bnorm_moments_as(m, np.shape(moments)), as_numpy)
 
     if _is_empty(dzdy):
         y, m = fn.bnorm(xt, gt, bt, mt, epsilon)

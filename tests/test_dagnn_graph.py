@@ -309,6 +309,8 @@ def test_add_layer_is_strict_about_block_properties_and_sets_batchnorm_moments_a
     dag.add_layer("bn", "dagnn.BatchNorm", "input", "y", ["g", "b", "m"])
     assert dag.params["m"].learningRate == 0.1 and dag.params["m"].extra["trainMethod"] == "average"
     assert dag.params["g"].learningRate == 1.0
+    saved = {p["name"]: p for p in dag.saveobj()["params"]}
+    assert saved["m"]["trainMethod"] == "average" and saved["g"]["trainMethod"] == "gradient"  # addParam's default
 
 
 def test_loading_an_unknown_block_property_warns_and_keeps_it():

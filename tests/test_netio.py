@@ -167,11 +167,13 @@ def _cell_list(cell):
 
 def test_dagnn_params_with_an_extra_field_save_after_adding_a_layer(tmp_path):
     """A struct array has one set of fields: a param added by add_layer to a net whose params carry
-    ``trainMethod`` is written with it empty, as MATLAB's dagnn would hold it."""
+    ``trainMethod`` is written with 'gradient', the value MATLAB's addParam gives it (an empty one
+    would stop cnn_train_dag from updating it); another extra field is written empty."""
     dag = load_net(ref("dagnn_lenet.mat"))
     loaded = list(dag.params)
     for p in dag.params.values():
         p.extra["trainMethod"] = "gradient"
+        p.extra["note"] = "loaded"
     dag.add_layer("extra_conv", "dagnn.Conv", "x6", "extra", ["extra_f", "extra_b"],
                   {"size": [1, 1, 500, 3], "hasBias": True})
     dag.params["extra_f"].value = np.ones((1, 1, 500, 3), np.float32)
@@ -180,7 +182,8 @@ def test_dagnn_params_with_an_extra_field_save_after_adding_a_layer(tmp_path):
     save_net(path, dag)
     params = load_net(path).params
     assert [params[name].extra["trainMethod"] for name in loaded] == ["gradient"] * len(loaded)
-    assert np.asarray(params["extra_f"].extra["trainMethod"]).size == 0
+    assert params["extra_f"].extra["trainMethod"] == "gradient"
+    assert np.asarray(params["extra_f"].extra["note"]).size == 0 and params[loaded[0]].extra["note"] == "loaded"
 
 
 def test_saved_simplenn_layout_read_by_scipy(tmp_path):

@@ -172,3 +172,35 @@ def test_an_error_while_running_names_the_layer():
     with pytest.raises(ValueError) as exc:
         vl_simplenn(net, np.zeros((8, 8, 3, 1), np.float32))
     assert str(exc.value).startswith("layer 2 (conv 'c2'): x has 3 channels") and "\n" not in str(exc.value)
+
+
+def test_bnorm_moments_of_any_2c_shape_read_as_vl_nnbnorm_reads_them():
+    """SimpleNN, DagNN.from_simplenn and vl_nnbnorm agree on 1 x 2C moments (column-major: means first)."""
+    from matconvnet_port import vl_nnbnorm
+    from matconvnet_port.dagnn import DagNN
+    x = np.random.default_rng(1).standard_normal((4, 5, 2, 3)).astype(np.float32)
+    g, b = np.array([[1.0, 2.0]], np.float32), np.array([[0.5, -1.0]], np.float32)
+    m = np.array([[0.5, -1.0, 1.0, 2.0]], np.float32)  # 1 x 2C: means 0.5, -1; sigmas 1, 2
+    net = SimpleNN([{"type": "bnorm", "weights": [g, b, m]}])
+    expected = vl_nnbnorm(x, g, b, moments=m)[0]
+    np.testing.assert_allclose(vl_simplenn(net, x, mode="test")[-1].x, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose((x[:, :, 1] + 1.0) / 2.0 * 2.0 - 1.0, expected[:, :, 1], rtol=1e-5, atol=1e-5)
+    dag = DagNN.from_simplenn(net)
+    dag.eval({"input": x}, mode="test")
+    np.testing.assert_allclose(dag.vars[dag.layers[-1]["outputs"][0]].value, expected, rtol=1e-6, atol=1e-6)
+    res = vl_simplenn(net, x, np.ones_like(x))
+    assert res[0].dzdw[2].shape == m.shape  # the moments' update in their own shape, column-major
+    batch = vl_nnbnorm(x, g, b, epsilon=1e-5)[1] * x.shape[3]
+    np.testing.assert_allclose(res[0].dzdw[2], batch.reshape(-1, order="F").reshape(m.shape, order="F"), rtol=1e-5)
+
+
+def test_from_simplenn_computes_what_vl_simplenn_computes_for_loss_and_leak():
+    from matconvnet_port.dagnn import DagNN
+    x = np.random.default_rng(0).standard_normal((1, 1, 5, 3)).astype(np.float32)
+    c = np.array([[1.0, 3.0, 5.0]])
+    with pytest.warns(UserWarning):
+        net = SimpleNN([{"type": "relu", "leak": -0.5}, {"type": "loss", "class": c, "loss": "classerror"}])
+        simple = vl_simplenn(net, x)[-1].x
+    dag = DagNN.from_simplenn(net)
+    dag.eval({"input": x, "label": c})
+    np.testing.assert_allclose(dag.vars[dag.layers[-1]["outputs"][0]].value.reshape(()), simple, rtol=1e-6)

@@ -297,6 +297,8 @@ def test_error_function_may_be_the_callers_with_its_labels(tmp_path):
     for mode in ("train", "val"):
         assert own[mode][0]["mine"] == builtin[mode][0]["top1err"]
         assert "top1err" not in own[mode][0]
+    with pytest.raises(ValueError, match="error_function 'multiclass' gives 2 values, got 1 labels"):
+        cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, error_function="multiclass", error_labels=["one"], **common)
     with pytest.raises(ValueError, match="2 values for 1 error labels"):
         cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, error_function=lambda p, c: [0, 0],
                   error_labels=["one"], **common)

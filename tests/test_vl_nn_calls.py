@@ -30,6 +30,13 @@ def test_elementwise_layers_keep_the_shape_of_x(layer, shape):
     np.testing.assert_array_equal(layer(x, []), y)  # an empty dzdy is a forward call
 
 
+def test_lists_are_arrays_of_their_numpy_shape():
+    y = vl_nnrelu([[1.0, -1.0]])
+    assert y.shape == (1, 2) and y.tolist() == [[1.0, 0.0]]
+    y, moments = vl_nnbnorm([[[1.0, 2.0]], [[3.0, 5.0]]], [1.0, 1.0], [0.0, 0.0])
+    assert y.shape == (2, 1, 2) and moments.shape == (2, 2)
+
+
 def test_bnorm_and_dropout_outputs_keep_the_shape_of_x():
     x = rand(4, 5, 3)
     y, moments = vl_nnbnorm(x, np.ones(3, np.float32), np.zeros(3, np.float32))
@@ -104,8 +111,9 @@ def test_no_der_switches_return_empty_derivatives_and_backend_switches_change_no
     (lambda: vl_nnconv(rand(5, 6, 3), rand(3, 3, 3, 4), None, pad=None), "vl_nnconv: pad must be a number"),
     (lambda: vl_nnpool(rand(6, 6), 2, stride="12"), "vl_nnpool: stride must be a number"),
     (lambda: vl_nnpool(rand(6, 6), 2, stride=float("nan")), "vl_nnpool: stride must be a number"),
-    (lambda: vl_nnrelu(rand(3, 3), leak="a"), "vl_nnrelu: leak must be a number"),
-    (lambda: vl_nndropout(rand(3, 3), rate="0.5"), "vl_nndropout: rate must be a number"),
+    (lambda: vl_nnrelu(rand(3, 3), leak="a"), "vl_nnrelu: leak must be a finite number"),
+    (lambda: vl_nnrelu(rand(3, 3), leak=None), "vl_nnrelu: leak must be a finite number"),
+    (lambda: vl_nndropout(rand(3, 3), rate="0.5"), "vl_nndropout: rate must be a finite number"),
     (lambda: vl_nnnormalize(rand(3, 3, 4), "abc"), "vl_nnnormalize: param must be 4 numbers"),
     (lambda: vl_nnconv(rand(5, 6, 3), rand(3, 3, 3, 4), None, stride_x=2), "vl_nnconv: unknown option 'stride_x'"),
     (lambda: vl_nnsoftmaxloss(rand(4, 4, 10, 2), np.ones((1, 3))),

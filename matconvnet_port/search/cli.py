@@ -262,7 +262,8 @@ def run(argv) -> int:
             raise
         runner.regenerate_results(out)
         fewer = " with fewer --lanes" if args.lanes > 1 else ""
-        print(f"{PROG}: error: out of {device.type} memory ({str(e).splitlines()[0]}); finished epochs are kept in "
+        print(f"{PROG}: error: out of {device.type} memory ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+              f"finished epochs are kept in "
               f"{out}; resume{fewer} with: {resume}", file=sys.stderr)
         return 1
     rows = runner.regenerate_results(out)
