@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from matconvnet_port import vl_nndropout
+from matconvnet_port.simplenn import SimpleNN, vl_simplenn
 from refdata import DEVICES, check, load, to_device
 
 
@@ -19,6 +20,16 @@ def test_vl_nndropout_with_matconvnet_mask(device):
     y, _ = vl_nndropout(x, mask=mask)
     check("dropout", "y train", y, d["y_train"])
     check("dropout", "dzdx train", vl_nndropout(x, to_device(d["dzdy"], device), mask=mask), d["dzdx_train"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_layer_in_test_mode_is_the_identity_as_vl_simplenn(device):
+    """res = vl_simplenn(net, x, dzdy, [], 'mode', 'test') on a one-layer dropout net."""
+    d = load("dropout.mat")
+    net = SimpleNN([{"type": "dropout", "rate": float(d["rate"].item())}])
+    res = vl_simplenn(net, to_device(d["x"], device), to_device(d["dzdy"], device), mode="test")
+    check("dropout", "y test", res[1].x, d["y_test"])
+    check("dropout", "dzdx test", res[0].dzdx, d["dzdx_test"])
 
 
 def test_vl_nndropout_fresh_mask_has_matconvnet_values():

@@ -202,12 +202,6 @@ def test_softmaxloss(labels):
     check(lambda x: fn.softmaxloss(x, c), x)
 
 
-def margin_safe_scores(c, d):
-    """Scores whose hinge margins stay away from 1 (where the hinges are not differentiable)."""
-    x = rand(3, d, 2, 2, requires_grad=False) * 3
-    return x.requires_grad_(True)
-
-
 @pytest.mark.parametrize("loss", ["softmaxlog", "log", "mhinge", "mshinge"])
 def test_categorical_losses(loss):
     c = torch.randint(0, 5, (3, 1, 2, 2)).double()
@@ -217,10 +211,16 @@ def test_categorical_losses(loss):
         x = (0.1 + 0.9 * fn.softmax(x.detach() / 3)).requires_grad_(True)
     else:
         x = x.detach().requires_grad_(True)
-    if loss in ("mhinge", "mshinge"):
-        # push every margin at least 0.05 away from the kink at 1
+    if loss == "mhinge":  # push every score at least 0.05 away from the kink at x_c = 1
         with torch.no_grad():
             x += 0.05 * torch.sign(x - 1 + 1e-9)
+    if loss == "mshinge":  # the kink is at x_c - max_{q != c} x_q = 1: move x_c off it
+        with torch.no_grad():
+            for n, _, i, j in (c > 0).nonzero().tolist():
+                k = int(c[n, 0, i, j]) - 1
+                margin = x[n, k, i, j] - torch.cat([x[n, :k, i, j], x[n, k + 1:, i, j]]).max()
+                if abs(float(margin) - 1) < 0.05:
+                    x[n, k, i, j] += 0.1
     weights = torch.rand(3, 1, 2, 2, dtype=torch.float64)
     check(lambda x: fn.loss(x, c, loss=loss, instance_weights=weights), x)
 
@@ -232,7 +232,8 @@ def test_binary_losses(loss):
     if loss == "binarylog":
         x = torch.sigmoid(x.detach()).requires_grad_(True)
     elif loss == "hinge":
-        x = (x.detach() + 0.1 * torch.sign(c * x.detach() - 1)).requires_grad_(True)
+        # move c x (the margin) 0.1 further from the kink at 1: along c, so also for c = -1
+        x = (x.detach() + 0.1 * c * torch.sign(c * x.detach() - 1)).requires_grad_(True)
     check(lambda x: fn.loss(x, c, loss=loss), x)
 
 

@@ -62,7 +62,11 @@ def test_single_steps_match_matconvnet_weights_and_momentum(variant, tmp_path):
                            progress=False, device="cpu")
         ours_net, ours_state, _ = load_checkpoint(str(tmp_path / f"run{step}" / f"net-epoch-{step}.mat"))
         ref_net, ref_state, _ = load_checkpoint(os.path.join(folder, f"net-epoch-{step}.mat"))
+        # zip would stop at the shorter: a layer, weight or momentum buffer we lack must fail
+        assert len(ours_net.layers) == len(ref_net.layers)
+        assert [len(s) for s in ours_state["solverState"]] == [len(s) for s in ref_state["solverState"]]
         for i, (a, b) in enumerate(zip(ours_net.layers, ref_net.layers)):
+            assert len(a.get("weights", [])) == len(b.get("weights", [])), f"layer {i + 1}"
             for j, (wa, wb) in enumerate(zip(a.get("weights", []), b.get("weights", []))):
                 if np.asarray(wb).size:
                     err = max_rel(wa, wb)
@@ -120,6 +124,7 @@ def test_two_epochs_statistics_match_cnn_train(two_epoch_run):
 def test_two_epochs_weights_within_1e_2(two_epoch_run):
     net, _, _, _ = two_epoch_run
     ref = load_net(os.path.join(REF, "train", "net-epoch-2.mat"))
+    assert [len(a.get("weights", [])) for a in net.layers] == [len(b.get("weights", [])) for b in ref.layers]
     errs = [max_rel(a["weights"][j], b["weights"][j]) for a, b in zip(net.layers, ref.layers)
             for j in range(len(b.get("weights", []))) if np.asarray(b["weights"][j]).size]
     print(f"weights after 2 epochs: worst relative error {max(errs):.2e}")
