@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import layers as L
+from .files import atomic_write_text
 from .precision import exact_fp32
 from .simplenn import SimpleNN, SimpleNNModule, param_to_matconvnet, vl_simplenn_tidy
 from .vl_nn import hwcn_to_nchw
@@ -66,6 +67,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"unknown device {str(device)!r}: use auto, cpu, cuda or cuda:K") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: this port runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but no CUDA device is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -491,6 +494,46 @@ def mnist_get_batch(imdb: dict, batch: np.ndarray):
     return imdb["images"]["data"][:, :, :, batch - 1], imdb["images"]["labels"][:, batch - 1]
 
 
+def _check_options(args) -> None:
+    """The command line's numbers, each a one-line error naming its option."""
+    if args.input_size < 28 or args.input_size % 4:
+        raise ValueError(f"--input-size must be >= 28 and divisible by 4 (the LeNet needs it), got {args.input_size}")
+    for name, value, low, high in (("--epochs", args.epochs, 1, None), ("--batch-size", args.batch_size, 1, None),
+                                   ("--train-subset", args.train_subset, 1, 60000),
+                                   ("--val-subset", args.val_subset, 1, 10000), ("--seed", args.seed, 0, 2 ** 63 - 1)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise ValueError(f"{name} must be {'>= ' + str(low) if high is None else f'in {low}..{high}'}, got {value}")
+    for name, value, low, high in (("--learning-rate", args.learning_rate, 0, None),
+                                   ("--weight-decay", args.weight_decay, 0, None), ("--momentum", args.momentum, 0, 1)):
+        if not np.isfinite(value) or value < low or (high is not None and value >= high) or \
+                (name == "--learning-rate" and value == 0):
+            bound = "> 0" if name == "--learning-rate" else (">= 0" if high is None else f"in [{low}, {high})")
+            raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+
+
+def _open_exp_dir(exp_dir: str, options: dict, fresh: bool) -> None:
+    """Record the run's options in exp_dir/options.json; refuse a folder trained with other options
+    (its checkpoints would be resumed as if they were this run's); with ``fresh``, remove its checkpoints."""
+    import json
+
+    os.makedirs(exp_dir, exist_ok=True)
+    path = os.path.join(exp_dir, "options.json")
+    if fresh:
+        for name in glob.glob(os.path.join(exp_dir, "net-epoch-*.mat")):
+            os.remove(name)
+    elif os.path.isfile(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not readable ({e}); use --no-resume to start over") from None
+        diff = [f"--{k.replace('_', '-')} {stored.get(k)!r} vs {v!r}" for k, v in options.items() if stored.get(k) != v]
+        if diff and find_last_checkpoint(exp_dir):
+            raise ValueError(f"{exp_dir} holds a run with other options ({'; '.join(diff)}): use the same options, "
+                             f"another --exp-dir, or --no-resume to start over")
+    atomic_write_text(path, json.dumps(options, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -517,23 +560,33 @@ def main(argv=None) -> int:
     parser.add_argument("--val-subset", type=int, help="use the first n test images for validation")
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     parser.add_argument("--data-dir", help="folder with the IDX files (default: the vendored MNIST)")
-    parser.add_argument("--exp-dir", default=None, help="checkpoint folder (default runs/mnist-<mask bits>-N<size>)")
+    parser.add_argument("--exp-dir", default=None,
+                        help="checkpoint folder (default runs/<dataset>-<mask bits>-N<size>[-seed<s>]); it records "
+                             "the run's options, and a rerun with other ones is refused")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     args = parser.parse_args(argv)
     try:
         mask = parse_mask(args.mask)
-        if args.input_size < 28 or args.input_size % 4:
-            raise ValueError(f"--input-size must be >= 28 and divisible by 4 (the LeNet needs it), "
-                             f"got {args.input_size}")
+        _check_options(args)
         device = resolve_device(args.device)
         exp_dir = args.exp_dir or os.path.join(
-            "runs", f"mnist-{''.join(map(str, mask))}-N{args.input_size}")
+            "runs", f"{args.dataset}-{''.join(map(str, mask))}-N{args.input_size}"
+            + (f"-seed{args.seed}" if args.seed else ""))
+        options = {k: v for k, v in vars(args).items() if k not in ("epochs", "exp_dir", "device", "no_resume")}
+        options["mask"] = "".join(map(str, mask))
+        try:
+            _open_exp_dir(exp_dir, options, fresh=args.no_resume)
+        except OSError as e:
+            raise OSError(f"--exp-dir {exp_dir}: cannot write there ({e.strerror or e})") from None
         imdb = get_mnist_imdb(input_size=args.input_size, resize=args.resize, data_dir=args.data_dir,
                               dataset=args.dataset, train_subset=args.train_subset, val_subset=args.val_subset)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started", file=sys.stderr)
+        return 130
     print(f"cnn_train: {mask_name(mask)} at {args.input_size}x{args.input_size} on {device}, "
           f"{args.epochs} epochs, checkpoints in {exp_dir}")
     net = cnn_mnist_init(mask, batch_normalization=args.batch_normalization, seed=args.seed)
@@ -543,9 +596,12 @@ def main(argv=None) -> int:
                             weight_decay=args.weight_decay, momentum=args.momentum,
                             random_seed=args.seed, resume=not args.no_resume, device=device)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: rerun the same command to resume from the last checkpoint in {exp_dir}",
-              file=sys.stderr)
+        again = "rerun the command without --no-resume" if args.no_resume else "rerun the same command"
+        print(f"\ninterrupted: {again} to resume from the last checkpoint in {exp_dir}", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as e:  # e.g. a damaged checkpoint in exp_dir, named by the message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if info["val"]:
         last = info["val"][-1]
         print(f"final: val objective {last['objective']:.4f}, top1err {last['top1err']:.4f}, "

@@ -322,3 +322,42 @@ def test_cnn_mnist_init_takes_a_mask_by_name_or_bits():
     assert [layer["type"] for layer in cnn_mnist_init("0101").layers] == [layer["type"] for layer in by_bits.layers]
     with pytest.raises(ValueError, match="unknown mask"):
         cnn_mnist_init("C CR X CR")
+
+
+def _train_cli(*argv):
+    """(exit code, stderr) of python -m matconvnet_port.train, in this process."""
+    import contextlib
+    import io
+
+    from matconvnet_port.train import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"), (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--train-subset", "0"], "--train-subset must be in 1..60000"), (["--learning-rate", "nan"], "--learning-rate"),
+    (["--momentum", "5"], "--momentum must be a finite number in [0, 1)"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--seed", str(2 ** 64)], "--seed must be in"), (["--device", "mps"], "this port runs on cpu or cuda"),
+    (["--input-size", "30"], "--input-size"),
+])
+def test_train_cli_bad_options_are_one_line_errors(tmp_path, argv, message):
+    code, err = _train_cli(*argv, "--exp-dir", tmp_path / "run")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert find_last_checkpoint(str(tmp_path / "run")) == 0
+
+
+def test_train_cli_exp_dir_refuses_other_options_and_no_resume_starts_over(tmp_path):
+    run = tmp_path / "run"
+    small = ["--train-subset", "200", "--val-subset", "100", "--exp-dir", run]
+    assert _train_cli("--epochs", "2", *small)[0] == 0 and find_last_checkpoint(str(run)) == 2
+    code, err = _train_cli("--epochs", "3", "--mask", "0101", *small)  # would resume the stock net as 0101
+    assert code == 2 and "holds a run with other options (--mask '0010' vs '0101')" in err, err
+    assert find_last_checkpoint(str(run)) == 2
+    assert _train_cli("--epochs", "1", "--mask", "0101", "--no-resume", *small)[0] == 0
+    assert sorted(p.name for p in run.glob("net-epoch-*.mat")) == ["net-epoch-1.mat"]  # the old epoch 2 is gone
+    (tmp_path / "file").write_text("")
+    code, err = _train_cli("--exp-dir", tmp_path / "file", "--train-subset", "200", "--val-subset", "100")
+    assert code == 2 and "--exp-dir" in err and "cannot write there" in err, err

@@ -14,12 +14,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..models import ALL_MASKS, mask_bits, parse_mask
+from ..files import atomic_write, atomic_write_text  # noqa: F401  (used by runner and summary too)
 from .grid import Settings, UsageError, table_order
 
 __all__ = ["COLUMNS", "atomic_write", "atomic_write_text", "atomic_torch_save", "write_results", "read_results",
@@ -36,36 +36,6 @@ _INT_COLUMNS = {"input_size", "seed", "epoch", "fused_models"}
 _STR_COLUMNS = {"mask", "mask_bits", "device", "conv_impl"}
 # columns that describe how a number was computed, not the number (ignored when comparing runs)
 RUN_COLUMNS = ("seconds", "fused_models", "device", "conv_impl")
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-# -- atomic files: write a temporary file in the same folder, then os.replace ----------
-
-def atomic_write(path, write) -> None:
-    """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a half-written file behind
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_torch_save(path, obj) -> None:
