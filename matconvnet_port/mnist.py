@@ -26,6 +26,7 @@ from .imresize import _is_torch, imresize
 __all__ = [
     "read_idx",
     "load_mnist",
+    "default_data_dir",
     "get_mnist_imdb",
     "resize_digits",
     "MnistDataError",
@@ -159,6 +160,11 @@ def _find_file(data_dir, stem):
     raise FileNotFoundError(f"{data_dir / stem}: no such file (nor {stem}.gz) in {data_dir}")
 
 
+def default_data_dir(dataset: str = "mnist") -> Path:
+    """Where :func:`load_mnist` looks without ``data_dir``: the vendored MNIST, or Debian's Fashion-MNIST."""
+    return VENDORED_DIR if dataset == "mnist" else FASHION_MNIST_DIR
+
+
 def load_mnist(data_dir=None, dataset="mnist"):
     """Load MNIST (or Fashion-MNIST) as numpy arrays.
 
@@ -189,7 +195,7 @@ def load_mnist(data_dir=None, dataset="mnist"):
         raise ValueError(f"load_mnist: dataset must be one of {', '.join(_DATASETS)}; got {dataset!r}")
     vendored = data_dir is None and dataset == "mnist"
     if data_dir is None:
-        data_dir = VENDORED_DIR if dataset == "mnist" else FASHION_MNIST_DIR
+        data_dir = default_data_dir(dataset)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         hint = " (on Debian: apt install dataset-fashion-mnist)" if dataset == "fashion-mnist" else ""

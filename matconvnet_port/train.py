@@ -157,11 +157,18 @@ def sgd_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], mo
             torch._foreach_add_(w, m, alpha=this_lr)
 
 
+def checkpoints(exp_dir: str) -> dict[int, str]:
+    """{K: path} of the ``net-epoch-K.mat`` files in ``exp_dir`` (its name taken literally, not as a pattern)."""
+    out = {}
+    for path in glob.glob(os.path.join(glob.escape(exp_dir), "net-epoch-*.mat")):
+        if m := re.fullmatch(r"net-epoch-(\d+)\.mat", os.path.basename(path)):
+            out[int(m.group(1))] = path
+    return out
+
+
 def find_last_checkpoint(exp_dir: str) -> int:
     """The largest K with ``exp_dir/net-epoch-K.mat`` present (0 if none)."""
-    epochs = [int(m.group(1)) for path in glob.glob(os.path.join(exp_dir, "net-epoch-*.mat"))
-              if (m := re.fullmatch(r"net-epoch-(\d+)\.mat", os.path.basename(path)))]
-    return max(epochs, default=0)
+    return max(checkpoints(exp_dir), default=0)
 
 
 def _checkpoint_path(exp_dir: str, epoch: int) -> str:
@@ -511,15 +518,16 @@ def _check_options(args) -> None:
             raise ValueError(f"{name} must be a finite number {bound}, got {value}")
 
 
-def _open_exp_dir(exp_dir: str, options: dict, fresh: bool) -> None:
+def _open_exp_dir(exp_dir: str, options: dict, fresh: bool, defaults: dict) -> None:
     """Record the run's options in exp_dir/options.json; refuse a folder trained with other options
     (its checkpoints would be resumed as if they were this run's); with ``fresh``, remove its checkpoints."""
     import json
+    import sys
 
     os.makedirs(exp_dir, exist_ok=True)
     path = os.path.join(exp_dir, "options.json")
     if fresh:
-        for name in glob.glob(os.path.join(exp_dir, "net-epoch-*.mat")):
+        for name in checkpoints(exp_dir).values():
             os.remove(name)
     elif os.path.isfile(path):
         try:
@@ -527,10 +535,17 @@ def _open_exp_dir(exp_dir: str, options: dict, fresh: bool) -> None:
                 stored = json.load(f)
         except ValueError as e:
             raise ValueError(f"{path}: not readable ({e}); use --no-resume to start over") from None
-        diff = [f"--{k.replace('_', '-')} {stored.get(k)!r} vs {v!r}" for k, v in options.items() if stored.get(k) != v]
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path}: not an options record; use --no-resume to start over")
+        # an option this file predates is compared as the value the run had then: its default
+        diff = [f"--{k.replace('_', '-')} {stored.get(k, defaults.get(k))!r} vs {v!r}" for k, v in options.items()
+                if stored.get(k, defaults.get(k)) != v]
         if diff and find_last_checkpoint(exp_dir):
             raise ValueError(f"{exp_dir} holds a run with other options ({'; '.join(diff)}): use the same options, "
                              f"another --exp-dir, or --no-resume to start over")
+    elif find_last_checkpoint(exp_dir):
+        print(f"note: {exp_dir} has checkpoints but no options.json (an older run): resuming them unchecked",
+              file=sys.stderr)
     atomic_write_text(path, json.dumps(options, indent=2) + "\n")
 
 
@@ -539,7 +554,7 @@ def main(argv=None) -> int:
     import sys
 
     from .models import cnn_mnist_init, mask_name, parse_mask
-    from .mnist import get_mnist_imdb
+    from .mnist import default_data_dir, get_mnist_imdb
 
     parser = argparse.ArgumentParser(
         prog="python -m matconvnet_port.train",
@@ -573,14 +588,20 @@ def main(argv=None) -> int:
         exp_dir = args.exp_dir or os.path.join(
             "runs", f"{args.dataset}-{''.join(map(str, mask))}-N{args.input_size}"
             + (f"-seed{args.seed}" if args.seed else ""))
-        options = {k: v for k, v in vars(args).items() if k not in ("epochs", "exp_dir", "device", "no_resume")}
-        options["mask"] = "".join(map(str, mask))
-        try:
-            _open_exp_dir(exp_dir, options, fresh=args.no_resume)
-        except OSError as e:
-            raise OSError(f"--exp-dir {exp_dir}: cannot write there ({e.strerror or e})") from None
         imdb = get_mnist_imdb(input_size=args.input_size, resize=args.resize, data_dir=args.data_dir,
                               dataset=args.dataset, train_subset=args.train_subset, val_subset=args.val_subset)
+        # what the run trains on, as values that mean one thing (after the data loaded: a failed start
+        # neither records options nor, with --no-resume, removes the folder's checkpoints)
+        options = {k: v for k, v in vars(args).items() if k not in ("epochs", "exp_dir", "device", "no_resume")}
+        options.update(mask="".join(map(str, mask)), train_subset=args.train_subset or 60000,
+                       val_subset=args.val_subset or 10000,
+                       data_dir=os.path.realpath(args.data_dir or default_data_dir(args.dataset)),
+                       resize=args.resize if args.input_size != 28 else None)  # 28: the digits as they are
+        defaults = {k: parser.get_default(k) for k in options}
+        try:
+            _open_exp_dir(exp_dir, options, fresh=args.no_resume, defaults=defaults)
+        except OSError as e:
+            raise OSError(f"--exp-dir {exp_dir}: cannot write there ({e.strerror or e})") from None
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

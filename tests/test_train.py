@@ -361,3 +361,27 @@ def test_train_cli_exp_dir_refuses_other_options_and_no_resume_starts_over(tmp_p
     (tmp_path / "file").write_text("")
     code, err = _train_cli("--exp-dir", tmp_path / "file", "--train-subset", "200", "--val-subset", "100")
     assert code == 2 and "--exp-dir" in err and "cannot write there" in err, err
+
+
+def test_train_cli_resumes_with_the_same_options_and_keeps_a_folder_on_a_failed_start(tmp_path):
+    run = tmp_path / "run"
+    small = ["--train-subset", "200", "--val-subset", "100", "--exp-dir", run]
+    assert _train_cli("--epochs", "1", *small)[0] == 0
+    assert _train_cli("--epochs", "2", "--train-subset", "200", "--val-subset", "100", "--exp-dir", run,
+                      "--resize", "bilinear")[0] == 0  # at N = 28 the resize method changes nothing
+    assert find_last_checkpoint(str(run)) == 2
+    code, err = _train_cli("--epochs", "3", "--no-resume", "--data-dir", tmp_path / "missing", *small)
+    assert code == 2 and "missing" in err  # the data failed to load: the earlier run is untouched
+    assert find_last_checkpoint(str(run)) == 2
+
+
+def test_train_cli_exp_dir_is_a_name_not_a_pattern(tmp_path):
+    """--no-resume in a folder named like a glob pattern removes its own checkpoints only."""
+    for name in ("exp1", "exp2", "exp[12]"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "net-epoch-1.mat").write_bytes(b"")
+    code, _ = _train_cli("--epochs", "1", "--train-subset", "200", "--val-subset", "100",
+                         "--exp-dir", tmp_path / "exp[12]", "--no-resume")
+    assert code == 0
+    assert (tmp_path / "exp1" / "net-epoch-1.mat").exists() and (tmp_path / "exp2" / "net-epoch-1.mat").exists()
+    assert find_last_checkpoint(str(tmp_path / "exp[12]")) == 1  # its own, retrained

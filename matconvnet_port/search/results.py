@@ -13,13 +13,12 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
-from ..models import ALL_MASKS, mask_bits, parse_mask
 from ..files import atomic_write, atomic_write_text  # noqa: F401  (used by runner and summary too)
+from ..models import ALL_MASKS, mask_bits, parse_mask
 from .grid import Settings, UsageError, table_order
 
 __all__ = ["COLUMNS", "atomic_write", "atomic_write_text", "atomic_torch_save", "write_results", "read_results",
