@@ -391,10 +391,8 @@ def _simplenn_layer_to_mat(layer: dict, where: str) -> dict:
     checked = _simplenn_layer(layer, where)  # what load_net would refuse is not written
     out = {}
     for key, value in layer.items():
-        if key == "weights":
-            out[key] = checked["weights"]  # as load_net's checks converted them (copies)
-        elif key == "precious":
-            out[key] = bool(_scalar_of(value, f"{where}.precious")) if np.asarray(value).size else False
+        if key in ("weights", "precious"):
+            out[key] = checked[key]  # as load_net's checks converted them (weights copied, precious a bool)
         else:
             out[key] = _to_mat(value, f"{where}.{key}")
     return out

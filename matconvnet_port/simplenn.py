@@ -213,7 +213,7 @@ def _module_from_layer(i: int, layer: dict) -> nn.Module:
         return L.SoftMaxLoss()
     if kind == "loss":
         # vl_simplenn calls vl_nnloss(x, l.class) with no options, whatever the layer holds
-        ignored = [k for k in ("loss", "opts") if k in layer and len(cell_items(layer[k]) if k == "opts" else [1])]
+        ignored = (["loss"] if "loss" in layer else []) + (["opts"] if cell_items(layer.get("opts")) else [])
         if ignored:
             warnings.warn(f"{_layer_label(i, layer)}: vl_simplenn ignores a loss layer's "
                           f"{' and '.join(repr(k) for k in ignored)} (it calls vl_nnloss(x, l.class)): "

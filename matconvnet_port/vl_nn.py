@@ -199,14 +199,12 @@ def _number(value, name: str) -> float:
     try:
         if isinstance(value, (str, bytes)) or value is None:
             raise TypeError
-        number = float(np.asarray(value, dtype=np.float64).reshape(-1)[0]) if np.size(value) == 1 else float(value)
-        if not np.isfinite(number):
-            raise ValueError
-        return number
+        values = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
-
-
+        values = np.empty(0)
+    if values.size != 1 or not np.isfinite(values[0]):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(values[0])
 
 
 # ---------------------------------------------------------------------------

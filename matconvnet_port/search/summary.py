@@ -271,11 +271,16 @@ def format_p(p) -> str:
     return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
 
 
+def _significant(test: dict | None) -> bool:
+    """A paired test on at least two (N, seed) pairs with p below :data:`ALPHA`."""
+    return test is not None and test["n"] >= 2 and not math.isnan(test["t_p"]) and test["t_p"] < ALPHA
+
+
 def _gap(test: dict, scale: float = 100) -> str:
     """'-0.12 pp over 6 (N, seed) pairs, better in 5, paired t p=0.03 (significant at 0.05)'."""
     if test["n"] < 2:
         return f"{test['mean_diff'] * scale:+.2f} pp on {test['n']} (N, seed) pair: too few pairs for a test"
-    sig = "significant" if not math.isnan(test["t_p"]) and test["t_p"] < ALPHA else "not significant"
+    sig = "significant" if _significant(test) else "not significant"
     wil = f", Wilcoxon p={format_p(test['wilcoxon_p'])}" if test["wilcoxon_p"] is not None else ""
     return (f"{test['mean_diff'] * scale:+.2f} pp over {test['n']} (N, seed) pairs, lower in "
             f"{test['a_better']}/{test['n']}, paired t p={format_p(test['t_p'])}{wil} ({sig} at {ALPHA})")
@@ -314,11 +319,10 @@ def verdict_lines(summary: dict) -> list[str]:
             # the claim is "lowest of the 16": lowest of a subset does not test it, and a lowest mean
             # whose gap to the runner-up could be chance is not a reproduction either
             tie = " (tied)" if sum(e["rank"] == 1 for e in overall) > 1 else ""
-            significant = vs is not None and vs["n"] >= 2 and not math.isnan(vs["t_p"]) and vs["t_p"] < ALPHA
             if len(overall) < len(ALL_MASKS):
                 word = f"NOT TESTED (only {len(overall)} of the {len(ALL_MASKS)} masks)"
             else:
-                word = "REPRODUCED" if significant and not tie else "INCONCLUSIVE"
+                word = "REPRODUCED" if _significant(vs) and not tie else "INCONCLUSIVE"
             text = (f"{head} {word}{tie}: C CR C CR has the lowest error of {_count(len(overall), 'mask')}, "
                     f"{ours['mean']:.2%} ({where})")
             if vs:
