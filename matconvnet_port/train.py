@@ -230,7 +230,10 @@ class _Solver:
                                          f"parameter of {p.numel()} (layer '{layer.get('name')}')")
                 self.entries.append((i, j, p, buf, lrs[j], decays[j]))
 
-    def step(self, module: SimpleNNModule, *, learning_rate, weight_decay, momentum, nesterov, grad_scale):
+    def step(self, module: SimpleNNModule, *, learning_rate, weight_decay, momentum, nesterov, grad_scale,
+             batch_moments: dict | None = None):
+        """One update from the accumulated ``.grad``; ``batch_moments`` {layer index: C x 2} overrides
+        the moments the bnorm layers kept from their last forward pass (the sub-batches' average)."""
         plain = [e for e in self.entries if not (isinstance(module.layers[e[0]], L.BatchNorm) and e[1] == 2)]
         sgd_update([e[2] for e in plain], [e[2].grad for e in plain], [e[3] for e in plain],
                    [e[4] for e in plain], [e[5] for e in plain], learning_rate=learning_rate,
@@ -238,8 +241,9 @@ class _Solver:
         with torch.no_grad():
             for i, j, p, _, lr_mult, _ in self.entries:
                 m = module.layers[i]
-                if isinstance(m, L.BatchNorm) and j == 2 and m.batch_moments is not None:
-                    p.mul_(1 - lr_mult).add_(lr_mult * m.batch_moments)
+                moments = (batch_moments or {}).get(i, getattr(m, "batch_moments", None))
+                if isinstance(m, L.BatchNorm) and j == 2 and moments is not None:
+                    p.mul_(1 - lr_mult).add_(lr_mult * moments)
         for e in self.entries:
             e[2].grad = None
 
@@ -306,15 +310,37 @@ def _indices(value, default: np.ndarray, name: str, count: int) -> np.ndarray:
     return a
 
 
+def _sub_batches(batch: np.ndarray, count: int) -> list[np.ndarray]:
+    """cnn_train's sub-batch s of a batch: every ``count``-th image from the s-th (interleaved, not
+    consecutive); empty ones are skipped, as cnn_train does when the last batch is short."""
+    return [part for part in (batch[s::count] for s in range(count)) if part.size]
+
+
+def _learning_rates(value, name: str) -> np.ndarray:
+    """A learning rate or a schedule indexed by epoch, as a vector of finite numbers."""
+    try:
+        rates = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        rates = np.zeros(0)
+    if not rates.size or not np.isfinite(rates).all():
+        raise ValueError(f"{name} must be a finite number or a vector of them (one per epoch), got {value!r:.80}")
+    return rates
+
+
 def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_batch, subset: np.ndarray,
                    *, mode: str, epoch: int, batch_size: int, learning_rate: float, opts: dict,
                    batch_callback=None, progress: bool = True) -> tuple[dict, np.ndarray | None]:
-    """Train (or evaluate) over ``subset`` in batches: ``process_epoch`` of ``cnn_train.m``."""
+    """Train (or evaluate) over ``subset`` in batches: ``processEpoch`` of ``cnn_train.m``.
+
+    A batch of ``num_sub_batches`` > 1 is run as that many interleaved sub-batches whose derivatives
+    accumulate (vl_simplenn's ``accumulate``) before the one update of the batch.
+    """
     device = next(module.parameters()).device
     dtype = next(module.parameters()).dtype
     error_fn, error_labels = opts["error_function"]
     training = mode == "train"
     module.train(training)
+    norms = [(i, m) for i, m in enumerate(module.layers) if isinstance(m, L.BatchNorm)]
     totals = torch.zeros(1 + len(error_labels), dtype=torch.float64, device=device)
     num = 0
     start = time.perf_counter()
@@ -323,24 +349,33 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
     bar = tqdm(batches, desc=f"{mode} epoch {epoch:02d}", unit="batch", disable=not progress, leave=False)
     for b, t in enumerate(bar):
         batch = subset[t:t + batch_size]
-        images, labels = _images_and_labels(get_batch(imdb, batch))
-        x, c = _to_device_batch(images, labels, device, dtype)
-        with torch.set_grad_enabled(training):
-            prediction = module(x)
-            objective = module.layer_forward(len(module.layers) - 1, prediction, c)
-            if training:
-                objective.backward()
-        with torch.no_grad():
-            # the loss layer divides by N (master), so scale back to a per-batch sum
-            batch_sum = objective.detach() * (len(batch) if opts["normalise"] else 1)
-            errors = _errors(error_fn, prediction.detach(), c, len(error_labels)) if error_fn \
-                else prediction.new_zeros(0)
-            row = torch.cat([batch_sum.reshape(1).to(torch.float64), errors.to(torch.float64)])
-            totals += row
+        row = torch.zeros_like(totals)
+        parts = _sub_batches(batch, opts["num_sub_batches"])
+        moment_sums = {}  # bnorm layer -> sum over sub-batches of (moments x images)
+        for part in parts:
+            images, labels = _images_and_labels(get_batch(imdb, part))
+            x, c = _to_device_batch(images, labels, device, dtype)
+            with torch.set_grad_enabled(training):
+                prediction = module(x)
+                objective = module.layer_forward(len(module.layers) - 1, prediction, c)
+                if training:
+                    objective.backward()  # accumulates into .grad across the sub-batches
+            with torch.no_grad():
+                # the loss layer divides by its images (master), so scale back to a sum
+                part_sum = objective.detach() * (len(part) if opts["normalise"] else 1)
+                errors = _errors(error_fn, prediction.detach(), c, len(error_labels)) if error_fn \
+                    else prediction.new_zeros(0)
+                row += torch.cat([part_sum.reshape(1).to(torch.float64), errors.to(torch.float64)])
+                if training and len(parts) > 1:
+                    for i, m in norms:
+                        moment_sums[i] = moment_sums.get(i, 0) + m.batch_moments * len(part)
+            last_labels = labels
+        totals += row
         if training:
             solver.step(module, learning_rate=learning_rate, weight_decay=opts["weight_decay"],
                         momentum=opts["momentum"], nesterov=opts["nesterov_update"],
-                        grad_scale=1.0 if opts["normalise"] else 1.0 / len(batch))
+                        grad_scale=1.0 if opts["normalise"] else 1.0 / len(batch),
+                        batch_moments={i: v / len(batch) for i, v in moment_sums.items()})
         num += len(batch)
         if batch_callback is not None:
             values = (row / len(batch)).cpu().numpy()
@@ -350,7 +385,6 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
             shown = (totals / max(num, 1)).cpu().numpy()
             bar.set_postfix({"Hz": f"{num / max(seconds, 1e-9):.0f}",
                              **{k: f"{v:.3f}" for k, v in zip(("objective",) + error_labels, shown)}})
-        last_labels = labels
     bar.close()
     values = (totals / max(num, 1)).cpu().numpy() if num else np.zeros(len(totals))
     # single precision, as cnn_train stores them (so a resumed run reports the same numbers)
@@ -371,6 +405,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
               train=None, val=None, random_seed: int = 0, order: Callable | None = None,
               resume: bool = True, device="auto", error_function="multiclass", error_labels=None,
               normalise: bool = True, progress: bool = True, batch_callback: Callable | None = None,
+              num_sub_batches: int = 1, post_epoch_fn: Callable | None = None,
               dtype: torch.dtype = torch.float32):
     """Train a SimpleNN with SGD exactly as MatConvNet's ``cnn_train`` -> ``(net, info)``.
 
@@ -391,6 +426,18 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     ``normalise=True`` is master (the loss layer divides by the batch size);
     ``False`` is v1.0-beta25 (the loss is summed and the update divides).
     ``batch_callback(epoch, mode, b, stats)`` sees every batch's statistics.
+    ``num_sub_batches`` splits each batch into that many interleaved
+    sub-batches (images s, s + k, s + 2k, ...) whose derivatives accumulate
+    before the batch's one update, to fit memory; as in ``cnn_train`` each
+    sub-batch's loss is its own, so with ``normalise=True`` (each loss divided
+    by its own images) the step is the *sum* of the sub-batch mean gradients,
+    while ``normalise=False`` gives exactly the whole batch's mean.
+    ``post_epoch_fn(net, params, state)`` runs after each epoch's checkpoint
+    (``net`` the trained SimpleNN, ``params`` the epoch's options as a dict,
+    ``state`` with ``stats`` and ``solverState``); returning ``None`` changes
+    nothing, a number or vector becomes the learning rate from the next epoch
+    on, and 0 stops training -- MATLAB's ``postEpochFn``. The change is not
+    saved: a resumed run starts again from ``learning_rate``, as in MATLAB.
 
     Checkpoints ``exp_dir/net-epoch-K.mat`` hold ``net``, ``state``
     (``solverState`` momentum buffers, ``stats``) and ``stats``, written
@@ -412,8 +459,13 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                          f"{len(ERROR_FUNCTIONS[error_function][1])} values, got {len(error[1])} labels")
     if len(error[1]) != len(set(error[1])) or {"objective", "num", "time"} & set(error[1]):
         raise ValueError(f"error_labels must be distinct names other than objective, num, time; got {error[1]}")
+    if isinstance(num_sub_batches, bool) or not isinstance(num_sub_batches, (int, np.integer)) \
+            or num_sub_batches < 1:
+        raise ValueError(f"num_sub_batches must be a positive integer, got {num_sub_batches!r}")
+    if post_epoch_fn is not None and not callable(post_epoch_fn):
+        raise ValueError(f"post_epoch_fn must be a function (net, params, state), got {type(post_epoch_fn).__name__}")
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
-                error_function=error, normalise=normalise)
+                error_function=error, normalise=normalise, num_sub_batches=int(num_sub_batches))
     device = resolve_device(device)
     os.makedirs(exp_dir, exist_ok=True)
     sets = np.asarray(imdb["images"]["set"]).reshape(-1)
@@ -422,7 +474,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     # cnn_train's evaluateMode: nothing to train, so nothing is saved (a checkpoint written now
     # would be taken for a trained epoch by the next run in exp_dir)
     evaluate_mode = train.size == 0
-    rates = np.asarray(learning_rate, dtype=np.float64).reshape(-1)
+    rates = _learning_rates(learning_rate, "learning_rate")
 
     # 1. the net, as cnn_train prepares it
     net = prepare_net(net)
@@ -488,6 +540,16 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                       + f" | val objective {val_stats['objective']:.4f} "
                       + " ".join(f"{k} {val_stats[k]:.4f}" for k in error[1])
                       + f" | {train_stats['num'] / max(train_stats['time'], 1e-9):.0f} images/s")
+            if post_epoch_fn is not None:
+                params = dict(epoch=epoch, learning_rate=lr, learning_rates=rates.copy(), train=train_order,
+                              val=val_order, batch_size=batch_size, num_sub_batches=num_sub_batches,
+                              num_epochs=num_epochs, weight_decay=weight_decay, momentum=momentum,
+                              exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
+                new_rate = post_epoch_fn(net, params, state)
+                if new_rate is not None:
+                    rates = _learning_rates(new_rate, "post_epoch_fn's learning rate")
+                    if not rates.any():  # MATLAB's `if opts.learningRate == 0, break`
+                        break
     net.load_torch_weights(module)
     return net, info
 

@@ -104,6 +104,20 @@ def test_two_epochs_per_batch_objective_within_1e_3(two_epoch_run):
     assert worst <= 1e-3
 
 
+def test_two_epochs_per_batch_error_counts_match_cnn_train(two_epoch_run):
+    """The top-1/top-5 errors of each of the 40 training forward passes, as images: within one image
+    per batch and three per epoch (the bars of the epoch statistics; float32 drift could flip a
+    near-tie; on this project's CPU every count is equal)."""
+    _, _, batches, log = two_epoch_run
+    for key in ("top1err", "top5err"):
+        ref = log[f"batch_{key}"]
+        diff = np.array([[(batches[(e + 1, "train", b)][key] - ref[e, b]) * 100 for b in range(ref.shape[1])]
+                         for e in range(2)])
+        print(f"per-batch {key}: {int((np.abs(diff) < 1e-6).sum())} of {diff.size} batches equal, "
+              f"worst {np.abs(diff).max():.0f} images")
+        assert np.abs(diff).max() <= 1 + 1e-6 and (np.abs(diff).sum(axis=1) <= 3 + 1e-6).all()
+
+
 def test_two_epochs_statistics_match_cnn_train(two_epoch_run):
     _, info, _, log = two_epoch_run
     ref = log["stats"]
@@ -385,3 +399,112 @@ def test_train_cli_exp_dir_is_a_name_not_a_pattern(tmp_path):
     assert code == 0
     assert (tmp_path / "exp1" / "net-epoch-1.mat").exists() and (tmp_path / "exp2" / "net-epoch-1.mat").exists()
     assert find_last_checkpoint(str(tmp_path / "exp[12]")) == 1  # its own, retrained
+
+
+# ---------------------------------------------------------------------------
+# numSubBatches and postEpochFn
+# ---------------------------------------------------------------------------
+
+def _weights(net):
+    return [np.asarray(w, np.float64) for layer in net.layers for w in layer.get("weights", [])
+            if np.asarray(w).size]
+
+
+def test_sub_batches_are_interleaved_and_each_image_is_seen_once(tmp_path):
+    """cnn_train's sub-batch s of a batch starting at t is subset(t + s - 1 : numSubBatches : batchEnd)."""
+    imdb, train, val = _small_imdb(250, 100)
+    seen = []
+
+    def recording_get_batch(imdb, batch):
+        seen.append(np.array(batch))
+        return get_batch(imdb, batch)
+    cnn_train(cnn_mnist_init(seed=1), imdb, recording_get_batch, exp_dir=str(tmp_path), num_epochs=1,
+              batch_size=100, num_sub_batches=3, train=train, val=val, order=lambda e, mode, idx: idx,
+              progress=False, device="cpu")
+    train_calls = seen[:9]  # 100, 100 and 50 images, three sub-batches each
+    np.testing.assert_array_equal(train_calls[0], train[0:100:3])
+    np.testing.assert_array_equal(train_calls[1], train[1:100:3])
+    np.testing.assert_array_equal(train_calls[8], train[202:250:3])
+    np.testing.assert_array_equal(np.sort(np.concatenate(train_calls)), np.sort(train))
+    assert sum(len(c) for c in seen[9:]) == len(val)  # validation is split the same way
+
+
+def test_sub_batches_without_normalisation_equal_the_whole_batch(tmp_path):
+    """beta25 (the loss summed, the update divided by the batch size): accumulating three sub-batches
+    is the whole batch's step, up to float32 summation order; so are the statistics."""
+    imdb, train, val = _small_imdb(300, 100)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu", normalise=False)
+    a, info_a = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "a"), **kw)
+    b, info_b = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "b"),
+                          num_sub_batches=3, **kw)
+    net0 = cnn_mnist_init(seed=2)
+    for wa, wb, w0 in zip(_weights(a), _weights(b), _weights(net0)):
+        assert np.abs(wa - w0).max() > 0  # trained
+        assert np.abs(wa - wb).max() <= 1e-4 * np.abs(wa - w0).max()
+    for key in ("objective", "top1err", "top5err", "num"):
+        assert abs(info_a["train"][0][key] - info_b["train"][0][key]) <= 1e-5 * max(1, abs(info_a["train"][0][key]))
+
+
+def test_sub_batches_with_normalisation_sum_the_sub_batch_means(tmp_path):
+    """master: each sub-batch's loss divides by its own images, and the derivatives add up, so two
+    equal sub-batches make the gradient twice the batch mean. From zero momentum one step is
+    w - lr (2 g + wd w): the plain step with twice the rate and half the decay."""
+    imdb, train, val = _small_imdb(100, 100)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    split, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "a"),
+                         num_sub_batches=2, learning_rate=0.001, weight_decay=0.0005, **kw)
+    plain, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "b"),
+                         learning_rate=0.002, weight_decay=0.00025, **kw)
+    for wa, wb, w0 in zip(_weights(split), _weights(plain), _weights(cnn_mnist_init(seed=2))):
+        assert np.abs(wa - wb).max() <= 1e-4 * np.abs(wb - w0).max()
+
+
+def test_sub_batches_average_the_bnorm_moments_by_images(tmp_path):
+    """Each bnorm's moments derivative is its sub-batch moments times its images; the update divides
+    by the batch size. After one step the first bnorm's mean column (its input does not depend on
+    the step) is 0.05 x the whole batch's mean, even with unequal sub-batches (34, 33, 33)."""
+    imdb, train, val = _small_imdb(100, 100)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    whole, _ = cnn_train(cnn_mnist_init(seed=4, batch_normalization=True), imdb, get_batch,
+                         exp_dir=str(tmp_path / "a"), **kw)
+    split, _ = cnn_train(cnn_mnist_init(seed=4, batch_normalization=True), imdb, get_batch,
+                         exp_dir=str(tmp_path / "b"), num_sub_batches=3, **kw)
+    first = next(i for i, layer in enumerate(whole.layers) if layer["type"] == "bnorm")
+    mean_whole = np.asarray(whole.layers[first]["weights"][2])[:, 0]
+    mean_split = np.asarray(split.layers[first]["weights"][2])[:, 0]
+    assert np.abs(mean_whole).max() > 0
+    assert max_rel(mean_split, mean_whole) < 1e-5
+    sigma_whole = np.asarray(whole.layers[first]["weights"][2])[:, 1]
+    sigma_split = np.asarray(split.layers[first]["weights"][2])[:, 1]
+    assert max_rel(sigma_split, sigma_whole) < 0.05  # the sub-batches' own sigmas, averaged: close, not equal
+    assert not np.allclose(sigma_split, sigma_whole, rtol=1e-6, atol=0)
+
+
+def test_post_epoch_fn_sees_each_epoch_and_can_change_the_rate_or_stop(tmp_path):
+    imdb, train, val = _small_imdb(100, 100)
+    kw = dict(num_epochs=4, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    calls = []
+
+    def schedule(net, params, state):
+        calls.append((params["epoch"], params["learning_rate"], state["stats"]["train"]["num"],
+                      net.layers[0]["weights"][0].copy()))
+        return {1: None, 2: [0.0005], 3: 0}[params["epoch"]]
+    net, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, exp_dir=str(tmp_path), post_epoch_fn=schedule,
+                          learning_rate=0.001, **kw)
+    assert [c[:3] for c in calls] == [(1, 0.001, 100), (2, 0.001, 100), (3, 0.0005, 100)]
+    assert len(info["train"]) == 3 and find_last_checkpoint(str(tmp_path)) == 3  # 0 stops after saving epoch 3
+    np.testing.assert_array_equal(calls[-1][3], net.layers[0]["weights"][0])  # the net after that epoch
+
+
+@pytest.mark.parametrize("option, value, words", [("num_sub_batches", 0, "num_sub_batches must be a positive"),
+                                                  ("num_sub_batches", 1.5, "num_sub_batches must be a positive"),
+                                                  ("post_epoch_fn", 3, "post_epoch_fn must be a function"),
+                                                  ("learning_rate", float("nan"), "learning_rate must be a finite"),
+                                                  ("learning_rate", [], "learning_rate must be a finite")])
+def test_sub_batch_and_post_epoch_options_are_checked(tmp_path, option, value, words):
+    imdb, train, val = _small_imdb(100, 100)
+    with pytest.raises(ValueError) as exc:
+        cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, exp_dir=str(tmp_path), num_epochs=1, batch_size=100,
+                  train=train, val=val, progress=False, device="cpu", **{option: value})
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+    assert find_last_checkpoint(str(tmp_path)) == 0
