@@ -1,4 +1,4 @@
-"""MATLAB's ``imresize`` for float images, in numpy and in PyTorch.
+"""MATLAB's ``imresize`` for float, integer and logical images, in numpy and in PyTorch.
 
 The study brings 28 x 28 MNIST digits to N x N the way a MATLAB user would,
 ``imresize(img, [N N])``, so this module reproduces MATLAB's algorithm
@@ -8,7 +8,9 @@ mapping, kernel and border handling differ.
 
 The algorithm, for one dimension of length ``n_in`` resized to ``n_out``:
 
-* ``scale = n_out / n_in`` (or the scalar factor the caller gave);
+* ``scale = n_out / n_in`` (or the scalar factor the caller gave; for a size
+  ``[M NaN]`` the missing length is ``ceil(M * n_cols / n_rows)`` and both
+  dimensions use ``scale = M / n_rows``, likewise ``[NaN N]``);
 * output pixel ``x = 1 .. n_out`` samples input coordinate
   ``u = x / scale + 0.5 * (1 - 1 / scale)`` (1-based pixel centres);
 * kernel ``k``: Keys cubic with ``a = -0.5`` (width 4) for ``'bicubic'``,
@@ -22,8 +24,10 @@ The algorithm, for one dimension of length ``n_in`` resized to ``n_out``:
   ``[1..n, n..1][(t - 1) mod 2n]``); tap columns whose weights are all zero
   are dropped;
 * the dimension with the smaller scale is resized first (ties: rows first),
-  and the intermediate result is stored in the input's precision, as MATLAB
-  does.
+  and the intermediate result is stored in the input's class, as MATLAB
+  does: for an integer image that means rounded (halves away from zero) and
+  saturated to the type's range after each of the two passes;
+* a logical image is resized as uint8 (0 / 255) and thresholded, ``> 128``.
 
 Weights are built once per dimension in float64 numpy and applied as a dense
 ``n_out x n_in`` matrix with a tensor contraction in the input's backend
@@ -44,6 +48,10 @@ except ImportError:  # pragma: no cover
     torch = None
 
 __all__ = ["imresize", "resize_weights", "resize_matrix", "METHODS"]
+
+# MATLAB's integer image classes (imresize also takes single, double and logical)
+_NP_INTS = (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32)
+_TORCH_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32) if torch is not None else ()
 
 
 def _cubic(x):
@@ -196,6 +204,17 @@ def _parse_size(out_size, in_hw):
         raise ValueError(f"imresize: out_size must be (M, N) or a scale factor; got {out_size!r}") from None
     if len(vals) != 2:
         raise ValueError(f"imresize: out_size must have 2 entries (M, N); got {out_size!r}")
+    nan = [isinstance(v, Real) and not isinstance(v, bool) and math.isnan(v) for v in vals]
+    if all(nan):
+        raise ValueError(f"imresize: out_size may have one NaN entry, not two; got {out_size!r}")
+    if any(nan):
+        k = nan.index(False)  # the dimension the caller gave
+        m = _positive_int(vals[k], "out_size")
+        # MATLAB (fixupSize) evaluates m * other / given, exact for these integers;
+        # (m / given) * other can land just above an integer and ceil one too far.
+        other = int(math.ceil(m * in_hw[1 - k] / in_hw[k]))
+        s = m / in_hw[k]  # deriveScaleFromSize: the given dimension's scale, for both
+        return ((m, other) if k == 0 else (other, m)), (s, s)
     out = tuple(_positive_int(v, "out_size") for v in vals)
     return out, (out[0] / in_hw[0], out[1] / in_hw[1])
 
@@ -209,13 +228,19 @@ def imresize(A, out_size, method="bicubic", antialiasing=None, *, axes=(0, 1)):
 
     Parameters
     ----------
-    A : numpy float32/float64 array or floating torch tensor
-        ``H x W``, ``H x W x C`` or ``H x W x C x K`` (MATLAB layout: dimension 0
-        is the row, dimension 1 the column; every trailing dimension is resized
+    A : numpy array or torch tensor
+        numpy float32/float64, uint8/int8/uint16/int16/int32/uint32 or bool;
+        torch floating, uint8/int8/int16/int32 or bool. ``H x W``,
+        ``H x W x C`` or ``H x W x C x K`` (MATLAB layout: dimension 0 is the
+        row, dimension 1 the column; every trailing dimension is resized
         independently, e.g. the channels and images of an imdb batch).
-    out_size : (M, N) or float
+    out_size : (M, N), (M, NaN), (NaN, N) or float
         Output rows and columns, or a scale factor ``s`` (output size
-        ``ceil(s * [H W])`` and kernel scale ``s``, as in MATLAB).
+        ``ceil(s * [H W])`` and kernel scale ``s``, as in MATLAB). With one
+        NaN the aspect ratio is kept as MATLAB keeps it: ``(M, NaN)`` gives
+        ``N = ceil(M * W / H)`` and kernel scale ``M / H`` for both
+        dimensions (so the columns use ``M / H``, not ``N / W``);
+        ``(NaN, N)`` likewise.
     method : str
         ``'bicubic'`` (default; Keys cubic, a = -0.5), ``'bilinear'``,
         ``'nearest'`` (box kernel), ``'lanczos2'``, ``'lanczos3'``, or the
@@ -235,28 +260,37 @@ def imresize(A, out_size, method="bicubic", antialiasing=None, *, axes=(0, 1)):
 
     Each dimension is resized with :func:`resize_matrix`,
     ``B = R_rows @ A @ R_cols.T`` per channel/image, smaller-scale dimension
-    first (rows first on a tie) and the intermediate rounded to ``A``'s dtype
-    (MATLAB keeps the class between the two passes). Accumulation is in
-    float64 (float32 on torch devices without float64 support). A dimension
-    whose size and scale are unchanged is left exactly as it is. NaN/Inf
-    propagate to every output pixel whose taps touch them.
+    first (rows first on a tie) and the intermediate converted to ``A``'s
+    dtype (MATLAB keeps the class between the two passes). Accumulation is
+    in float64 (float32 on torch devices without float64 support). For an
+    integer ``A`` each pass's result is rounded to nearest, halves away from
+    zero, and saturated to the type's range, as MATLAB converts double to
+    an integer class; so the intermediate is rounded too. A bool ``A`` is
+    resized as uint8 ``0 / 255`` and the result is ``> 128``, as MATLAB does
+    for logical images. A dimension whose size and scale are unchanged is
+    left exactly as it is. NaN/Inf propagate to every output pixel whose
+    taps touch them.
 
-    Raises ``ValueError`` (one line, naming the argument) for a non-float
-    ``A``, fewer than 2 or more than 4 dimensions, an empty image, a
-    non-positive size, bad ``axes`` or an unknown method.
+    Raises ``ValueError`` (one line, naming the argument) for an unsupported
+    dtype (the message names it), fewer than 2 or more than 4 dimensions, an
+    empty image, a non-positive size, a size with two NaNs, bad ``axes`` or
+    an unknown method.
     """
     method = _canonical_method(method)
     if antialiasing is not None and not isinstance(antialiasing, (bool, np.bool_)):
         raise ValueError(f"imresize: antialiasing must be True, False or None; got {antialiasing!r}")
     is_t = _is_torch(A)
     if is_t:
-        if not A.is_floating_point():
-            raise ValueError(f"imresize: A must be a floating-point tensor; got {A.dtype}")
+        if not (A.is_floating_point() or A.dtype in _TORCH_INTS or A.dtype == torch.bool):
+            raise ValueError(f"imresize: A must be a floating, uint8, int8, int16, int32 or bool tensor; got {A.dtype}")
+        logical = A.dtype == torch.bool
     else:
         if not isinstance(A, np.ndarray):
             raise ValueError(f"imresize: A must be a numpy array or torch tensor; got {type(A).__name__}")
-        if A.dtype not in (np.float32, np.float64):
-            raise ValueError(f"imresize: A must be float32 or float64; got {A.dtype}")
+        if A.dtype.type not in (np.float32, np.float64, np.bool_) + _NP_INTS:
+            raise ValueError("imresize: A must be float32, float64, uint8, int8, uint16, int16, int32, uint32 "
+                             f"or bool; got {A.dtype}")
+        logical = A.dtype.type is np.bool_
     if not 2 <= A.ndim <= 4:
         raise ValueError(f"imresize: A must be H x W, H x W x C or H x W x C x K; got {A.ndim}-D shape {tuple(A.shape)}")
     try:
@@ -270,6 +304,8 @@ def imresize(A, out_size, method="bicubic", antialiasing=None, *, axes=(0, 1)):
         raise ValueError(f"imresize: A must not be empty; got shape {tuple(A.shape)}")
     in_hw = (int(A.shape[ax[0]]), int(A.shape[ax[1]]))
     out_hw, scales = _parse_size(out_size, in_hw)
+    if logical:  # MATLAB: im2uint8, resize in uint8, then B > 128
+        A = A.to(torch.uint8) * 255 if is_t else A.astype(np.uint8) * np.uint8(255)
 
     # Stable sort: the smaller scale first, rows first on a tie (MATLAB's order).
     order = sorted((0, 1), key=lambda d: scales[d])
@@ -281,7 +317,7 @@ def imresize(A, out_size, method="bicubic", antialiasing=None, *, axes=(0, 1)):
         out = _apply(out, mat, ax[d])
     if out is A:
         out = A.clone() if is_t else A.copy()
-    return out
+    return out > 128 if logical else out
 
 
 def _apply(A, mat, axis):
@@ -310,4 +346,26 @@ def _apply(A, mat, axis):
     else:
         y = m @ a.reshape(pre, n_in, post)
     y = y.reshape(new_shape)
-    return y.to(A.dtype) if _is_torch(A) else y.astype(A.dtype, copy=False)
+    if _is_torch(A):
+        if not A.is_floating_point():
+            info = torch.iinfo(A.dtype)
+            y = _round_saturate(y, info.min, info.max)
+        return y.to(A.dtype)
+    if A.dtype.kind in "iu":
+        info = np.iinfo(A.dtype)
+        y = _round_saturate(y, info.min, info.max)
+    return y.astype(A.dtype, copy=False)
+
+
+def _round_saturate(y, lo, hi):
+    """MATLAB's double -> integer class: nearest, halves away from zero, clipped to ``[lo, hi]``.
+
+    ``np.round`` / ``torch.round`` round halves to even, and ``floor(|y| + 0.5)``
+    rounds 0.49999999999999994 up (the sum rounds to 1); ``y - trunc(y)`` is
+    exact, so comparing it with 0.5 is not fooled.
+    """
+    if _is_torch(y):
+        t = torch.trunc(y)
+        return torch.where((y - t).abs() >= 0.5, t + torch.sign(y), t).clamp(lo, hi)
+    t = np.trunc(y)
+    return np.clip(np.where(np.abs(y - t) >= 0.5, t + np.sign(y), t), lo, hi)

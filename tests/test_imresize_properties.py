@@ -209,9 +209,9 @@ def test_scalar_scale():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(A=np.zeros((4, 4), np.uint8)), "A must be float"),
-    (dict(A=np.zeros((4, 4), np.int64)), "A must be float"),
-    (dict(A=torch.zeros(4, 4, dtype=torch.int32)), "A must be a floating"),
+    (dict(A=np.zeros((4, 4), np.int64)), "A must be float32.*int64"),
+    (dict(A=np.zeros((4, 4), np.complex64)), "A must be float32.*complex64"),
+    (dict(A=torch.zeros(4, 4, dtype=torch.int64)), "A must be a floating.*int64"),
     (dict(A=[[1.0, 2.0]]), "A must be a numpy"),
     (dict(A=np.zeros(4)), "A must be H x W"),
     (dict(A=np.zeros((2, 2, 2, 2, 2))), "A must be H x W"),
@@ -220,6 +220,7 @@ def test_scalar_scale():
     (dict(out_size=(-3, 4)), "out_size"),
     (dict(out_size=(3.5, 4)), "out_size"),
     (dict(out_size=(3, 4, 5)), "out_size"),
+    (dict(out_size=(float("nan"), float("nan"))), "out_size"),
     (dict(out_size=-2.0), "out_size"),
     (dict(out_size="big"), "out_size"),
     (dict(method="spline"), "method"),
