@@ -33,7 +33,8 @@ As in MatConvNet a layer whose input has no value is skipped, which lets
 :meth:`DagNN.saveobj` / :meth:`DagNN.loadobj` convert from / to the struct
 of MatConvNet's ``saveobj`` (struct arrays are lists of dicts here; see
 :mod:`matconvnet_port.netio` for the file layout), and
-:meth:`DagNN.from_simplenn` is ``dagnn.DagNN.fromSimpleNN``.
+:meth:`DagNN.from_simplenn` is ``dagnn.DagNN.fromSimpleNN`` and
+:meth:`DagNN.init_params` ``initParams``.
 """
 
 from __future__ import annotations
@@ -492,6 +493,64 @@ def _build_block(layer: dict, where: str) -> _Block:
         raise MatFormatError(f"{where}.block: {e}") from None
 
 
+# ---------------------------------------------------------------------------
+# Initial parameter values (each block's initParams)
+# ---------------------------------------------------------------------------
+
+def _matlab_shape(dims: list[int]) -> tuple:
+    """The shape of MATLAB's ``zeros(dims)``: trailing singletons after the second dimension dropped."""
+    dims = list(dims)
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
+
+
+def _randn(dims: list[int], scale: float, generator: torch.Generator) -> np.ndarray:
+    """``randn(dims, 'single') * scale`` with torch's generator, drawn in MATLAB's column-major order."""
+    x = torch.randn(int(np.prod(dims)), generator=generator, dtype=torch.float32, device=generator.device)
+    x = x.cpu().numpy() * np.float32(scale)  # single * double is single in MATLAB
+    return np.ascontiguousarray(x.reshape(_matlab_shape(dims), order="F"))
+
+
+def _positive_ints(value, where: str, what: str, count: tuple[int, int]) -> list[int]:
+    """1..4 (or exactly 1) positive integers, as initParams needs them to size its arrays."""
+    try:
+        dims = _numbers(value, where)
+    except MatFormatError as e:  # the in-memory net's fault, not a file's: plain ValueError
+        raise ValueError(str(e)) from None
+    if not count[0] <= len(dims) <= count[1] or not all(d >= 1 and d.is_integer() for d in dims):
+        shown = "[" + " ".join(f"{d:g}" for d in dims) + "]"
+        raise ValueError(f"{where} must be {what} (positive integers), got {shown}"
+                         + (" (not set)" if not dims or not any(dims) else ""))
+    return [int(d) for d in dims]
+
+
+def _init_values(layer: dict, where: str, generator: torch.Generator) -> list[np.ndarray]:
+    """The values the layer's block's ``initParams`` gives (none for blocks without parameters)."""
+    kind = layer["type"]
+    p = _block_props(layer, where)
+    b = f"{where}: block"
+    if kind in ("dagnn.Conv", "dagnn.ConvTranspose"):
+        conv = kind == "dagnn.Conv"
+        size = _positive_ints(p["size"], f"{b}.size", "[FH FW FC K]" if conv else "[FH FW K C]", (1, 4))
+        size += [1] * (4 - len(size))  # set.size pads with 1s
+        try:
+            has_bias = _flag(p["hasBias"], f"{b}.hasBias")
+        except MatFormatError as e:
+            raise ValueError(str(e)) from None
+        # variance 2 / fan-in (He et al. 2015): prod(size(1:3)) for Conv, prod(size([1 2 4])) for ConvTranspose
+        fan_in = size[0] * size[1] * (size[2] if conv else size[3])
+        values = [_randn(size, np.sqrt(2.0 / fan_in), generator)]
+        if has_bias:
+            groups = 1 if conv else _positive_ints(p["numGroups"], f"{b}.numGroups", "one number", (1, 1))[0]
+            values.append(np.zeros((size[3] if conv else size[2] * groups, 1), np.float32))
+        return values
+    if kind == "dagnn.BatchNorm":
+        c = _positive_ints(p["numChannels"], f"{b}.numChannels", "one number, the channel count", (1, 1))[0]
+        return [np.ones((c, 1), np.float32), np.zeros((c, 1), np.float32), np.zeros((c, 2), np.float32)]
+    return []  # dagnn.Layer's initParams: no parameters
+
+
 # number of params each block type takes: (minimum, maximum)
 _PARAM_COUNTS = {"dagnn.Conv": (1, 2), "dagnn.ConvTranspose": (1, 2), "dagnn.BatchNorm": (3, 3)}
 
@@ -695,6 +754,67 @@ class DagNN:
             t += 1
             name = f"{prefix}{t}"
         return name
+
+    # -- initialisation ------------------------------------------------------
+
+    def init_params(self, seed: int = 0, generator: torch.Generator | None = None) -> None:
+        """Give every parameter its initial value -- MatConvNet ``initParams``.
+
+        Layer by layer, in list order, the block's ``initParams`` gives a list
+        of values that go to the layer's parameters in order (a parameter
+        shared by two layers ends with the later layer's value). Values are
+        float32 numpy arrays in MatConvNet layout, shaped as MATLAB's arrays
+        (trailing singleton dimensions after the second dropped, as after a
+        ``.mat`` round trip):
+
+        * ``dagnn.Conv``, ``size`` [FH FW FC K] (padded with 1s as its
+          ``set.size`` does): filters FH x FW x FC x K, ``randn * sqrt(2 / (FH*FW*FC))``;
+          if ``hasBias``, biases K x 1 zeros.
+        * ``dagnn.ConvTranspose``, ``size`` [FH FW K C] (K filters, input depth
+          C): filters FH x FW x K x C, ``randn * sqrt(2 / (FH*FW*C))``; if
+          ``hasBias``, biases (K*numGroups) x 1 zeros.
+        * ``dagnn.BatchNorm``, ``numChannels`` C: multipliers C x 1 ones,
+          biases C x 1 zeros, moments C x 2 zeros (sigma 0: 'test' mode
+          divides by zero until training has set them, as in MatConvNet).
+        * any other block: no values (it has no parameters).
+
+        The values go to the parameters as MATLAB's ``deal`` hands them out:
+        one value per parameter, or a single value copied to every parameter
+        (a Conv with ``hasBias`` false but two parameters gets its filters in
+        both, as in MatConvNet). Only ``value`` changes; learning rates,
+        weight decays and ``der`` are kept.
+
+        Random numbers: standard normal float32 from ``generator`` if given,
+        else from a CPU ``torch.Generator`` seeded with ``seed``, filled in
+        MATLAB's column-major element order. The same seed gives the same
+        values; the distribution and scale are MatConvNet's, the numbers are
+        not (MATLAB's randn stream cannot be reproduced).
+
+        Deliberate differences from MatConvNet: a missing or zero ``size`` is
+        an error (MATLAB makes empty filters, and NaN biases when the fan-in
+        is 0); a ConvTranspose gets K*numGroups biases (MatConvNet makes K,
+        which ``vl_nnconvt`` refuses for numGroups > 1); on an error no
+        parameter has changed (MATLAB stops half-way).
+
+        ValueError, one line naming the layer: a bad ``size``, ``hasBias``,
+        ``numGroups`` or ``numChannels``; a layer whose parameter count does
+        not take its block's values (``deal``'s error in MATLAB).
+        """
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        assignments = []  # all values first, so that an error leaves the net as it was
+        for layer in self.layers:
+            where = f"layer {layer['name']!r}"
+            values = _init_values(layer, where, generator)
+            names = layer["params"]
+            if len(values) == 1:  # deal(x): x to every output
+                values = values * len(names)
+            elif len(values) != len(names):
+                raise ValueError(f"{where}: its {layer['type']} block initialises {len(values)} parameters, "
+                                 f"the layer has {len(names)} ({', '.join(map(repr, names)) or 'none'})")
+            assignments.extend(zip(names, values))
+        for name, value in assignments:
+            self.params[name].value = value.copy()  # deal's copies: no two parameters share memory
 
     # -- graph ---------------------------------------------------------------
 
