@@ -100,12 +100,14 @@ def main():
                 return run
             rows.append((f"dense per model, {STREAMS} streams", timed(spread(0), device, args.reps),
                          timed(spread(1), device, args.reps), timed(spread(2), device, args.reps)))
-        # im2col + GEMM: forward alone, then forward + each derivative minus the forward
+        # im2col + GEMM: each derivative is the backward pass of one kept graph (timed alone, not as a
+        # difference of two noisy medians, which can come out negative)
         xg = x.clone().requires_grad_(True)
         fg = f.clone().requires_grad_(True)
+        y_x, y_f = fn.conv_gemm(xg, f), fn.conv_gemm(x, fg)
         gemm_fwd = timed(lambda: fn.conv_gemm(x, f), device, args.reps)
-        gemm_dgrad = timed(lambda: torch.autograd.grad(fn.conv_gemm(xg, f), xg, dy), device, args.reps) - gemm_fwd
-        gemm_wgrad = timed(lambda: torch.autograd.grad(fn.conv_gemm(x, fg), fg, dy), device, args.reps) - gemm_fwd
+        gemm_dgrad = timed(lambda: torch.autograd.grad(y_x, xg, dy, retain_graph=True), device, args.reps)
+        gemm_wgrad = timed(lambda: torch.autograd.grad(y_f, fg, dy, retain_graph=True), device, args.reps)
         rows.append(("im2col + batched GEMM", gemm_fwd, gemm_dgrad, gemm_wgrad))
         print(f"\nN={size}: conv{args.layer} input {BATCH}x{m * fc}x{side}x{side}, {flops / 1e9:.1f} GFLOP per pass")
         print(f"  {'implementation':32s} {'forward':>9s} {'dgrad':>9s} {'wgrad':>9s} {'total ms':>9s} {'TFLOP/s':>8s}")
