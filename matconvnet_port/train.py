@@ -19,14 +19,15 @@ The story, top to bottom:
 The update (``accumulateGradients`` in ``cnn_train.m``), for every layer from
 last to first and every parameter j from last to first::
 
-    g = dzdw / (1 if normalise else batchSize) + weightDecay * layer.weightDecay(j) * w
+    g = dzdw / (numSubBatches if normalise else batchSize) + weightDecay * layer.weightDecay(j) * w
     m = momentum * m - g
     delta = momentum * m - g  if nesterov_update else  m
     w = w + learningRate(epoch) * layer.learningRate(j) * delta
 
-(skipped when both the learning rate and the decay of that parameter are 0).
+(skipped when both the learning rate and the decay of that parameter are 0;
+``dzdw`` summed over the sub-batches, of which there is one by default).
 Batch-norm moments are not trained: ``w = (1 - a) * w + a * batch_moments``
-with ``a = layer.learningRate(3)``. The statistics are MatConvNet's:
+with ``a = layer.learningRate(3)`` (with sub-batches, their moments averaged). The statistics are MatConvNet's:
 ``objective`` the mean per-image loss, ``top1err``/``top5err`` the errors
 counted at every spatial location of the prediction divided by the number
 of images (so they exceed 1 for spatial maps), measured during the training
@@ -35,10 +36,12 @@ forward passes and, for ``val``, after the epoch in test mode.
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import re
 import time
+from numbers import Real
 from typing import Callable, Sequence
 
 import numpy as np
@@ -303,7 +306,7 @@ def _indices(value, default: np.ndarray, name: str, count: int) -> np.ndarray:
     if a.size == 1 and np.issubdtype(a.dtype, np.floating) and np.isnan(a).all():
         return np.zeros(0, dtype=np.int64)  # MATLAB's opts.val = NaN: no validation
     if a.size and (not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all() or (a != np.round(a)).any()):
-        raise ValueError(f"{name} must be 1-based image indices (integers), got {value!r:.80}")
+        raise ValueError(f"{name} must be 1-based image indices (integers), got {_shown(value)}")
     a = a.astype(np.int64).reshape(-1)
     if a.size and (a.min() < 1 or (count and a.max() > count)):
         raise ValueError(f"{name} indices must lie in 1..{count} (1-based, as in MATLAB), got {a.min()}..{a.max()}")
@@ -323,8 +326,19 @@ def _learning_rates(value, name: str) -> np.ndarray:
     except (TypeError, ValueError):
         rates = np.zeros(0)
     if not rates.size or not np.isfinite(rates).all():
-        raise ValueError(f"{name} must be a finite number or a vector of them (one per epoch), got {value!r:.80}")
+        raise ValueError(f"{name} must be a finite number or a vector of them (one per epoch), got {_shown(value)}")
     return rates
+
+
+def _shown(value) -> str:
+    """A caller's value on one line for an error message (numpy's repr wraps long arrays)."""
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 - whatever it is, its type still names it
+        return type(value).__name__
+    if a.dtype != object and a.ndim:
+        return np.array2string(a.reshape(-1), threshold=8, edgeitems=3, max_line_width=10 ** 6, separator=", ")
+    return " ".join(repr(value).split())[:80]
 
 
 def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_batch, subset: np.ndarray,
@@ -351,7 +365,7 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
         batch = subset[t:t + batch_size]
         row = torch.zeros_like(totals)
         parts = _sub_batches(batch, opts["num_sub_batches"])
-        moment_sums = {}  # bnorm layer -> sum over sub-batches of (moments x images)
+        moment_sums = {}  # bnorm layer -> the sub-batches' moments, summed as the update wants them
         for part in parts:
             images, labels = _images_and_labels(get_batch(imdb, part))
             x, c = _to_device_batch(images, labels, device, dtype)
@@ -366,16 +380,21 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
                 errors = _errors(error_fn, prediction.detach(), c, len(error_labels)) if error_fn \
                     else prediction.new_zeros(0)
                 row += torch.cat([part_sum.reshape(1).to(torch.float64), errors.to(torch.float64)])
-                if training and len(parts) > 1:
+                if training and opts["num_sub_batches"] > 1:
                     for i, m in norms:
-                        moment_sums[i] = moment_sums.get(i, 0) + m.batch_moments * len(part)
+                        # master sums the moments (its update divides by numSubBatches); beta25's
+                        # vl_simplenn scales them by the images (its update divides by batchSize)
+                        moments = m.batch_moments if opts["normalise"] else m.batch_moments * len(part)
+                        moment_sums[i] = moment_sums.get(i, 0) + moments
             last_labels = labels
         totals += row
+        # master's accumulateGradients divides by numWorkers = numSubBatches (the loss layer already
+        # divided by each sub-batch's images), counting empty sub-batches too; beta25 by batchSize
+        divisor = opts["num_sub_batches"] if opts["normalise"] else len(batch)
         if training:
             solver.step(module, learning_rate=learning_rate, weight_decay=opts["weight_decay"],
                         momentum=opts["momentum"], nesterov=opts["nesterov_update"],
-                        grad_scale=1.0 if opts["normalise"] else 1.0 / len(batch),
-                        batch_moments={i: v / len(batch) for i, v in moment_sums.items()})
+                        grad_scale=1.0 / divisor, batch_moments={i: v / divisor for i, v in moment_sums.items()})
         num += len(batch)
         if batch_callback is not None:
             values = (row / len(batch)).cpu().numpy()
@@ -426,18 +445,23 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     ``normalise=True`` is master (the loss layer divides by the batch size);
     ``False`` is v1.0-beta25 (the loss is summed and the update divides).
     ``batch_callback(epoch, mode, b, stats)`` sees every batch's statistics.
-    ``num_sub_batches`` splits each batch into that many interleaved
-    sub-batches (images s, s + k, s + 2k, ...) whose derivatives accumulate
-    before the batch's one update, to fit memory; as in ``cnn_train`` each
-    sub-batch's loss is its own, so with ``normalise=True`` (each loss divided
-    by its own images) the step is the *sum* of the sub-batch mean gradients,
-    while ``normalise=False`` gives exactly the whole batch's mean.
+    ``num_sub_batches`` S splits each batch into S interleaved sub-batches
+    (images s, s + S, s + 2S, ...) whose derivatives accumulate before the
+    batch's one update, to fit memory. With ``normalise=True`` each sub-batch's
+    loss divides by its own images and master's update divides by S, so the
+    step follows the mean of the sub-batch mean gradients (and the bnorm
+    moments the mean of the sub-batch moments), S counted even where a short
+    last batch leaves sub-batches empty; with ``normalise=False`` (beta25) the
+    step is exactly the whole batch's mean and the moments are weighted by
+    images.
     ``post_epoch_fn(net, params, state)`` runs after each epoch's checkpoint
-    (``net`` the trained SimpleNN, ``params`` the epoch's options as a dict,
-    ``state`` with ``stats`` and ``solverState``); returning ``None`` changes
-    nothing, a number or vector becomes the learning rate from the next epoch
-    on, and 0 stops training -- MATLAB's ``postEpochFn``. The change is not
-    saved: a resumed run starts again from ``learning_rate``, as in MATLAB.
+    (``net`` a copy of the trained SimpleNN, ``params`` the epoch's options
+    as a dict, ``state`` with ``stats`` and ``solverState``) -- MATLAB's
+    ``postEpochFn``. Returning ``None`` is MATLAB's function without an
+    output: nothing changes. Otherwise an empty value keeps the learning
+    rate, a number or vector replaces it from the next epoch on, and training
+    stops when the rate is then 0 everywhere. The change is not saved: a
+    resumed run starts again from ``learning_rate``, as in MATLAB.
 
     Checkpoints ``exp_dir/net-epoch-K.mat`` hold ``net``, ``state``
     (``solverState`` momentum buffers, ``stats``) and ``stats``, written
@@ -459,8 +483,8 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                          f"{len(ERROR_FUNCTIONS[error_function][1])} values, got {len(error[1])} labels")
     if len(error[1]) != len(set(error[1])) or {"objective", "num", "time"} & set(error[1]):
         raise ValueError(f"error_labels must be distinct names other than objective, num, time; got {error[1]}")
-    if isinstance(num_sub_batches, bool) or not isinstance(num_sub_batches, (int, np.integer)) \
-            or num_sub_batches < 1:
+    if isinstance(num_sub_batches, bool) or not isinstance(num_sub_batches, Real) or not 1 <= num_sub_batches < np.inf \
+            or num_sub_batches != int(num_sub_batches):  # a whole double, as from a .mat, is fine
         raise ValueError(f"num_sub_batches must be a positive integer, got {num_sub_batches!r}")
     if post_epoch_fn is not None and not callable(post_epoch_fn):
         raise ValueError(f"post_epoch_fn must be a function (net, params, state), got {type(post_epoch_fn).__name__}")
@@ -545,10 +569,11 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                               val=val_order, batch_size=batch_size, num_sub_batches=num_sub_batches,
                               num_epochs=num_epochs, weight_decay=weight_decay, momentum=momentum,
                               exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
-                new_rate = post_epoch_fn(net, params, state)
-                if new_rate is not None:
-                    rates = _learning_rates(new_rate, "post_epoch_fn's learning rate")
-                    if not rates.any():  # MATLAB's `if opts.learningRate == 0, break`
+                new_rate = post_epoch_fn(copy.deepcopy(net), params, state)  # MATLAB passes values
+                if new_rate is not None:  # MATLAB: nargout(postEpochFn) > 0
+                    if np.size(new_rate):  # [] keeps the rate
+                        rates = _learning_rates(new_rate, "post_epoch_fn's learning rate")
+                    if not rates.any():  # `if opts.learningRate == 0, break`
                         break
     net.load_torch_weights(module)
     return net, info

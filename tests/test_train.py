@@ -445,62 +445,103 @@ def test_sub_batches_without_normalisation_equal_the_whole_batch(tmp_path):
         assert abs(info_a["train"][0][key] - info_b["train"][0][key]) <= 1e-5 * max(1, abs(info_a["train"][0][key]))
 
 
-def test_sub_batches_with_normalisation_sum_the_sub_batch_means(tmp_path):
-    """master: each sub-batch's loss divides by its own images, and the derivatives add up, so two
-    equal sub-batches make the gradient twice the batch mean. From zero momentum one step is
-    w - lr (2 g + wd w): the plain step with twice the rate and half the decay."""
-    imdb, train, val = _small_imdb(100, 100)
+def test_sub_batches_with_normalisation_average_the_sub_batch_means(tmp_path):
+    """master: each sub-batch's loss divides by its own images and accumulateGradients divides by
+    numWorkers = numSubBatches, so two equal sub-batches give the whole batch's mean gradient."""
+    imdb, train, val = _small_imdb(200, 100)
     kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
     split, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "a"),
-                         num_sub_batches=2, learning_rate=0.001, weight_decay=0.0005, **kw)
-    plain, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "b"),
-                         learning_rate=0.002, weight_decay=0.00025, **kw)
+                         num_sub_batches=2.0, **kw)  # a whole double, as trainOpts from a .mat hold it
+    plain, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "b"), **kw)
     for wa, wb, w0 in zip(_weights(split), _weights(plain), _weights(cnn_mnist_init(seed=2))):
         assert np.abs(wa - wb).max() <= 1e-4 * np.abs(wb - w0).max()
 
 
-def test_sub_batches_average_the_bnorm_moments_by_images(tmp_path):
-    """Each bnorm's moments derivative is its sub-batch moments times its images; the update divides
-    by the batch size. After one step the first bnorm's mean column (its input does not depend on
-    the step) is 0.05 x the whole batch's mean, even with unequal sub-batches (34, 33, 33)."""
+def test_sub_batches_with_normalisation_count_the_empty_ones(tmp_path):
+    """A last batch of one image split in two: master still divides by numSubBatches = 2, so from
+    zero momentum the step is w - lr (g / 2 + wd w): the plain step with half the rate, twice the decay."""
+    imdb, train, val = _small_imdb(101, 100)
+    order = lambda e, mode, idx: idx  # noqa: E731 - the last training batch is image 101 alone
+    kw = dict(num_epochs=1, train=train[-1:], val=val, order=order, progress=False, device="cpu")
+    split, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "a"), batch_size=100,
+                         num_sub_batches=2, learning_rate=0.002, weight_decay=0.0005, **kw)
+    plain, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "b"), batch_size=100,
+                         learning_rate=0.001, weight_decay=0.001, **kw)
+    for wa, wb, w0 in zip(_weights(split), _weights(plain), _weights(cnn_mnist_init(seed=2))):
+        assert np.abs(wb - w0).max() > 0
+        assert np.abs(wa - wb).max() <= 1e-4 * np.abs(wb - w0).max()
+
+
+def _bnorm_moments_after_one_step(tmp_path, name, **options):
     imdb, train, val = _small_imdb(100, 100)
-    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
-    whole, _ = cnn_train(cnn_mnist_init(seed=4, batch_normalization=True), imdb, get_batch,
-                         exp_dir=str(tmp_path / "a"), **kw)
-    split, _ = cnn_train(cnn_mnist_init(seed=4, batch_normalization=True), imdb, get_batch,
-                         exp_dir=str(tmp_path / "b"), num_sub_batches=3, **kw)
-    first = next(i for i, layer in enumerate(whole.layers) if layer["type"] == "bnorm")
-    mean_whole = np.asarray(whole.layers[first]["weights"][2])[:, 0]
-    mean_split = np.asarray(split.layers[first]["weights"][2])[:, 0]
-    assert np.abs(mean_whole).max() > 0
-    assert max_rel(mean_split, mean_whole) < 1e-5
-    sigma_whole = np.asarray(whole.layers[first]["weights"][2])[:, 1]
-    sigma_split = np.asarray(split.layers[first]["weights"][2])[:, 1]
-    assert max_rel(sigma_split, sigma_whole) < 0.05  # the sub-batches' own sigmas, averaged: close, not equal
-    assert not np.allclose(sigma_split, sigma_whole, rtol=1e-6, atol=0)
+    net, _ = cnn_train(cnn_mnist_init(seed=4, batch_normalization=True), imdb, get_batch, exp_dir=str(tmp_path / name),
+                       num_epochs=1, batch_size=100, train=train, val=val, order=lambda e, mode, idx: idx,
+                       progress=False, device="cpu", **options)
+    first = next(i for i, layer in enumerate(net.layers) if layer["type"] == "bnorm")
+    return np.asarray(net.layers[first]["weights"][2], np.float64), imdb, train
+
+
+def test_sub_batches_average_the_bnorm_moments(tmp_path):
+    """After one step the first bnorm's moments are 0.05 x its sub-batches' moments (its input does
+    not depend on the step), combined as each version's update combines them: master (normalise)
+    the plain mean over the three sub-batches (34, 33, 33 images); beta25 weighted by images, which
+    makes the mean column the whole batch's mean."""
+    import torch
+    whole, imdb, train = _bnorm_moments_after_one_step(tmp_path, "whole")
+    master, _, _ = _bnorm_moments_after_one_step(tmp_path, "master", num_sub_batches=3)
+    beta25, _, _ = _bnorm_moments_after_one_step(tmp_path, "beta25", num_sub_batches=3, normalise=False)
+    module = cnn_mnist_init(seed=4, batch_normalization=True).to_torch()
+    parts = [train[s::3] for s in range(3)]
+    with torch.no_grad():
+        moments = []
+        for part in parts:
+            x = torch.from_numpy(get_batch(imdb, part)[0]).permute(3, 2, 0, 1).contiguous()
+            x = module.layers[0](x)  # conv1: the first bnorm's input
+            moments.append(torch.stack([x.mean(dim=(0, 2, 3)),
+                                        torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5)], 1).double().numpy())
+    sizes = np.array([len(p) for p in parts], np.float64)
+    assert max_rel(master, 0.05 * sum(moments) / 3) < 1e-5
+    assert max_rel(beta25, 0.05 * sum(n * m for n, m in zip(sizes, moments)) / sizes.sum()) < 1e-5
+    assert max_rel(beta25[:, 0], whole[:, 0]) < 1e-5
+    assert not np.allclose(master, beta25, rtol=1e-6, atol=0)  # the two rules differ here
 
 
 def test_post_epoch_fn_sees_each_epoch_and_can_change_the_rate_or_stop(tmp_path):
     imdb, train, val = _small_imdb(100, 100)
-    kw = dict(num_epochs=4, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    kw = dict(num_epochs=6, batch_size=100, train=train, val=val, progress=False, device="cpu")
     calls = []
 
     def schedule(net, params, state):
         calls.append((params["epoch"], params["learning_rate"], state["stats"]["train"]["num"],
                       net.layers[0]["weights"][0].copy()))
-        return {1: None, 2: [0.0005], 3: 0}[params["epoch"]]
+        net.layers[0]["weights"][0][:] = 0  # a copy, as MATLAB passes it: training must not see this
+        return {1: None, 2: [], 3: [0.0005], 4: 0}[params["epoch"]]
     net, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, exp_dir=str(tmp_path), post_epoch_fn=schedule,
                           learning_rate=0.001, **kw)
-    assert [c[:3] for c in calls] == [(1, 0.001, 100), (2, 0.001, 100), (3, 0.0005, 100)]
-    assert len(info["train"]) == 3 and find_last_checkpoint(str(tmp_path)) == 3  # 0 stops after saving epoch 3
+    assert [c[:3] for c in calls] == [(1, 0.001, 100), (2, 0.001, 100), (3, 0.001, 100), (4, 0.0005, 100)]
+    assert len(info["train"]) == 4 and find_last_checkpoint(str(tmp_path)) == 4  # 0 stops after saving epoch 4
     np.testing.assert_array_equal(calls[-1][3], net.layers[0]["weights"][0])  # the net after that epoch
+    assert np.abs(net.layers[0]["weights"][0]).max() > 0
+
+
+@pytest.mark.parametrize("returned, epochs", [([], 1), (None, 3)])
+def test_post_epoch_fn_with_a_zero_rate_stops_unless_it_returns_nothing(tmp_path, returned, epochs):
+    """MATLAB checks `opts.learningRate == 0` after a postEpochFn with an output, even an empty one;
+    a function without an output (None here) is never checked."""
+    imdb, train, val = _small_imdb(100, 100)
+    _, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, exp_dir=str(tmp_path), num_epochs=3, batch_size=100,
+                        train=train, val=val, learning_rate=0.0, post_epoch_fn=lambda net, params, state: returned,
+                        progress=False, device="cpu")
+    assert len(info["train"]) == epochs
 
 
 @pytest.mark.parametrize("option, value, words", [("num_sub_batches", 0, "num_sub_batches must be a positive"),
                                                   ("num_sub_batches", 1.5, "num_sub_batches must be a positive"),
+                                                  ("num_sub_batches", float("inf"), "num_sub_batches must be a positive"),
                                                   ("post_epoch_fn", 3, "post_epoch_fn must be a function"),
                                                   ("learning_rate", float("nan"), "learning_rate must be a finite"),
-                                                  ("learning_rate", [], "learning_rate must be a finite")])
+                                                  ("learning_rate", [], "learning_rate must be a finite"),
+                                                  ("learning_rate", np.full(40, np.nan), "[nan, nan, nan, ..., nan")])
 def test_sub_batch_and_post_epoch_options_are_checked(tmp_path, option, value, words):
     imdb, train, val = _small_imdb(100, 100)
     with pytest.raises(ValueError) as exc:
