@@ -485,6 +485,8 @@ def _build_block(layer: dict, where: str) -> _Block:
     if kind not in _BUILDERS:
         raise MatFormatError(f"{where}.type: unsupported block type {kind!r} "
                              f"(supported: {', '.join(BLOCK_TYPES)})")
+    if kind == "dagnn.Loss" and len(layer["inputs"]) < 2:
+        raise MatFormatError(f"{where}.inputs: a dagnn.Loss layer needs two inputs (prediction, label)")
     try:
         return _BUILDERS[kind](_block_props(layer, where), f"{where}.block")
     except MatFormatError:
@@ -867,6 +869,15 @@ class DagNN:
             module = module.to(device=device, dtype=dtype)
         return module
 
+    def load_torch_weights(self, module: DagNNModule) -> None:
+        """Write a module's parameters back into ``params[name].value`` (MatConvNet layout, numpy),
+        e.g. after training ``to_torch()`` with a torch optimiser; empty parameters stay empty."""
+        for name, param in self.params.items():
+            if name in module.param_keys:
+                param.value = module.param_to_matconvnet(name)
+            elif name not in module.empty_params:
+                raise ValueError(f"the module has no parameter {name!r}: it was not made from this net")
+
     def eval(self, inputs: dict, derivatives: dict | None = None, mode: str = "normal") -> None:
         """Evaluate the network -- MatConvNet ``dag.eval(inputs, derOutputs)``.
 
@@ -1089,8 +1100,6 @@ class DagNN:
             if not lo <= n <= hi:
                 raise MatFormatError(f"{w}.params: a {layer['type']} layer takes "
                                      f"{lo if lo == hi else f'{lo} to {hi}'} parameters, got {n}")
-            if layer["type"] == "dagnn.Loss" and len(layer["inputs"]) < 2:
-                raise MatFormatError(f"{w}.inputs: a dagnn.Loss layer needs two inputs (prediction, label)")
             values = [self.params[p].value for p in layer["params"]]
             pw = [f"{where}.params({param_index[p] + 1}).value" for p in layer["params"]]
             _check_param_shapes(layer, values, pw, w)

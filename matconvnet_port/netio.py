@@ -407,6 +407,7 @@ def _struct_array(items: list[dict], fields: list[str]) -> matio.StructArray:
 def net_to_struct(net: SimpleNN | DagNN) -> dict:
     """The struct :func:`save_net` writes as ``net`` (matio's representation)."""
     if isinstance(net, DagNN):
+        net.validate("net")  # what load_net would refuse is not written
         s = net.saveobj()
         out = {}
         for key, value in s.items():

@@ -334,7 +334,8 @@ class Res:
     aux: Any = None
 
 
-def vl_simplenn(net: SimpleNN, x, dzdy=None, res=None, *, mode: str = "normal") -> list[Res]:
+def vl_simplenn(net: SimpleNN, x, dzdy=None, res=None, *, mode: str = "normal", conserve_memory: bool = False,
+                sync: bool = False, cudnn: bool = True) -> list[Res]:
     """Evaluate a SimpleNN -- MatConvNet ``vl_simplenn``.
 
     ``res = vl_simplenn(net, x)`` runs the forward pass; ``res =
@@ -349,6 +350,10 @@ def vl_simplenn(net: SimpleNN, x, dzdy=None, res=None, *, mode: str = "normal") 
     i's weights in MatConvNet layout ([dF, dB] for conv; [dG, dB, moments*N]
     for bnorm, as vl_simplenn scales the moments), ``res[i+1].aux`` the
     dropout mask. ``res`` (MATLAB's reuse of a result array) is not needed.
+    ``conserve_memory``, ``sync`` and ``cudnn`` are accepted so that ported
+    calls need no edit, without effect: every ``res`` entry is kept (with
+    ``conserveMemory`` MATLAB empties the intermediate ones) and PyTorch
+    picks the kernels.
     """
     if mode not in ("normal", "test"):
         raise ValueError(f"mode must be 'normal' or 'test', got {mode!r}")

@@ -331,3 +331,30 @@ def test_eval_takes_matlab_flat_name_value_lists():
     np.testing.assert_array_equal(flat[1], dag.vars["input"].der)
     with pytest.raises(ValueError, match="inputs must be a dict"):
         dag.eval(["input", x, "label"])
+
+
+def test_a_module_trained_with_torch_writes_its_weights_back():
+    """to_torch -> a torch optimiser step -> load_torch_weights: the net's values are the module's
+    parameters in MatConvNet layout (filters H x W x C x K, biases as stored), so that eval and
+    save_net see the trained network."""
+    dag = load_net(os.path.join(REF, "dagnn_lenet.mat"))
+    shapes = {name: p.value.shape for name, p in dag.params.items()}
+    module = dag.to_torch()
+    x = torch.randn(4, 1, 28, 28)
+    label = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    module(input=x, label=label).sum().backward()
+    opt.step()
+    dag.load_torch_weights(module)
+    for name, p in dag.params.items():
+        assert p.value.shape == shapes[name]
+        np.testing.assert_array_equal(p.value, module.param_to_matconvnet(name))
+    with torch.no_grad():
+        ours = module(input=x)
+    dag.eval({"input": x.permute(2, 3, 1, 0).numpy()})
+    np.testing.assert_allclose(dag.vars["prediction"].value, ours.permute(2, 3, 1, 0).numpy(), rtol=1e-5, atol=1e-6)
+    other = DagNN()
+    other.add_layer("c", "dagnn.Conv", "input", "y", ["g", "h"], {"size": [1, 1, 1, 1], "hasBias": True})
+    other.init_params()
+    with pytest.raises(ValueError, match="the module has no parameter 'g'"):
+        other.load_torch_weights(module)

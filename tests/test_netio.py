@@ -497,3 +497,29 @@ def test_save_net_refuses_what_load_net_would(tmp_path, layer, needle):
         save_net(path, SimpleNN([layer]))
     assert str(exc.value) == f"{path}: {needle}" or str(exc.value).startswith(f"{path}: {needle}")
     assert not path.exists()
+
+
+def _dag_with_loss_inputs(inputs):
+    dag = DagNN()
+    dag.add_layer("conv", "dagnn.Conv", "input", "prediction", ["f", "b"], {"size": [3, 3, 1, 4], "hasBias": True})
+    dag.add_layer("loss", "dagnn.Loss", inputs, "objective")
+    dag.init_params()
+    return dag
+
+
+def test_save_net_refuses_a_dagnn_that_load_net_would(tmp_path):
+    """A built DagNN is checked as load_net checks a file's: a one-input Loss is not written."""
+    path = tmp_path / "net.mat"
+    with pytest.raises(MatFormatError) as exc:
+        save_net(path, _dag_with_loss_inputs("prediction"))
+    assert str(exc.value) == f"{path}: net.layers(2).inputs: a dagnn.Loss layer needs two inputs (prediction, label)"
+    assert not path.exists()
+    save_net(path, _dag_with_loss_inputs(["prediction", "label"]))  # the same net with its label loads back
+    assert load_net(path).layers[1]["inputs"] == ["prediction", "label"]
+
+
+def test_dagnn_eval_of_a_one_input_loss_is_a_one_line_error():
+    dag = _dag_with_loss_inputs("prediction")
+    with pytest.raises(MatFormatError) as exc:
+        dag.eval({"input": np.zeros((5, 5, 1, 2), np.float32)})
+    assert str(exc.value) == "net.layers(2).inputs: a dagnn.Loss layer needs two inputs (prediction, label)"

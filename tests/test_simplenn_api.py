@@ -204,3 +204,17 @@ def test_from_simplenn_computes_what_vl_simplenn_computes_for_loss_and_leak():
     dag = DagNN.from_simplenn(net)
     dag.eval({"input": x, "label": c})
     np.testing.assert_allclose(dag.vars[dag.layers[-1]["outputs"][0]].value.reshape(()), simple, rtol=1e-6)
+
+
+def test_matlab_switches_are_accepted_and_change_nothing(lenet):
+    """conserveMemory / sync / cudnn in a ported vl_simplenn call: the same numbers, every res kept."""
+    x, labels = batch(3)
+    net = copy.deepcopy(lenet)
+    net.layers[-1]["class"] = labels
+    plain = vl_simplenn(net, x, np.float32(1))
+    switched = vl_simplenn(net, x, np.float32(1), conserve_memory=True, sync=True, cudnn=False)
+    for a, b in zip(plain, switched):
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.dzdx, b.dzdx)
+    with pytest.raises(TypeError):
+        vl_simplenn(net, x, back_prop_depth=2)  # not implemented: refused, not ignored
