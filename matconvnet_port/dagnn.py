@@ -792,8 +792,8 @@ class DagNN:
         values; the distribution and scale are MatConvNet's, the numbers are
         not (MATLAB's randn stream cannot be reproduced).
 
-        Deliberate differences from MatConvNet: a missing or zero ``size`` is
-        an error (MATLAB makes empty filters, and NaN biases when the fan-in
+        Deliberate differences from MatConvNet: a missing or zero ``size``, or
+        one of more than 4 entries, is an error (MATLAB makes empty filters, and NaN biases when the fan-in
         is 0); a ConvTranspose gets K*numGroups biases (MatConvNet makes K,
         which ``vl_nnconvt`` refuses for numGroups > 1); on an error no
         parameter has changed (MATLAB stops half-way).

@@ -506,9 +506,8 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     solver_state = None
 
     # 2. resume from the last complete checkpoint
+    # as cnn_train, the last checkpoint even past num_epochs (then nothing trains and it is returned)
     start = find_last_checkpoint(exp_dir) if resume else 0
-    if start >= num_epochs + 1:
-        start = num_epochs
     if start >= 1:
         net, state, saved_stats = load_checkpoint(_checkpoint_path(exp_dir, start))
         net = prepare_net(net)

@@ -549,3 +549,16 @@ def test_sub_batch_and_post_epoch_options_are_checked(tmp_path, option, value, w
                   train=train, val=val, progress=False, device="cpu", **{option: value})
     assert words in str(exc.value) and "\n" not in str(exc.value)
     assert find_last_checkpoint(str(tmp_path)) == 0
+
+
+def test_a_folder_trained_further_than_num_epochs_returns_its_last_epoch(tmp_path):
+    """cnn_train loads the last checkpoint whatever numEpochs says (start = findLastCheckpoint), so
+    asking for fewer epochs than the folder holds trains nothing and returns the last epoch."""
+    imdb, train, val = _small_imdb(100, 100)
+    kw = dict(exp_dir=str(tmp_path), batch_size=100, train=train, val=val, progress=False, device="cpu")
+    three, info3 = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, num_epochs=3, **kw)
+    again, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, num_epochs=1, **kw)
+    assert len(info["train"]) == 3 and [s["objective"] for s in info["train"]] == [s["objective"] for s in info3["train"]]
+    for wa, wb in zip(_weights(again), _weights(three)):
+        np.testing.assert_array_equal(wa, wb)
+    assert find_last_checkpoint(str(tmp_path)) == 3
