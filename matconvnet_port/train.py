@@ -55,7 +55,7 @@ from .simplenn import SimpleNN, SimpleNNModule, param_to_matconvnet, vl_simplenn
 from .vl_nn import hwcn_to_nchw
 
 __all__ = ["cnn_train", "sgd_update", "error_multiclass", "resolve_device", "default_order",
-           "find_last_checkpoint"]
+           "find_last_checkpoint", "options_from_matlab"]
 
 
 # ---------------------------------------------------------------------------
@@ -299,8 +299,9 @@ def _errors(error_fn, prediction: torch.Tensor, labels: torch.Tensor, count: int
 
 
 def _indices(value, default: np.ndarray, name: str, count: int) -> np.ndarray:
-    """cnn_train's ``train``/``val``: None = the default set, NaN = none, else 1-based image indices."""
-    if value is None:
+    """cnn_train's ``train``/``val``: None or empty = the default set (MATLAB's isempty), NaN = none,
+    else 1-based image indices."""
+    if value is None or np.size(value) == 0:
         return default
     a = np.asarray(value)
     if a.size == 1 and np.issubdtype(a.dtype, np.floating) and np.isnan(a).all():
@@ -431,9 +432,10 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     ``imdb`` is MATLAB's imdb as a dict (``imdb['images']['data']``
     H x W x C x n, ``['labels']``, ``['set']``); ``get_batch(imdb, batch)``
     returns ``(images H x W x C x b, labels)`` for 1-based indices ``batch``.
-    ``train``/``val`` default to the indices with set 1 / set 3; ``NaN`` (as in
-    MATLAB) or an empty list means none -- with no training images the run
-    only evaluates and writes no checkpoint (``cnn_train``'s evaluateMode).
+    ``train``/``val`` given as None or empty are, as in MATLAB, the indices
+    with set 1 / set 2 (``cnn_mnist.m`` passes ``val`` = the set-3 indices);
+    ``NaN`` means none -- with no training images the run only evaluates and
+    writes no checkpoint (``cnn_train``'s evaluateMode).
     Indices are checked: 1-based, within the imdb.
     ``error_function`` is 'multiclass', 'binary', 'none' or a function
     ``(prediction N x C x H x W, labels) -> error sums`` (one per name in
@@ -494,7 +496,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     os.makedirs(exp_dir, exist_ok=True)
     sets = np.asarray(imdb["images"]["set"]).reshape(-1)
     train = _indices(train, np.flatnonzero(sets == 1) + 1, "train", sets.size)
-    val = _indices(val, np.flatnonzero(sets == 3) + 1, "val", sets.size)
+    val = _indices(val, np.flatnonzero(sets == 2) + 1, "val", sets.size)
     # cnn_train's evaluateMode: nothing to train, so nothing is saved (a checkpoint written now
     # would be taken for a trained epoch by the next run in exp_dir)
     evaluate_mode = train.size == 0
@@ -581,6 +583,65 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
 # ---------------------------------------------------------------------------
 # python -m matconvnet_port.train: the MNIST baseline, as examples/mnist/cnn_mnist.m
 # ---------------------------------------------------------------------------
+
+# cnn_train.m's option names -> cnn_train's keywords
+_MATLAB_OPTIONS = {"expDir": "exp_dir", "continue": "resume", "batchSize": "batch_size",
+                   "numSubBatches": "num_sub_batches", "train": "train", "val": "val", "numEpochs": "num_epochs",
+                   "learningRate": "learning_rate", "weightDecay": "weight_decay", "momentum": "momentum",
+                   "nesterovUpdate": "nesterov_update", "randomSeed": "random_seed", "epochSize": "epoch_size",
+                   "errorFunction": "error_function", "errorLabels": "error_labels", "postEpochFn": "post_epoch_fn"}
+_MATLAB_COUNTS = {"batchSize", "numSubBatches", "numEpochs", "randomSeed", "epochSize"}
+# options that only steer MATLAB's machinery (plots, profiling, multi-GPU plumbing, memory): no effect here
+_MATLAB_NO_EFFECT = {"prefetch", "conserveMemory", "sync", "cudnn", "plotDiagnostics", "plotStatistics", "profile",
+                     "memoryMapFile", "parameterServer", "saveSolverState"}
+
+
+def options_from_matlab(opts) -> dict:
+    """``cnn_train``'s keywords from MATLAB's option struct or name/value list (e.g. ``net.meta['trainOpts']``).
+
+    ``cnn_train(net, imdb, get_batch, **options_from_matlab(net.meta['trainOpts']), exp_dir=...)``
+    ports ``cnn_train(net, imdb, getBatch, net.meta.trainOpts, 'expDir', ...)``. 1 x 1 arrays become
+    numbers, ``epochSize`` inf becomes None, ``gpus`` [] becomes ``device='cpu'`` (one GPU: 'cuda').
+    Options that only steer MATLAB's machinery (plots, prefetching, memory, profiling) are dropped.
+    ValueError (one line, naming the option) for an unknown name, or for one this port does not
+    implement with a value that would matter: several GPUs, a ``solver``, a finite ``backPropDepth``,
+    ``saveSolverState`` false.
+    """
+    if isinstance(opts, (list, tuple)):
+        if len(opts) % 2 or not all(isinstance(k, str) for k in opts[::2]):
+            raise ValueError("MATLAB options must be name/value pairs")
+        opts = dict(zip(opts[::2], opts[1::2]))
+    out = {}
+    for name, value in dict(opts).items():
+        if isinstance(value, np.ndarray) and value.dtype != object and value.size == 1:
+            value = value.reshape(-1)[0].item()
+        if isinstance(value, np.ndarray) and value.size == 0:
+            value = None  # MATLAB's [], the option's default
+        if name in _MATLAB_OPTIONS:
+            if name == "epochSize" and value is not None and not np.isfinite(value):
+                value = None
+            if name in _MATLAB_COUNTS and isinstance(value, float) and value.is_integer():
+                value = int(value)  # MATLAB's doubles, where Python wants an int (range, slicing)
+            if value is not None:
+                out[_MATLAB_OPTIONS[name]] = value
+        elif name == "gpus":
+            count = 0 if value is None else np.size(value)
+            if count > 1:
+                raise ValueError(f"gpus: {count} GPUs; this port trains on one device (give one GPU or [])")
+            out["device"] = "cuda" if count else "cpu"
+        elif name == "solver":
+            if value is not None:
+                raise ValueError("solver: only cnn_train's default SGD (solver []) is implemented")
+        elif name == "backPropDepth":
+            if value is not None and np.isfinite(value):
+                raise ValueError(f"backPropDepth: only +inf (the whole network) is implemented, got {value}")
+        elif name == "saveSolverState":
+            if value is not None and not value:
+                raise ValueError("saveSolverState: checkpoints always hold the momenta (true) here")
+        elif name not in _MATLAB_NO_EFFECT:
+            raise ValueError(f"{name!r} is not a cnn_train option (known: {', '.join(sorted(_MATLAB_OPTIONS))}, ...)")
+    return out
+
 
 def mnist_get_batch(imdb: dict, batch: np.ndarray):
     """``getSimpleNNBatch`` of ``cnn_mnist.m``: images and labels of 1-based indices."""
@@ -698,7 +759,8 @@ def main(argv=None) -> int:
           f"{args.epochs} epochs, checkpoints in {exp_dir}")
     net = cnn_mnist_init(mask, batch_normalization=args.batch_normalization, seed=args.seed)
     try:
-        _, info = cnn_train(net, imdb, mnist_get_batch, exp_dir=exp_dir, num_epochs=args.epochs,
+        val = np.flatnonzero(np.asarray(imdb["images"]["set"]).reshape(-1) == 3) + 1  # as cnn_mnist.m passes it
+        _, info = cnn_train(net, imdb, mnist_get_batch, exp_dir=exp_dir, num_epochs=args.epochs, val=val,
                             batch_size=args.batch_size, learning_rate=args.learning_rate,
                             weight_decay=args.weight_decay, momentum=args.momentum,
                             random_seed=args.seed, resume=not args.no_resume, device=device)

@@ -268,8 +268,9 @@ def test_full_mnist_one_epoch_meets_matconvnet_nnmnist_acceptance(tmp_path):
     from matconvnet_port.mnist import get_mnist_imdb
     imdb = get_mnist_imdb()
     start = time.perf_counter()
+    val = np.flatnonzero(imdb["images"]["set"].reshape(-1) == 3) + 1  # as cnn_mnist.m passes it
     _, info = cnn_train(cnn_mnist_init(), imdb, get_batch, exp_dir=str(tmp_path), num_epochs=1,
-                        batch_size=100, progress=False)
+                        batch_size=100, val=val, progress=False)
     seconds = time.perf_counter() - start
     print(f"1 epoch of full MNIST: train top1err {info['train'][0]['top1err']:.4f}, "
           f"val top1err {info['val'][0]['top1err']:.4f}, {seconds:.0f} s")
@@ -282,7 +283,7 @@ def test_evaluate_only_run_writes_no_checkpoint_and_a_later_run_trains(tmp_path)
     for a trained epoch by the next run in the folder, which would then train nothing."""
     imdb, train, val = _small_imdb(200, 100)
     common = dict(num_epochs=1, batch_size=100, progress=False, device="cpu", exp_dir=str(tmp_path))
-    _, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, train=[], val=val, **common)
+    _, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, train=np.nan, val=val, **common)
     assert info["train"][0]["num"] == 0 and info["val"][0]["num"] == len(val)
     assert find_last_checkpoint(str(tmp_path)) == 0
     net0 = cnn_mnist_init(seed=1)
@@ -381,6 +382,8 @@ def test_train_cli_resumes_with_the_same_options_and_keeps_a_folder_on_a_failed_
     run = tmp_path / "run"
     small = ["--train-subset", "200", "--val-subset", "100", "--exp-dir", run]
     assert _train_cli("--epochs", "1", *small)[0] == 0
+    _, _, stats = load_checkpoint(str(run / "net-epoch-1.mat"))
+    assert stats["val"][0]["num"] == 100  # validates on the test images, as cnn_mnist.m asks
     assert _train_cli("--epochs", "2", "--train-subset", "200", "--val-subset", "100", "--exp-dir", run,
                       "--resize", "bilinear")[0] == 0  # at N = 28 the resize method changes nothing
     assert find_last_checkpoint(str(run)) == 2
@@ -562,3 +565,49 @@ def test_a_folder_trained_further_than_num_epochs_returns_its_last_epoch(tmp_pat
     for wa, wb in zip(_weights(again), _weights(three)):
         np.testing.assert_array_equal(wa, wb)
     assert find_last_checkpoint(str(tmp_path)) == 3
+
+
+def test_train_and_val_default_as_in_matlab(tmp_path):
+    """cnn_train.m: an empty (or absent) train/val is find(set == 1) / find(set == 2), NaN is none."""
+    imdb, _, _ = _small_imdb()
+    sets = np.ones(imdb["images"]["set"].size)
+    sets[200:260], sets[260:300] = 2, 3
+    imdb = {"images": dict(imdb["images"], set=sets[None, :])}
+    seen = {}
+    kw = dict(exp_dir=str(tmp_path), num_epochs=1, batch_size=100, progress=False, device="cpu", resume=False,
+              order=lambda e, mode, idx: seen.setdefault(mode, []).append(np.sort(idx)) or idx)
+    for train, val in ((None, None), ([], np.zeros((1, 0)))):
+        seen.clear()
+        cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, train=train, val=val, **kw)
+        np.testing.assert_array_equal(seen["train"][0], np.flatnonzero(sets == 1) + 1)
+        np.testing.assert_array_equal(seen["val"][0], np.arange(201, 261))  # set 2, not the set-3 images
+    seen.clear()
+    _, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, val=np.nan, **kw)
+    assert info["val"][0]["num"] == 0 and seen["val"][0].size == 0
+
+
+def test_matlab_train_options_port_to_keywords(tmp_path):
+    """net.meta.trainOpts (as read from a .mat: 1 x 1 arrays) and cnn_train.m's name/value pairs."""
+    from matconvnet_port.train import options_from_matlab
+    trainopts = {"learningRate": np.array([[0.001]]), "numEpochs": np.array([[20.0]]), "batchSize": np.array([[100.0]])}
+    opts = options_from_matlab(trainopts)
+    assert opts == {"learning_rate": 0.001, "num_epochs": 20, "batch_size": 100}
+    assert isinstance(opts["num_epochs"], int) and isinstance(opts["batch_size"], int)
+    opts = options_from_matlab(["expDir", "runs/x", "continue", False, "gpus", np.zeros((0, 0)), "epochSize", np.inf,
+                                "numSubBatches", 2.0, "plotStatistics", False, "val", np.zeros((0, 0)),
+                                "learningRate", np.array([[0.1, 0.01]])])
+    assert opts["exp_dir"] == "runs/x" and opts["resume"] is False and opts["device"] == "cpu"
+    assert opts["num_sub_batches"] == 2 and "epoch_size" not in opts and "val" not in opts
+    np.testing.assert_array_equal(opts["learning_rate"], [[0.1, 0.01]])
+    for bad, words in ((["learningrate", 0.1], "'learningrate' is not a cnn_train option"),
+                       (["gpus", [1, 2]], "gpus: 2 GPUs"), (["solver", lambda: 0], "solver:"),
+                       (["backPropDepth", 3.0], "backPropDepth:"), (["batchSize"], "name/value pairs")):
+        with pytest.raises(ValueError, match=words):
+            options_from_matlab(bad)
+    # the ported call runs: trainOpts from the net, the rest as cnn_mnist.m gives them
+    imdb, train, val = _small_imdb(100, 100)
+    net = cnn_mnist_init(seed=1)
+    kw = options_from_matlab(dict(net.meta["trainOpts"], numEpochs=np.array([[1.0]])))  # doubles, as in a .mat
+    _, info = cnn_train(net, imdb, get_batch, exp_dir=str(tmp_path), train=train, val=val, progress=False,
+                        device="cpu", **kw)
+    assert len(info["train"]) == 1 and info["train"][0]["num"] == 100
