@@ -17,6 +17,9 @@ def __getattr__(name):
     if name == "cnn_train":
         from .train import cnn_train
         return cnn_train
+    if name == "cnn_train_dag":
+        from .train_dag import cnn_train_dag
+        return cnn_train_dag
     if name in ("load_net", "save_net", "load_checkpoint", "save_checkpoint"):
         from . import netio
         return getattr(netio, name)

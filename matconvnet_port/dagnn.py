@@ -640,6 +640,11 @@ class DagNNModule(nn.Module):
         t = self.param(name) if t is None else t
         return _to_matconvnet_layout(t, self.param_roles[name], self.param_shapes[name])
 
+    def param_to_torch(self, name: str, value: np.ndarray) -> torch.Tensor:
+        """An array in parameter ``name``'s MatConvNet shape (e.g. a saved momentum) in the module's layout."""
+        t = _to_torch_layout(np.asarray(value).reshape(self.param_shapes[name]), self.param_roles[name])
+        return t.to(self.param(name))
+
     def run(self, inputs: dict) -> tuple[dict, list[int]]:
         """All variable values (NCHW) and the indices of the layers that ran, in order."""
         values = {k: v for k, v in inputs.items() if v is not None}

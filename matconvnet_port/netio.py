@@ -461,12 +461,14 @@ def _stats_from_mat(stats) -> dict:
     return out
 
 
-def _state_from_mat(state) -> dict:
+def _state_from_mat(state, flat: bool = False) -> dict:
     state = _plain(state)
     if not isinstance(state, dict):
         return {}
     out = dict(state)
-    if "solverState" in state:
+    if "solverState" in state and flat:  # cnn_train_dag: one cell per parameter
+        out["solverState"] = list(cell_items(state["solverState"]))
+    elif "solverState" in state:
         out["solverState"] = [list(cell_items(per_layer)) for per_layer in cell_items(state["solverState"])]
     if isinstance(state.get("stats"), dict):
         out["stats"] = {k: (_stats_entry(v) if isinstance(v, dict) else v) for k, v in state["stats"].items()}
@@ -477,8 +479,8 @@ def load_checkpoint(path) -> tuple[SimpleNN | DagNN, dict, dict]:
     """A ``cnn_train`` checkpoint ``net-epoch-K.mat`` -> ``(net, state, stats)``.
 
     ``state['solverState']`` is a list (per layer) of lists (per parameter)
-    of numpy arrays (empty lists for layers without weights);
-    ``state['stats']`` and ``stats`` are plain dicts, ``stats['train']`` and
+    of numpy arrays (empty lists for layers without weights) -- for a DagNN
+    (``cnn_train_dag``) one array per parameter; ``state['stats']`` and ``stats`` are plain dicts, ``stats['train']`` and
     ``stats['val']`` lists of per-epoch dicts with float values.
     """
     data = matio.read_mat(path)
@@ -487,7 +489,7 @@ def load_checkpoint(path) -> tuple[SimpleNN | DagNN, dict, dict]:
         raise MatFormatError(f"{p}: not a cnn_train checkpoint (no variable 'net'; variables: "
                              f"{', '.join(data) or 'none'})")
     net = _with_file(p, net_from_struct, data["net"], "net")
-    state = _state_from_mat(data.get("state", {}))
+    state = _state_from_mat(data.get("state", {}), flat=isinstance(net, DagNN))
     stats = _stats_from_mat(data.get("stats", {}))
     return net, state, stats
 
@@ -515,10 +517,15 @@ def _stats_to_mat(stats: dict) -> dict:
     return out
 
 
-def _state_to_mat(state: dict) -> dict:
+def _state_to_mat(state: dict, flat: bool = False) -> dict:
+    """``state`` as cnn_train saves it; ``flat``: cnn_train_dag's one solverState cell per parameter."""
     out = {}
     for key, value in (state or {}).items():
-        if key == "solverState":
+        if key == "solverState" and flat:
+            arrays = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else _to_mat(v, "solverState")
+                      for v in value or []]
+            out[key] = matio.cell(arrays, shape=(1, len(arrays)))
+        elif key == "solverState":
             cells = []
             for per_layer in value or []:
                 items = [] if per_layer is None else cell_items(per_layer)
@@ -545,6 +552,6 @@ def save_checkpoint(path, net: SimpleNN | DagNN, state: dict, stats: dict, forma
     """
     p = os.fspath(path)
     variables = {"net": _with_file(p, net_to_struct, net),
-                 "state": _state_to_mat(copy.copy(state)),
+                 "state": _state_to_mat(copy.copy(state), flat=isinstance(net, DagNN)),
                  "stats": _stats_to_mat(stats)}
     matio.write_mat(p, variables, format=format)

@@ -320,6 +320,41 @@ def _sub_batches(batch: np.ndarray, count: int) -> list[np.ndarray]:
     return [part for part in (batch[s::count] for s in range(count)) if part.size]
 
 
+def _check_train_options(num_sub_batches, post_epoch_fn) -> None:
+    if isinstance(num_sub_batches, bool) or not isinstance(num_sub_batches, Real) or not 1 <= num_sub_batches < np.inf \
+            or num_sub_batches != int(num_sub_batches):  # a whole double, as from a .mat, is fine
+        raise ValueError(f"num_sub_batches must be a positive integer, got {num_sub_batches!r}")
+    if post_epoch_fn is not None and not callable(post_epoch_fn):
+        raise ValueError(f"post_epoch_fn must be a function (net, params, state), got {type(post_epoch_fn).__name__}")
+
+
+def _train_val(imdb: dict, train, val) -> tuple[np.ndarray, np.ndarray]:
+    """The run's 1-based train / val indices, MATLAB's defaults: set 1 / set 2."""
+    sets = np.asarray(imdb["images"]["set"]).reshape(-1)
+    return (_indices(train, np.flatnonzero(sets == 1) + 1, "train", sets.size),
+            _indices(val, np.flatnonzero(sets == 2) + 1, "val", sets.size))
+
+
+def _epoch_orders(epoch: int, train, val, order, random_seed: int, epoch_size) -> tuple[np.ndarray, np.ndarray]:
+    """This epoch's shuffled train (first ``epoch_size``) and val indices."""
+    train_order = order(epoch, "train", train) if order else default_order(epoch, train, random_seed)
+    train_order = np.asarray(train_order, dtype=np.int64).reshape(-1)
+    if epoch_size is not None:
+        train_order = train_order[:epoch_size]
+    val_order = order(epoch, "val", val) if order else default_order(epoch, val, random_seed)
+    return train_order, np.asarray(val_order, dtype=np.int64).reshape(-1)
+
+
+def _after_epoch(post_epoch_fn, net, params: dict, state: dict, rates: np.ndarray) -> tuple[np.ndarray, bool]:
+    """MATLAB's postEpochFn call -> (the learning rates from now on, whether to stop)."""
+    new_rate = post_epoch_fn(copy.deepcopy(net), params, state)  # MATLAB passes values
+    if new_rate is None:  # MATLAB: a function without an output, never checked
+        return rates, False
+    if np.size(new_rate):  # [] keeps the rate
+        rates = _learning_rates(new_rate, "post_epoch_fn's learning rate")
+    return rates, not rates.any()  # `if opts.learningRate == 0, break`
+
+
 def _learning_rates(value, name: str) -> np.ndarray:
     """A learning rate or a schedule indexed by epoch, as a vector of finite numbers."""
     try:
@@ -485,18 +520,12 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                          f"{len(ERROR_FUNCTIONS[error_function][1])} values, got {len(error[1])} labels")
     if len(error[1]) != len(set(error[1])) or {"objective", "num", "time"} & set(error[1]):
         raise ValueError(f"error_labels must be distinct names other than objective, num, time; got {error[1]}")
-    if isinstance(num_sub_batches, bool) or not isinstance(num_sub_batches, Real) or not 1 <= num_sub_batches < np.inf \
-            or num_sub_batches != int(num_sub_batches):  # a whole double, as from a .mat, is fine
-        raise ValueError(f"num_sub_batches must be a positive integer, got {num_sub_batches!r}")
-    if post_epoch_fn is not None and not callable(post_epoch_fn):
-        raise ValueError(f"post_epoch_fn must be a function (net, params, state), got {type(post_epoch_fn).__name__}")
+    _check_train_options(num_sub_batches, post_epoch_fn)
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
                 error_function=error, normalise=normalise, num_sub_batches=int(num_sub_batches))
     device = resolve_device(device)
     os.makedirs(exp_dir, exist_ok=True)
-    sets = np.asarray(imdb["images"]["set"]).reshape(-1)
-    train = _indices(train, np.flatnonzero(sets == 1) + 1, "train", sets.size)
-    val = _indices(val, np.flatnonzero(sets == 2) + 1, "val", sets.size)
+    train, val = _train_val(imdb, train, val)
     # cnn_train's evaluateMode: nothing to train, so nothing is saved (a checkpoint written now
     # would be taken for a trained epoch by the next run in exp_dir)
     evaluate_mode = train.size == 0
@@ -533,12 +562,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     with exact_fp32():
         for epoch in range(start + 1, num_epochs + 1):
             lr = float(rates[min(epoch, rates.size) - 1])
-            train_order = order(epoch, "train", train) if order else default_order(epoch, train, random_seed)
-            train_order = np.asarray(train_order, dtype=np.int64).reshape(-1)
-            if epoch_size is not None:
-                train_order = train_order[:epoch_size]
-            val_order = order(epoch, "val", val) if order else default_order(epoch, val, random_seed)
-            val_order = np.asarray(val_order, dtype=np.int64).reshape(-1)
+            train_order, val_order = _epoch_orders(epoch, train, val, order, random_seed, epoch_size)
 
             train_stats, _ = _process_epoch(module, solver, imdb, get_batch, train_order, mode="train",
                                             epoch=epoch, batch_size=batch_size, learning_rate=lr, opts=opts,
@@ -570,12 +594,9 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                               val=val_order, batch_size=batch_size, num_sub_batches=num_sub_batches,
                               num_epochs=num_epochs, weight_decay=weight_decay, momentum=momentum,
                               exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
-                new_rate = post_epoch_fn(copy.deepcopy(net), params, state)  # MATLAB passes values
-                if new_rate is not None:  # MATLAB: nargout(postEpochFn) > 0
-                    if np.size(new_rate):  # [] keeps the rate
-                        rates = _learning_rates(new_rate, "post_epoch_fn's learning rate")
-                    if not rates.any():  # `if opts.learningRate == 0, break`
-                        break
+                rates, stop = _after_epoch(post_epoch_fn, net, params, state, rates)
+                if stop:
+                    break
     net.load_torch_weights(module)
     return net, info
 
