@@ -610,7 +610,8 @@ _MATLAB_OPTIONS = {"expDir": "exp_dir", "continue": "resume", "batchSize": "batc
                    "numSubBatches": "num_sub_batches", "train": "train", "val": "val", "numEpochs": "num_epochs",
                    "learningRate": "learning_rate", "weightDecay": "weight_decay", "momentum": "momentum",
                    "nesterovUpdate": "nesterov_update", "randomSeed": "random_seed", "epochSize": "epoch_size",
-                   "errorFunction": "error_function", "errorLabels": "error_labels", "postEpochFn": "post_epoch_fn"}
+                   "errorFunction": "error_function", "errorLabels": "error_labels", "postEpochFn": "post_epoch_fn",
+                   "derOutputs": "der_outputs"}  # the last for cnn_train_dag
 _MATLAB_COUNTS = {"batchSize", "numSubBatches", "numEpochs", "randomSeed", "epochSize"}
 # options that only steer MATLAB's machinery (plots, profiling, multi-GPU plumbing, memory): no effect here
 _MATLAB_NO_EFFECT = {"prefetch", "conserveMemory", "sync", "cudnn", "plotDiagnostics", "plotStatistics", "profile",
@@ -622,7 +623,8 @@ def options_from_matlab(opts) -> dict:
 
     ``cnn_train(net, imdb, get_batch, **options_from_matlab(net.meta['trainOpts']), exp_dir=...)``
     ports ``cnn_train(net, imdb, getBatch, net.meta.trainOpts, 'expDir', ...)``. 1 x 1 arrays become
-    numbers, ``epochSize`` inf becomes None, ``gpus`` [] becomes ``device='cpu'`` (one GPU: 'cuda').
+    numbers, ``epochSize`` inf becomes None, ``gpus`` [] becomes ``device='cpu'`` (one GPU k:
+    ``'cuda:k-1'``); ``derOutputs`` is for :func:`matconvnet_port.train_dag.cnn_train_dag`.
     Options that only steer MATLAB's machinery (plots, prefetching, memory, profiling) are dropped.
     ValueError (one line, naming the option) for an unknown name, or for one this port does not
     implement with a value that would matter: several GPUs, a ``solver``, a finite ``backPropDepth``,
@@ -649,7 +651,8 @@ def options_from_matlab(opts) -> dict:
             count = 0 if value is None else np.size(value)
             if count > 1:
                 raise ValueError(f"gpus: {count} GPUs; this port trains on one device (give one GPU or [])")
-            out["device"] = "cuda" if count else "cpu"
+            # MATLAB's gpuDevice(k) is 1-based
+            out["device"] = f"cuda:{int(np.asarray(value).reshape(-1)[0]) - 1}" if count else "cpu"
         elif name == "solver":
             if value is not None:
                 raise ValueError("solver: only cnn_train's default SGD (solver []) is implemented")

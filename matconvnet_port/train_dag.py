@@ -7,22 +7,29 @@ Read beside ``examples/cnn_train_dag.m``; it is :mod:`matconvnet_port.train`
    ``{'input': images, 'label': labels}`` or MATLAB's ``{'input', im, 'label', l}``
    written as a list;
 2. the backward pass starts from ``der_outputs`` (``{'objective': 1}``);
-3. the statistics are the outputs of the ``dagnn.Loss`` layers, named by
-   their output variables (``objective``, ``top1err`` ... as the net names
-   them), each the mean per image over the epoch;
+3. the statistics are the ``average`` of each ``dagnn.Loss`` layer (not
+   flagged ``ignoreAverage``), named by its output variable (``objective``,
+   ``top1err`` ... as the net names them): the loss summed over the epoch
+   divided by the prediction's locations, H x W x images (per image for the
+   usual 1 x 1 prediction; ``cnn_train`` divides by images only);
 4. parameters are updated by their ``trainMethod``: 'gradient' with
    ``cnn_train``'s SGD (:func:`matconvnet_port.train.sgd_update`, the
    parameter's ``learningRate``/``weightDecay`` multipliers), 'average' (the
-   batch-norm moments) as ``w = (1 - a) w + a * batch_moments / fanout``
-   with ``a`` its ``learningRate``, ``fanout`` the layers that use it;
+   batch-norm moments) as ``dagnn.BatchNorm`` and ``cnn_train_dag.m`` do it:
+   ``w = (1 - a) w + a * M / fanout`` with ``a`` its ``learningRate``, ``M``
+   the batch's moments (sub-batches weighted by their images) and
+   ``fanout`` the layers that use the parameter;
 5. checkpoints hold ``net`` as the ``saveobj`` struct and
-   ``state.solverState`` as one cell per parameter.
+   ``state.solverState`` as one cell per parameter, as MATLAB's.
 
-Normalisation and sub-batches follow ``cnn_train`` exactly (``normalise``:
-master's losses divided by the images and updates divided by
-``num_sub_batches``; ``False``: beta25's summed losses and updates divided by
-the batch size), so ``DagNN.from_simplenn(net)`` trains as ``cnn_train``
-trains ``net`` (tested).
+The gradient's normalisation follows this port's ``cnn_train``:
+``normalise=False`` is what ``cnn_train_dag.m`` shows (beta25: losses summed
+over the images, the update divided by the batch size); ``normalise=True``
+(master: losses divided by their images) divides the update by
+``num_sub_batches`` as master's ``cnn_train`` does. The trainer sets every
+Loss layer's ``normalise`` to the run's so that the two agree. So
+``DagNN.from_simplenn(net)`` trains as ``cnn_train`` trains ``net`` (tested,
+bit for bit in the weights).
 """
 
 from __future__ import annotations
@@ -45,34 +52,45 @@ from .train import (_after_epoch, _check_train_options, _checkpoint_path, _epoch
 __all__ = ["cnn_train_dag"]
 
 
+def _multiplier(value, where: str) -> float:
+    a = np.asarray(value)
+    if a.size != 1 or not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"{where} must be one number, got {a.size} values")
+    return float(a.reshape(-1)[0])
+
+
 class _DagSolver:
     """The trained parameters of a DagNN module with their momentum buffers, in ``net.params`` order."""
 
     def __init__(self, net: DagNN, module: DagNNModule, solver_state=None):
         self.module = module
         self.gradient = []  # (name, tensor, momentum, lr mult, decay mult)
-        self.average = []   # (name, tensor, lr, [(block index, moments slot)])
+        self.average = []   # (name, tensor, lr, BatchNorm layers using it as moments, layers using it)
         for k, (name, param) in enumerate(net.params.items()):
             t = module.param(name)
             if t is None:
                 continue
+            where = f"params({k + 1}) '{name}'"
             method = param.extra.get("trainMethod", "gradient")
-            method = method if isinstance(method, str) else str(np.asarray(method).reshape(-1)[0])
-            lr, decay = float(np.asarray(param.learningRate).reshape(-1)[0]), \
-                float(np.asarray(param.weightDecay).reshape(-1)[0])
+            method = method if isinstance(method, str) else "".join(np.asarray(method, dtype=str).reshape(-1))
+            lr, decay = _multiplier(param.learningRate, f"{where}.learningRate"), \
+                _multiplier(param.weightDecay, f"{where}.weightDecay")
             if method == "average":
                 users = [i for i, names in enumerate(module.layer_params) if name in names
                          and isinstance(module.blocks[i], _BatchNorm) and names.index(name) == 2]
                 if not users:
-                    raise ValueError(f"params({k + 1}) '{name}': trainMethod 'average' is for batch-norm "
-                                     f"moments, and no dagnn.BatchNorm layer uses it as its moments")
-                self.average.append((name, t, lr, users))
+                    raise ValueError(f"{where}: trainMethod 'average' is for batch-norm moments, and no "
+                                     f"dagnn.BatchNorm layer uses it as its moments")
+                fanout = sum(name in names for names in module.layer_params)
+                self.average.append((name, t, lr, users, fanout))
             elif method == "gradient":
                 buf = torch.zeros_like(t)
                 saved = None if solver_state is None or k >= len(solver_state) else np.asarray(solver_state[k])
-                if saved is not None and saved.size == t.numel() and saved.size > 1:
+                if saved is not None and saved.size == t.numel() and np.issubdtype(saved.dtype, np.number):
                     buf = module.param_to_torch(name, saved).clone()
-                elif saved is not None and saved.size > 1:
+                elif saved is not None and saved.size == 1 and np.issubdtype(saved.dtype, np.number):
+                    buf.fill_(float(saved.reshape(-1)[0]))  # cnn_train_dag starts each buffer as the scalar 0
+                elif saved is not None and saved.size:
                     raise ValueError(f"state.solverState{{{k + 1}}}: {saved.size} values for parameter "
                                      f"'{name}' of {t.numel()}")
                 self.gradient.append((name, t, buf, lr, decay))
@@ -86,10 +104,10 @@ class _DagSolver:
                    [e[3] for e in entries], [e[4] for e in entries], learning_rate=learning_rate,
                    weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, grad_scale=grad_scale)
         with torch.no_grad():
-            for name, t, lr, users in self.average:
+            for name, t, lr, users, fanout in self.average:
                 found = [moments[i] for i in users if i in moments]
                 if found:  # cnn_train_dag divides the summed derivative by the parameter's fanout
-                    value = sum(found) / len(users)
+                    value = sum(found) / fanout
                     t.mul_(1 - lr).add_(lr * fn.bnorm_moments_as(value, tuple(t.shape)))
         for e in self.gradient:
             e[1].grad = None
@@ -101,56 +119,69 @@ class _DagSolver:
                 else np.zeros((1, 1)) for name in net.params]
 
 
-def _loss_outputs(module: DagNNModule) -> list[str]:
-    return [module.layer_outputs[i][0] for i, b in enumerate(module.blocks) if isinstance(b, _Loss)]
+def _averaged_losses(net: DagNN, module: DagNNModule) -> list[tuple[str, str]]:
+    """(output, prediction input) of each dagnn.Loss layer whose ``average`` is kept (not ``ignoreAverage``)."""
+    out = []
+    for i, block in enumerate(module.blocks):
+        ignore = np.asarray(net.layers[i]["block"].get("ignoreAverage", False))
+        if isinstance(block, _Loss) and not (ignore.size and bool(ignore.reshape(-1)[0])):
+            out.append((module.layer_outputs[i][0], module.layer_inputs[i][0]))
+    return out
 
 
 def _process_epoch(net: DagNN, module: DagNNModule, solver, imdb, get_batch, subset, *, mode, epoch, batch_size,
                    learning_rate, opts, batch_callback, progress) -> dict:
-    """Train (or evaluate) over ``subset``: ``processEpoch`` of ``cnn_train_dag.m``."""
+    """Train (or evaluate) over ``subset``: ``processEpoch`` of ``cnn_train_dag.m``.
+
+    Each statistic is its Loss layer's ``average``: the loss summed over the epoch divided by the
+    prediction's locations (H x W x images) -- per image for a 1 x 1 prediction.
+    """
     training = mode == "train"
     module.train(training)
-    names = _loss_outputs(module)
-    totals = {v: 0.0 for v in names}
-    norms = [i for i, b in enumerate(module.blocks) if isinstance(b, _BatchNorm)]
+    param = next(iter(module.params.values()), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    losses = _averaged_losses(net, module)
+    totals = {v: 0.0 for v, _ in losses}
+    counts = {v: 0 for v, _ in losses}
     num, start = 0, time.perf_counter()
     bar = tqdm(range(0, len(subset), batch_size), desc=f"{mode} epoch {epoch:02d}", unit="batch",
                disable=not progress, leave=False)
     for b, t in enumerate(bar):
         batch = subset[t:t + batch_size]
-        row = {v: 0.0 for v in names}
+        row, row_count = {v: 0.0 for v in totals}, {v: 0 for v in totals}
         moments = {}
         for part in _sub_batches(batch, opts["num_sub_batches"]):
             inputs = _name_value_pairs(get_batch(imdb, part), "get_batch's return")
             tensors, _, _ = net._input_tensors(module, inputs, False)
+            tensors = {k: v.to(device) if k in module.label_vars else v.to(device, dtype) for k, v in tensors.items()}
             with torch.set_grad_enabled(training):
-                values, _ = module.run(tensors)
+                values, executed = module.run(tensors)
                 if training:
-                    missing = [v for v in opts["der_outputs"] if v not in values]
-                    if missing:
-                        raise ValueError(f"der_outputs: {missing[0]!r} was not computed (a missing input?)")
-                    sum((values[v] * w).sum() for v, w in opts["der_outputs"].items()).backward()
-            for v in names:
+                    net._backward(values, opts["der_outputs"])  # sums into .grad across the sub-batches
+            for v, x in losses:
                 if v in values:  # the loss layers divide by their images (master): back to a sum
-                    row[v] += float(values[v].detach().sum()) * (len(part) if opts["normalise"] else 1)
-            if training:
-                for i in norms:  # master sums the sub-batches' moments, beta25 weights them by images
-                    m = module.blocks[i].batch_moments * (1 if opts["normalise"] else len(part))
-                    moments[i] = moments.get(i, 0) + m
-        divisor = opts["num_sub_batches"] if opts["normalise"] else len(batch)
+                    n, _, h, w = values[x].shape
+                    row[v] += float(values[v].detach().sum()) * (n if opts["normalise"] else 1)
+                    row_count[v] += h * w * n
+            if training:  # dagnn.BatchNorm's moments derivative is the moments times the images
+                for i in executed:
+                    if isinstance(module.blocks[i], _BatchNorm):
+                        moments[i] = moments.get(i, 0) + module.blocks[i].batch_moments * len(part)
         if training:
+            divisor = opts["num_sub_batches"] if opts["normalise"] else len(batch)
             solver.step(learning_rate=learning_rate, weight_decay=opts["weight_decay"], momentum=opts["momentum"],
                         nesterov=opts["nesterov_update"], grad_scale=1.0 / divisor,
-                        moments={i: m / divisor for i, m in moments.items()})
-        for v in names:
+                        moments={i: m / len(batch) for i, m in moments.items()})
+        for v in totals:
             totals[v] += row[v]
+            counts[v] += row_count[v]
         num += len(batch)
         if batch_callback is not None:
-            batch_callback(epoch, mode, b, {v: row[v] / len(batch) for v in names})
+            batch_callback(epoch, mode, b, {v: row[v] / max(row_count[v], 1) for v in totals})
         if progress:
-            bar.set_postfix({v: f"{totals[v] / num:.3f}" for v in names})
+            bar.set_postfix({v: f"{totals[v] / max(counts[v], 1):.3f}" for v in totals})
     bar.close()
-    stats = {v: float(np.float32(totals[v] / num)) if num else 0.0 for v in names}
+    stats = {v: float(np.float32(totals[v] / counts[v])) if counts[v] else 0.0 for v in totals}
     stats.update(num=num, time=time.perf_counter() - start)
     return stats
 
@@ -180,7 +211,6 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
     for name in der_outputs:
         if name not in net.vars:
             raise ValueError(f"der_outputs: {name!r} is not a variable of the network")
-    der_outputs = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in der_outputs.items()}
     _check_train_options(num_sub_batches, post_epoch_fn)
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
                 normalise=normalise, num_sub_batches=int(num_sub_batches), der_outputs=der_outputs)
@@ -188,6 +218,8 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
     os.makedirs(exp_dir, exist_ok=True)
     train, val = _train_val(imdb, train, val)
     evaluate_mode = train.size == 0
+    if not der_outputs and not evaluate_mode:
+        raise ValueError("der_outputs must name at least one output when training (cnn_train_dag's DEROUTPUTS)")
     rates = _learning_rates(learning_rate, "learning_rate")
 
     net = copy.deepcopy(net)
@@ -205,8 +237,8 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
     for block in module.blocks:
         if isinstance(block, _Loss):
             block.options["normalise"] = normalise
-    try:
-        solver = _DagSolver(net, module, solver_state)
+    try:  # as in MATLAB, how parameters train matters only when something trains
+        solver = None if evaluate_mode else _DagSolver(net, module, solver_state)
     except ValueError as e:
         raise ValueError(f"{_checkpoint_path(exp_dir, start)}: {e}" if solver_state is not None else str(e)) from None
 
@@ -222,7 +254,8 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
             info["train"].append(train_stats)
             info["val"].append(val_stats)
             net.load_torch_weights(module)
-            state = {"solverState": solver.solver_state(net), "stats": {"train": train_stats, "val": val_stats}}
+            state = {"solverState": solver.solver_state(net) if solver else [],
+                     "stats": {"train": train_stats, "val": val_stats}}
             if not evaluate_mode:
                 save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info)
             if progress:

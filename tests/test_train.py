@@ -599,6 +599,7 @@ def test_matlab_train_options_port_to_keywords(tmp_path):
     assert opts["exp_dir"] == "runs/x" and opts["resume"] is False and opts["device"] == "cpu"
     assert opts["num_sub_batches"] == 2 and "epoch_size" not in opts and "val" not in opts
     np.testing.assert_array_equal(opts["learning_rate"], [[0.1, 0.01]])
+    assert options_from_matlab(["gpus", 2.0])["device"] == "cuda:1"  # gpuDevice(2): the second GPU
     for bad, words in ((["learningrate", 0.1], "'learningrate' is not a cnn_train option"),
                        (["gpus", [1, 2]], "gpus: 2 GPUs"), (["solver", lambda: 0], "solver:"),
                        (["backPropDepth", 3.0], "backPropDepth:"), (["batchSize"], "name/value pairs")):

@@ -49,7 +49,7 @@ def test_a_converted_net_trains_as_cnn_train(tmp_path, options):
     kw = dict(num_epochs=2, batch_size=100, train=train, val=val, progress=False, device="cpu", **options)
     simple, info_s = cnn_train(cnn_mnist_init(seed=5), imdb, get_batch, exp_dir=str(tmp_path / "s"), **kw)
     dag, info_d = cnn_train_dag(mnist_dag(5), imdb, dag_batch, exp_dir=str(tmp_path / "d"), **kw)
-    worst = _same_weights(dag, simple, 1e-5)
+    worst = _same_weights(dag, simple, 0.0)  # the same functions in the same order: the same bits
     print(f"{options}: worst relative weight difference after 2 epochs {worst:.1e}")
     for mode in ("train", "val"):
         for e in range(2):
@@ -119,3 +119,67 @@ def test_dag_options_are_checked(tmp_path):
     before = {n: p.value.copy() for n, p in dag.params.items()}
     cnn_train_dag(dag, imdb, dag_batch, **kw)
     assert all(np.array_equal(dag.params[n].value, v) for n, v in before.items())  # the caller's net is kept
+
+
+def test_a_one_element_parameter_resumes_with_its_momentum(tmp_path):
+    """A conv with one filter has a 1 x 1 bias: its saved momentum is a value, not cnn_train_dag's initial 0."""
+    imdb, train, val = _small_imdb(200, 100)
+    dag = DagNN()
+    dag.add_layer("c1", "dagnn.Conv", "input", "x1", ["f1", "b1"], {"size": [5, 5, 1, 1], "hasBias": True})
+    dag.add_layer("c2", "dagnn.Conv", "x1", "prediction", ["f2", "b2"], {"size": [24, 24, 1, 10], "hasBias": True})
+    dag.add_layer("loss", "dagnn.Loss", ["prediction", "label"], "objective")
+    dag.init_params(seed=2)
+    dag.params["f1"].value *= 0.05
+    dag.params["f2"].value *= 0.05
+    kw = dict(num_epochs=2, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    full, _ = cnn_train_dag(dag, imdb, dag_batch, exp_dir=str(tmp_path / "full"), **kw)
+    cnn_train_dag(dag, imdb, dag_batch, exp_dir=str(tmp_path / "cut"), **dict(kw, num_epochs=1))
+    _, state, _ = load_checkpoint(str(tmp_path / "cut" / "net-epoch-1.mat"))
+    assert np.asarray(state["solverState"][1]).size == 1 and np.abs(state["solverState"][1]).max() > 0
+    resumed, _ = cnn_train_dag(dag, imdb, dag_batch, exp_dir=str(tmp_path / "cut"), **kw)
+    for name in full.params:
+        np.testing.assert_array_equal(resumed.params[name].value, full.params[name].value)
+
+
+def test_moments_of_uneven_sub_batches_are_weighted_by_images(tmp_path):
+    """dagnn.BatchNorm scales its moments derivative by the images and cnn_train_dag divides by the batch
+    size: three sub-batches of 34, 33, 33 images give the first bnorm the whole batch's mean column."""
+    imdb, train, val = _small_imdb(100, 100)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu",
+              order=lambda e, mode, idx: idx)
+    first = lambda dag: next(layer["params"][2] for layer in dag.layers if layer["type"] == "dagnn.BatchNorm")  # noqa: E731
+    net = DagNN.from_simplenn(cnn_mnist_init(seed=4, batch_normalization=True))
+    whole, _ = cnn_train_dag(net, imdb, dag_batch, exp_dir=str(tmp_path / "a"), **kw)
+    split, _ = cnn_train_dag(net, imdb, dag_batch, exp_dir=str(tmp_path / "b"), num_sub_batches=3, **kw)
+    mean_whole = np.asarray(whole.params[first(whole)].value)[:, 0]
+    mean_split = np.asarray(split.params[first(split)].value)[:, 0]
+    assert np.abs(mean_whole).max() > 0 and max_rel(mean_split, mean_whole) < 1e-5
+
+
+def test_statistics_are_per_location_and_ignore_average_is_honoured(tmp_path):
+    """At N = 32 the LeNet's prediction is 2 x 2: dagnn.Loss averages over the 4 locations of each image
+    as well (cnn_train over images only), and a Loss with ignoreAverage reports nothing."""
+    from matconvnet_port.imresize import imresize
+    imdb, train, val = _small_imdb(200, 100)
+    imdb = {"images": dict(imdb["images"], data=imresize(imdb["images"]["data"], [32, 32]))}
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    _, info_s = cnn_train(cnn_mnist_init(seed=6), imdb, get_batch, exp_dir=str(tmp_path / "s"), **kw)
+    dag = mnist_dag(6)
+    dag.layers[-1]["block"]["ignoreAverage"] = True
+    _, info_d = cnn_train_dag(dag, imdb, dag_batch, exp_dir=str(tmp_path / "d"), **kw)
+    for mode in ("train", "val"):
+        assert "top5err" not in info_d[mode][0]
+        assert abs(info_d[mode][0]["objective"] - info_s[mode][0]["objective"] / 4) <= 1e-5 * info_d[mode][0]["objective"]
+        assert abs(info_d[mode][0]["top1err"] - info_s[mode][0]["top1err"] / 4) <= 1e-6
+
+
+def test_batches_are_cast_to_the_trained_precision_and_der_outputs_are_needed(tmp_path):
+    imdb, train, val = _small_imdb(100, 100)
+    kw = dict(exp_dir=str(tmp_path), num_epochs=1, batch_size=100, train=train, val=val, progress=False,
+              device="cpu")
+    double_batch = lambda imdb, batch: ["input", get_batch(imdb, batch)[0].astype(np.float64),  # noqa: E731
+                                        "label", get_batch(imdb, batch)[1]]
+    _, info = cnn_train_dag(mnist_dag(1), imdb, double_batch, **kw)  # float64 images, float32 training
+    assert np.isfinite(info["train"][0]["objective"])
+    with pytest.raises(ValueError, match="der_outputs must name at least one output when training"):
+        cnn_train_dag(mnist_dag(1), imdb, dag_batch, der_outputs=[], **dict(kw, resume=False))
