@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent-device session, in one call (~8 minutes on an H100, at most 9.5; every stage
 # has its own time limit and the script goes on when one fails):
-#   1. the parity suite's CUDA cases, the fused trainer's and the lanes' CUDA tests (every CUDA
+#   1. the parity suite's CUDA cases, the CUDA tests of the fused trainer, the lanes and both cnn_train ports (every CUDA
 #      candidate plan under graph replay against the CPU; trainers on CUDA streams),
 #   2. benchmarks/bench_compose.py at N = 36 and 64 (the composed conv3 -> conv4: GEMM vs cuDNN),
 #   3. the largest slice of `--preset paper` that fits: 16 masks x 10 sizes x 5 epochs x full MNIST
@@ -19,7 +19,7 @@ source "$(dirname "$0")/gpu_common.sh"
 environment
 
 stage "pytest: CUDA parity and fused-trainer cases"
-timeout 50 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py 2>&1 | tail -12
+timeout 60 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py tests/test_train.py tests/test_train_dag.py 2>&1 | tail -12
 
 stage "bench_compose: conv3 -> conv4 composed by GEMM or by cuDNN"
 timeout 25 python3 benchmarks/bench_compose.py --device cuda --sizes 36 64 --models 8 --repeats 5 2>&1 | tail -4

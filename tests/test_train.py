@@ -612,3 +612,13 @@ def test_matlab_train_options_port_to_keywords(tmp_path):
     _, info = cnn_train(net, imdb, get_batch, exp_dir=str(tmp_path), train=train, val=val, progress=False,
                         device="cpu", **kw)
     assert len(info["train"]) == 1 and info["train"][0]["num"] == 100
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_matches_the_cpu_run(tmp_path):
+    imdb, train, val = _small_imdb(200, 100)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, num_sub_batches=2)
+    cpu, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "cpu"), device="cpu", **kw)
+    gpu, _ = cnn_train(cnn_mnist_init(seed=2), imdb, get_batch, exp_dir=str(tmp_path / "gpu"), device="cuda", **kw)
+    for wa, wb in zip(_weights(gpu), _weights(cpu)):
+        assert np.abs(wa - wb).max() <= 1e-4 * np.abs(wb).max()

@@ -183,3 +183,14 @@ def test_batches_are_cast_to_the_trained_precision_and_der_outputs_are_needed(tm
     assert np.isfinite(info["train"][0]["objective"])
     with pytest.raises(ValueError, match="der_outputs must name at least one output when training"):
         cnn_train_dag(mnist_dag(1), imdb, dag_batch, der_outputs=[], **dict(kw, resume=False))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_with_numpy_batches_matches_the_cpu_run(tmp_path):
+    """get_batch hands numpy arrays; the trainer moves them to the module's device (fp32, no TF32)."""
+    imdb, train, val = _small_imdb(200, 100)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False)
+    cpu, _ = cnn_train_dag(mnist_dag(2), imdb, dag_batch, exp_dir=str(tmp_path / "cpu"), device="cpu", **kw)
+    gpu, _ = cnn_train_dag(mnist_dag(2), imdb, dag_batch, exp_dir=str(tmp_path / "gpu"), device="cuda", **kw)
+    for name in cpu.params:
+        assert max_rel(gpu.params[name].value, cpu.params[name].value) < 1e-4, name
