@@ -441,7 +441,8 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
             bar.set_postfix({"Hz": f"{num / max(seconds, 1e-9):.0f}",
                              **{k: f"{v:.3f}" for k, v in zip(("objective",) + error_labels, shown)}})
     bar.close()
-    values = (totals / max(num, 1)).cpu().numpy() if num else np.zeros(len(totals))
+    # no images, no statistics: NaN (MATLAB leaves the fields out), never a perfect-looking 0
+    values = (totals / num).cpu().numpy() if num else np.full(len(totals), np.nan)
     # single precision, as cnn_train stores them (so a resumed run reports the same numbers)
     stats = {"objective": float(np.float32(values[0]))}
     stats.update({name: float(np.float32(v)) for name, v in zip(error_labels, values[1:])})
@@ -508,6 +509,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     """
     from .netio import load_checkpoint, save_checkpoint  # the .mat layer, imported lazily
 
+    error_labels = None if error_labels is None or not len(error_labels) else [str(k) for k in error_labels]
     if callable(error_function):
         error = (error_function, tuple(error_labels or ()))
     elif error_function in ERROR_FUNCTIONS:
@@ -628,14 +630,26 @@ def options_from_matlab(opts) -> dict:
     Options that only steer MATLAB's machinery (plots, prefetching, memory, profiling) are dropped.
     ValueError (one line, naming the option) for an unknown name, or for one this port does not
     implement with a value that would matter: several GPUs, a ``solver``, a finite ``backPropDepth``,
-    ``saveSolverState`` false.
+    ``saveSolverState`` false. As MATLAB's ``vl_argparse``, a list may mix name/value pairs and
+    structs (dicts), later values winning; to override one afterwards, merge:
+    ``{**options_from_matlab(trainOpts), 'num_epochs': 1}``. Cells read from a .mat (object
+    arrays, e.g. ``errorLabels``, ``derOutputs``) become lists.
     """
-    if isinstance(opts, (list, tuple)):
-        if len(opts) % 2 or not all(isinstance(k, str) for k in opts[::2]):
-            raise ValueError("MATLAB options must be name/value pairs")
-        opts = dict(zip(opts[::2], opts[1::2]))
+    merged: dict = {}
+    items = list(opts) if isinstance(opts, (list, tuple)) else [opts]
+    while items:
+        item = items.pop(0)
+        if isinstance(item, dict):
+            merged.update(item)
+        elif isinstance(item, str) and items:
+            merged[item] = items.pop(0)
+        else:
+            raise ValueError(f"MATLAB options must be name/value pairs or structs, got {_shown(item)}")
     out = {}
-    for name, value in dict(opts).items():
+    for name, value in merged.items():
+        if isinstance(value, np.ndarray) and value.dtype == object:  # a cell: its items, in MATLAB's order
+            value = [v.reshape(-1)[0].item() if isinstance(v, np.ndarray) and v.dtype != object and v.size == 1
+                     else v for v in value.reshape(-1, order="F")]
         if isinstance(value, np.ndarray) and value.dtype != object and value.size == 1:
             value = value.reshape(-1)[0].item()
         if isinstance(value, np.ndarray) and value.size == 0:
@@ -663,7 +677,8 @@ def options_from_matlab(opts) -> dict:
             if value is not None and not value:
                 raise ValueError("saveSolverState: checkpoints always hold the momenta (true) here")
         elif name not in _MATLAB_NO_EFFECT:
-            raise ValueError(f"{name!r} is not a cnn_train option (known: {', '.join(sorted(_MATLAB_OPTIONS))}, ...)")
+            raise ValueError(f"{name!r} is not a cnn_train / cnn_train_dag option this port takes "
+                             f"(known: {', '.join(sorted(_MATLAB_OPTIONS))}, ...)")
     return out
 
 

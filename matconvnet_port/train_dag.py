@@ -181,7 +181,7 @@ def _process_epoch(net: DagNN, module: DagNNModule, solver, imdb, get_batch, sub
         if progress:
             bar.set_postfix({v: f"{totals[v] / max(counts[v], 1):.3f}" for v in totals})
     bar.close()
-    stats = {v: float(np.float32(totals[v] / counts[v])) if counts[v] else 0.0 for v in totals}
+    stats = {v: float(np.float32(totals[v] / counts[v])) if counts[v] else float("nan") for v in totals}
     stats.update(num=num, time=time.perf_counter() - start)
     return stats
 

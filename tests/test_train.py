@@ -285,6 +285,7 @@ def test_evaluate_only_run_writes_no_checkpoint_and_a_later_run_trains(tmp_path)
     common = dict(num_epochs=1, batch_size=100, progress=False, device="cpu", exp_dir=str(tmp_path))
     _, info = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, train=np.nan, val=val, **common)
     assert info["train"][0]["num"] == 0 and info["val"][0]["num"] == len(val)
+    assert np.isnan(info["train"][0]["objective"]) and np.isnan(info["train"][0]["top1err"])  # not a perfect 0
     assert find_last_checkpoint(str(tmp_path)) == 0
     net0 = cnn_mnist_init(seed=1)
     net, info = cnn_train(net0, imdb, get_batch, train=train, val=np.nan, **common)
@@ -600,18 +601,25 @@ def test_matlab_train_options_port_to_keywords(tmp_path):
     assert opts["num_sub_batches"] == 2 and "epoch_size" not in opts and "val" not in opts
     np.testing.assert_array_equal(opts["learning_rate"], [[0.1, 0.01]])
     assert options_from_matlab(["gpus", 2.0])["device"] == "cuda:1"  # gpuDevice(2): the second GPU
-    for bad, words in ((["learningrate", 0.1], "'learningrate' is not a cnn_train option"),
+    # cnn_mnist.m's call mixes structs into the list (vl_argparse), later values winning; cells from a .mat
+    cell = np.empty((1, 2), dtype=object)
+    cell[0, 0], cell[0, 1] = "top1e", "top5e"
+    mixed = options_from_matlab(["expDir", "d", {"numEpochs": np.array([[3.0]]), "batchSize": 50.0},
+                                 "numEpochs", 4.0, "errorLabels", cell])
+    assert mixed == {"exp_dir": "d", "num_epochs": 4, "batch_size": 50, "error_labels": ["top1e", "top5e"]}
+    for bad, words in ((["learningrate", 0.1], "'learningrate' is not a cnn_train / cnn_train_dag option"),
                        (["gpus", [1, 2]], "gpus: 2 GPUs"), (["solver", lambda: 0], "solver:"),
-                       (["backPropDepth", 3.0], "backPropDepth:"), (["batchSize"], "name/value pairs")):
+                       (["backPropDepth", 3.0], "backPropDepth:"), (["batchSize"], "name/value pairs or structs")):
         with pytest.raises(ValueError, match=words):
             options_from_matlab(bad)
     # the ported call runs: trainOpts from the net, the rest as cnn_mnist.m gives them
     imdb, train, val = _small_imdb(100, 100)
     net = cnn_mnist_init(seed=1)
-    kw = options_from_matlab(dict(net.meta["trainOpts"], numEpochs=np.array([[1.0]])))  # doubles, as in a .mat
+    kw = options_from_matlab(dict(net.meta["trainOpts"], numEpochs=np.array([[1.0]]),  # doubles, as in a .mat
+                                  errorLabels=cell))
     _, info = cnn_train(net, imdb, get_batch, exp_dir=str(tmp_path), train=train, val=val, progress=False,
                         device="cpu", **kw)
-    assert len(info["train"]) == 1 and info["train"][0]["num"] == 100
+    assert len(info["train"]) == 1 and info["train"][0]["num"] == 100 and "top5e" in info["train"][0]
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
