@@ -755,6 +755,45 @@ class DagNN:
         self.vars = {(new if k == old else k): v for k, v in self.vars.items()}
         self.vars[new].name = new
 
+    def rename_layer(self, old: str, new: str) -> None:
+        """Rename a layer -- MatConvNet ``renameLayer``."""
+        if old != new:
+            self._layer_index(old)
+            if any(layer["name"] == new for layer in self.layers):
+                raise ValueError(f"{new!r} is the name of an existing layer")
+            self.layers[self._layer_index(old)]["name"] = new
+
+    def rename_param(self, old: str, new: str) -> None:
+        """Rename a parameter everywhere -- MatConvNet ``renameParam``."""
+        if old == new:
+            return
+        if new in self.params:
+            raise ValueError(f"{new!r} is the name of an existing parameter")
+        if old not in self.params:
+            raise ValueError(f"{old!r} is not an existing parameter")
+        for layer in self.layers:
+            layer["params"] = [new if p == old else p for p in layer["params"]]
+        self.params = {(new if k == old else k): v for k, v in self.params.items()}
+        self.params[new].name = new
+
+    def remove_layer(self, names) -> None:
+        """Remove layers by name -- MatConvNet ``removeLayer``; as its ``rebuild`` does, variables
+        and parameters that no remaining layer uses go too (those still used keep their values)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            self._layer_index(name)
+        self.layers = [layer for layer in self.layers if layer["name"] not in names]
+        used_vars = {v for layer in self.layers for v in layer["inputs"] + layer["outputs"]}
+        used_params = {p for layer in self.layers for p in layer["params"]}
+        self.vars = {k: v for k, v in self.vars.items() if k in used_vars}
+        self.params = {k: p for k, p in self.params.items() if k in used_params}
+
+    def _layer_index(self, name: str) -> int:
+        for i, layer in enumerate(self.layers):
+            if layer["name"] == name:
+                return i
+        raise ValueError(f"there is no layer {name!r} (layers: {', '.join(l['name'] for l in self.layers)})")
+
     def _new_var_name(self, prefix: str) -> str:
         name, t = prefix, 0
         while name in self.vars:

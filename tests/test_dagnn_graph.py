@@ -358,3 +358,31 @@ def test_a_module_trained_with_torch_writes_its_weights_back():
     other.init_params()
     with pytest.raises(ValueError, match="the module has no parameter 'g'"):
         other.load_torch_weights(module)
+
+
+def test_remove_and_rename_as_for_deployment():
+    """cnn_imagenet_deploy's moves: remove the loss layers, add a softmax, rename things; what no layer
+    uses any more goes (rebuild), what stays keeps its values, and the net still evaluates."""
+    dag = load_net(os.path.join(REF, "dagnn_lenet.mat"))
+    x = randn(28, 28, 1, 3, scale=50)
+    dag.eval({"input": x}, mode="test")
+    before = dag.vars["prediction"].value.copy()
+    loss = next(layer["name"] for layer in dag.layers if layer["type"] == "dagnn.Loss")
+    dag.remove_layer(loss)
+    assert "label" not in dag.vars and "objective" not in dag.vars
+    dag.add_layer("prob", "dagnn.SoftMax", "prediction", "prob")
+    dag.rename_layer("prob", "softmax")
+    first = dag.layers[0]["params"][0]
+    dag.rename_param(first, "conv1_filters")
+    assert dag.layers[0]["params"][0] == "conv1_filters" and first not in dag.params
+    dag.eval({"input": x}, mode="test")
+    np.testing.assert_array_equal(dag.vars["prediction"].value, before)
+    p = dag.vars["prob"].value
+    np.testing.assert_allclose(p.sum(axis=2), 1, rtol=1e-5)
+    dag.remove_layer(dag.layers[0]["name"])  # conv1 goes: its parameters with it
+    assert "conv1_filters" not in dag.params
+    for call, words in ((lambda: dag.remove_layer("nope"), "there is no layer 'nope'"),
+                        (lambda: dag.rename_layer("softmax", dag.layers[0]["name"]), "existing layer"),
+                        (lambda: dag.rename_param("missing", "x"), "not an existing parameter")):
+        with pytest.raises(ValueError, match=words):
+            call()
