@@ -743,17 +743,7 @@ class DagNN:
 
     def rename_var(self, old: str, new: str) -> None:
         """Rename a variable everywhere -- MatConvNet ``renameVar``."""
-        if old == new:
-            return
-        if new in self.vars:
-            raise ValueError(f"{new!r} is the name of an existing variable")
-        if old not in self.vars:
-            raise ValueError(f"{old!r} is not an existing variable")
-        for layer in self.layers:
-            layer["inputs"] = [new if v == old else v for v in layer["inputs"]]
-            layer["outputs"] = [new if v == old else v for v in layer["outputs"]]
-        self.vars = {(new if k == old else k): v for k, v in self.vars.items()}
-        self.vars[new].name = new
+        self._rename("vars", ("inputs", "outputs"), old, new, "variable")
 
     def rename_layer(self, old: str, new: str) -> None:
         """Rename a layer -- MatConvNet ``renameLayer``."""
@@ -765,16 +755,22 @@ class DagNN:
 
     def rename_param(self, old: str, new: str) -> None:
         """Rename a parameter everywhere -- MatConvNet ``renameParam``."""
+        self._rename("params", ("params",), old, new, "parameter")
+
+    def _rename(self, table: str, slots: tuple, old: str, new: str, what: str) -> None:
+        entries = getattr(self, table)
         if old == new:
             return
-        if new in self.params:
-            raise ValueError(f"{new!r} is the name of an existing parameter")
-        if old not in self.params:
-            raise ValueError(f"{old!r} is not an existing parameter")
+        if new in entries:
+            raise ValueError(f"{new!r} is the name of an existing {what}")
+        if old not in entries:
+            raise ValueError(f"{old!r} is not an existing {what}")
         for layer in self.layers:
-            layer["params"] = [new if p == old else p for p in layer["params"]]
-        self.params = {(new if k == old else k): v for k, v in self.params.items()}
-        self.params[new].name = new
+            for slot in slots:
+                layer[slot] = [new if v == old else v for v in layer[slot]]
+        entries = {(new if k == old else k): v for k, v in entries.items()}
+        entries[new].name = new
+        setattr(self, table, entries)
 
     def remove_layer(self, names) -> None:
         """Remove layers by name -- MatConvNet ``removeLayer``; as its ``rebuild`` does, variables
