@@ -18,7 +18,7 @@ source "$(dirname "$0")/gpu_common.sh"
 {
 environment
 
-stage "pytest: CUDA parity and fused-trainer cases"
+stage "pytest: CUDA parity, fused-trainer and cnn_train cases"
 timeout 60 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py tests/test_train.py tests/test_train_dag.py 2>&1 | tail -12
 
 stage "bench_compose: conv3 -> conv4 composed by GEMM or by cuDNN"

@@ -27,7 +27,7 @@ last to first and every parameter j from last to first::
 (skipped when both the learning rate and the decay of that parameter are 0;
 ``dzdw`` summed over the sub-batches, of which there is one by default).
 Batch-norm moments are not trained: ``w = (1 - a) * w + a * batch_moments``
-with ``a = layer.learningRate(3)`` (with sub-batches, their moments averaged). The statistics are MatConvNet's:
+with ``a = layer.learningRate(3)`` (with sub-batches, their moments combined as ``cnn_train`` says). The statistics are MatConvNet's:
 ``objective`` the mean per-image loss, ``top1err``/``top5err`` the errors
 counted at every spatial location of the prediction divided by the number
 of images (so they exceed 1 for spatial maps), measured during the training
@@ -320,6 +320,12 @@ def _sub_batches(batch: np.ndarray, count: int) -> list[np.ndarray]:
     return [part for part in (batch[s::count] for s in range(count)) if part.size]
 
 
+def _moments_term(moments: torch.Tensor, images: int, opts: dict) -> torch.Tensor:
+    """One sub-batch's bnorm moments as the update sums them: master as they are (its update divides by
+    numSubBatches), beta25 times the images (vl_simplenn's scaling; its update divides by batchSize)."""
+    return moments if opts["normalise"] else moments * images
+
+
 def _check_train_options(num_sub_batches, post_epoch_fn) -> None:
     if isinstance(num_sub_batches, bool) or not isinstance(num_sub_batches, Real) or not 1 <= num_sub_batches < np.inf \
             or num_sub_batches != int(num_sub_batches):  # a whole double, as from a .mat, is fine
@@ -418,10 +424,7 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
                 row += torch.cat([part_sum.reshape(1).to(torch.float64), errors.to(torch.float64)])
                 if training and opts["num_sub_batches"] > 1:
                     for i, m in norms:
-                        # master sums the moments (its update divides by numSubBatches); beta25's
-                        # vl_simplenn scales them by the images (its update divides by batchSize)
-                        moments = m.batch_moments if opts["normalise"] else m.batch_moments * len(part)
-                        moment_sums[i] = moment_sums.get(i, 0) + moments
+                        moment_sums[i] = moment_sums.get(i, 0) + _moments_term(m.batch_moments, len(part), opts)
             last_labels = labels
         totals += row
         # master's accumulateGradients divides by numWorkers = numSubBatches (the loss layer already
@@ -543,6 +546,8 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     start = find_last_checkpoint(exp_dir) if resume else 0
     if start >= 1:
         net, state, saved_stats = load_checkpoint(_checkpoint_path(exp_dir, start))
+        if not isinstance(net, SimpleNN):
+            raise ValueError(f"{_checkpoint_path(exp_dir, start)}: holds a DagNN, not a SimpleNN (use cnn_train_dag)")
         net = prepare_net(net)
         solver_state = state.get("solverState") if isinstance(state, dict) else None
         info = {"train": list(saved_stats.get("train", []))[:start], "val": list(saved_stats.get("val", []))[:start]}
@@ -593,7 +598,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                       + f" | {train_stats['num'] / max(train_stats['time'], 1e-9):.0f} images/s")
             if post_epoch_fn is not None:
                 params = dict(epoch=epoch, learning_rate=lr, learning_rates=rates.copy(), train=train_order,
-                              val=val_order, batch_size=batch_size, num_sub_batches=num_sub_batches,
+                              val=val_order, batch_size=batch_size, num_sub_batches=int(num_sub_batches),
                               num_epochs=num_epochs, weight_decay=weight_decay, momentum=momentum,
                               exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
                 rates, stop = _after_epoch(post_epoch_fn, net, params, state, rates)

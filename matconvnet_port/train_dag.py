@@ -15,21 +15,22 @@ Read beside ``examples/cnn_train_dag.m``; it is :mod:`matconvnet_port.train`
 4. parameters are updated by their ``trainMethod``: 'gradient' with
    ``cnn_train``'s SGD (:func:`matconvnet_port.train.sgd_update`, the
    parameter's ``learningRate``/``weightDecay`` multipliers), 'average' (the
-   batch-norm moments) as ``dagnn.BatchNorm`` and ``cnn_train_dag.m`` do it:
-   ``w = (1 - a) w + a * M / fanout`` with ``a`` its ``learningRate``, ``M``
-   the batch's moments (sub-batches weighted by their images) and
-   ``fanout`` the layers that use the parameter;
+   batch-norm moments) as ``w = (1 - a) w + a * M / fanout`` with ``a`` its
+   ``learningRate``, ``fanout`` the layers that use the parameter and ``M``
+   the batch's moments, combined over sub-batches as ``cnn_train`` does
+   (master: their plain mean; beta25: weighted by images);
 5. checkpoints hold ``net`` as the ``saveobj`` struct and
    ``state.solverState`` as one cell per parameter, as MATLAB's.
 
-The gradient's normalisation follows this port's ``cnn_train``:
-``normalise=False`` is what ``cnn_train_dag.m`` shows (beta25: losses summed
-over the images, the update divided by the batch size); ``normalise=True``
-(master: losses divided by their images) divides the update by
-``num_sub_batches`` as master's ``cnn_train`` does. The trainer sets every
-Loss layer's ``normalise`` to the run's so that the two agree. So
-``DagNN.from_simplenn(net)`` trains as ``cnn_train`` trains ``net`` (tested,
-bit for bit in the weights).
+The normalisation follows this port's ``cnn_train``: ``normalise=False`` is
+beta25 (losses summed over the images, the update divided by the batch
+size, as in the stored ``cnn_train_dag.m``); ``normalise=True`` (master:
+losses divided by their images) divides the update by ``num_sub_batches``
+(master's ``numWorkers``). The trainer sets every Loss layer's ``normalise``
+to the run's so that the two agree (a deliberate difference: MATLAB keeps
+each block's own). So ``DagNN.from_simplenn(net)`` ends with the weights
+``cnn_train`` gives ``net``, bit for bit, batch norm included (tested); no
+MATLAB run of ``cnn_train_dag`` is among the references.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from . import functional as fn
 from .dagnn import DagNN, DagNNModule, _BatchNorm, _Loss, _name_value_pairs
 from .precision import exact_fp32
 from .train import (_after_epoch, _check_train_options, _checkpoint_path, _epoch_orders, _learning_rates,
-                    _sub_batches, _train_val, find_last_checkpoint, resolve_device, sgd_update)
+                    _moments_term, _sub_batches, _train_val, find_last_checkpoint, resolve_device, sgd_update)
 
 __all__ = ["cnn_train_dag"]
 
@@ -163,21 +164,24 @@ def _process_epoch(net: DagNN, module: DagNNModule, solver, imdb, get_batch, sub
                     n, _, h, w = values[x].shape
                     row[v] += float(values[v].detach().sum()) * (n if opts["normalise"] else 1)
                     row_count[v] += h * w * n
-            if training:  # dagnn.BatchNorm's moments derivative is the moments times the images
+            if training:  # as cnn_train combines them (one sub-batch: its moments as they are)
                 for i in executed:
                     if isinstance(module.blocks[i], _BatchNorm):
-                        moments[i] = moments.get(i, 0) + module.blocks[i].batch_moments * len(part)
+                        m = module.blocks[i].batch_moments
+                        moments[i] = moments.get(i, 0) + _moments_term(m, len(part), opts) \
+                            if opts["num_sub_batches"] > 1 else m
         if training:
             divisor = opts["num_sub_batches"] if opts["normalise"] else len(batch)
             solver.step(learning_rate=learning_rate, weight_decay=opts["weight_decay"], momentum=opts["momentum"],
                         nesterov=opts["nesterov_update"], grad_scale=1.0 / divisor,
-                        moments={i: m / len(batch) for i, m in moments.items()})
+                        moments={i: m / divisor if opts["num_sub_batches"] > 1 else m for i, m in moments.items()})
         for v in totals:
             totals[v] += row[v]
             counts[v] += row_count[v]
         num += len(batch)
         if batch_callback is not None:
-            batch_callback(epoch, mode, b, {v: row[v] / max(row_count[v], 1) for v in totals})
+            batch_callback(epoch, mode, b, {v: row[v] / row_count[v] if row_count[v] else float("nan")
+                                            for v in totals})
         if progress:
             bar.set_postfix({v: f"{totals[v] / max(counts[v], 1):.3f}" for v in totals})
     bar.close()
@@ -208,9 +212,6 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
     from .netio import load_checkpoint, save_checkpoint  # the .mat layer, imported lazily
 
     der_outputs = _name_value_pairs({"objective": 1} if der_outputs is None else der_outputs, "der_outputs")
-    for name in der_outputs:
-        if name not in net.vars:
-            raise ValueError(f"der_outputs: {name!r} is not a variable of the network")
     _check_train_options(num_sub_batches, post_epoch_fn)
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
                 normalise=normalise, num_sub_batches=int(num_sub_batches), der_outputs=der_outputs)
@@ -218,8 +219,12 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
     os.makedirs(exp_dir, exist_ok=True)
     train, val = _train_val(imdb, train, val)
     evaluate_mode = train.size == 0
-    if not der_outputs and not evaluate_mode:
-        raise ValueError("der_outputs must name at least one output when training (cnn_train_dag's DEROUTPUTS)")
+    if not evaluate_mode:  # as MATLAB, derOutputs matter only when something trains
+        if not der_outputs:
+            raise ValueError("der_outputs must name at least one output when training (cnn_train_dag's DEROUTPUTS)")
+        for name in der_outputs:
+            if name not in net.vars:
+                raise ValueError(f"der_outputs: {name!r} is not a variable of the network")
     rates = _learning_rates(learning_rate, "learning_rate")
 
     net = copy.deepcopy(net)
@@ -264,7 +269,7 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
                       + " | val " + " ".join(f"{k} {v:.4f}" for k, v in val_stats.items() if k not in ("num", "time")))
             if post_epoch_fn is not None:
                 params = dict(epoch=epoch, learning_rate=lr, learning_rates=rates.copy(), train=train_order,
-                              val=val_order, batch_size=batch_size, num_sub_batches=num_sub_batches,
+                              val=val_order, batch_size=batch_size, num_sub_batches=int(num_sub_batches),
                               num_epochs=num_epochs, weight_decay=weight_decay, momentum=momentum,
                               exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
                 rates, stop = _after_epoch(post_epoch_fn, net, params, state, rates)

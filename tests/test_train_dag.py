@@ -60,23 +60,19 @@ def test_a_converted_net_trains_as_cnn_train(tmp_path, options):
             assert abs(d["top5err"] - s["top5err"]) * s["num"] <= 1e-3
 
 
-def test_batch_norm_moments_are_averaged_as_cnn_train_does(tmp_path):
-    """trainMethod 'average' (the moments, learning rate 0.1 in a DagNN, as BatchNorm.attach sets it;
-    0.05 in cnn_mnist_init's SimpleNN): set the SimpleNN's to 0.1 too and the two train alike."""
-    imdb, train, val = _small_imdb(200, 100)
+@pytest.mark.parametrize("normalise", [True, False])
+def test_batch_norm_trains_as_cnn_train_does(tmp_path, normalise):
+    """Uneven sub-batches (34, 33, 33 images), where master's plain mean of the moments and beta25's
+    image-weighted one differ: the converted net ends with cnn_train's weights and moments, bit for bit."""
+    imdb, train, val = _small_imdb(100, 100)
     net = cnn_mnist_init(seed=4, batch_normalization=True)
     dag = DagNN.from_simplenn(net)
-    for layer in net.layers:
-        if layer["type"] == "bnorm":
-            layer["learningRate"] = np.array([[1, 1, 0.1]])
-    moments = [layer["params"][2] for layer in dag.layers if layer["type"] == "dagnn.BatchNorm"]
-    for name in moments:
-        dag.params[name].learningRate = 0.1
-        dag.params[name].extra["trainMethod"] = "average"
-    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu", num_sub_batches=2)
+    kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu", num_sub_batches=3,
+              normalise=normalise)
     simple, _ = cnn_train(net, imdb, get_batch, exp_dir=str(tmp_path / "s"), **kw)
     dag, _ = cnn_train_dag(dag, imdb, dag_batch, exp_dir=str(tmp_path / "d"), **kw)
-    _same_weights(dag, simple, 1e-4)
+    _same_weights(dag, simple, 0.0)
+    moments = [layer["params"][2] for layer in dag.layers if layer["type"] == "dagnn.BatchNorm"]
     assert all(np.abs(dag.params[name].value).max() > 0 for name in moments)
 
 
@@ -141,16 +137,17 @@ def test_a_one_element_parameter_resumes_with_its_momentum(tmp_path):
         np.testing.assert_array_equal(resumed.params[name].value, full.params[name].value)
 
 
-def test_moments_of_uneven_sub_batches_are_weighted_by_images(tmp_path):
-    """dagnn.BatchNorm scales its moments derivative by the images and cnn_train_dag divides by the batch
-    size: three sub-batches of 34, 33, 33 images give the first bnorm the whole batch's mean column."""
+def test_moments_of_uneven_sub_batches_are_weighted_by_images_in_beta25(tmp_path):
+    """beta25: dagnn.BatchNorm scales its moments derivative by the images and cnn_train_dag divides by the
+    batch size, so three sub-batches of 34, 33, 33 images give the first bnorm the whole batch's mean column."""
     imdb, train, val = _small_imdb(100, 100)
     kw = dict(num_epochs=1, batch_size=100, train=train, val=val, progress=False, device="cpu",
               order=lambda e, mode, idx: idx)
     first = lambda dag: next(layer["params"][2] for layer in dag.layers if layer["type"] == "dagnn.BatchNorm")  # noqa: E731
     net = DagNN.from_simplenn(cnn_mnist_init(seed=4, batch_normalization=True))
     whole, _ = cnn_train_dag(net, imdb, dag_batch, exp_dir=str(tmp_path / "a"), **kw)
-    split, _ = cnn_train_dag(net, imdb, dag_batch, exp_dir=str(tmp_path / "b"), num_sub_batches=3, **kw)
+    split, _ = cnn_train_dag(net, imdb, dag_batch, exp_dir=str(tmp_path / "b"), num_sub_batches=3, normalise=False,
+                             **kw)
     mean_whole = np.asarray(whole.params[first(whole)].value)[:, 0]
     mean_split = np.asarray(split.params[first(split)].value)[:, 0]
     assert np.abs(mean_whole).max() > 0 and max_rel(mean_split, mean_whole) < 1e-5
@@ -194,3 +191,12 @@ def test_cuda_run_with_numpy_batches_matches_the_cpu_run(tmp_path):
     gpu, _ = cnn_train_dag(mnist_dag(2), imdb, dag_batch, exp_dir=str(tmp_path / "gpu"), device="cuda", **kw)
     for name in cpu.params:
         assert max_rel(gpu.params[name].value, cpu.params[name].value) < 1e-4, name
+
+
+def test_cnn_train_names_a_dagnn_checkpoint_it_cannot_resume(tmp_path):
+    imdb, train, val = _small_imdb(100, 100)
+    kw = dict(exp_dir=str(tmp_path), num_epochs=2, batch_size=100, train=train, val=val, progress=False, device="cpu")
+    cnn_train_dag(mnist_dag(1), imdb, dag_batch, **dict(kw, num_epochs=1))
+    with pytest.raises(ValueError) as exc:
+        cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, **kw)
+    assert "net-epoch-1.mat: holds a DagNN" in str(exc.value) and "\n" not in str(exc.value)
