@@ -51,7 +51,7 @@ from torch import nn
 
 from . import functional as fn
 from .errors import MatFormatError, labelled
-from .matio import cell_items
+from .matio import _matlab_shape, cell_items
 from .precision import exact_fp32
 from .vl_nn import hwcn_to_nchw, nchw_to_hwcn
 
@@ -498,14 +498,6 @@ def _build_block(layer: dict, where: str) -> _Block:
 # ---------------------------------------------------------------------------
 # Initial parameter values (each block's initParams)
 # ---------------------------------------------------------------------------
-
-def _matlab_shape(dims: list[int]) -> tuple:
-    """The shape of MATLAB's ``zeros(dims)``: trailing singletons after the second dimension dropped."""
-    dims = list(dims)
-    while len(dims) > 2 and dims[-1] == 1:
-        dims.pop()
-    return tuple(dims)
-
 
 def _randn(dims: list[int], scale: float, generator: torch.Generator) -> np.ndarray:
     """``randn(dims, 'single') * scale`` with torch's generator, drawn in MATLAB's column-major order."""

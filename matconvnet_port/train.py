@@ -27,7 +27,8 @@ last to first and every parameter j from last to first::
 (skipped when both the learning rate and the decay of that parameter are 0;
 ``dzdw`` summed over the sub-batches, of which there is one by default).
 Batch-norm moments are not trained: ``w = (1 - a) * w + a * batch_moments``
-with ``a = layer.learningRate(3)`` (with sub-batches, their moments combined as ``cnn_train`` says). The statistics are MatConvNet's:
+with ``a = layer.learningRate(3)`` (with sub-batches, their moments combined as
+``cnn_train`` says). The statistics are MatConvNet's:
 ``objective`` the mean per-image loss, ``top1err``/``top5err`` the errors
 counted at every spatial location of the prediction divided by the number
 of images (so they exceed 1 for spatial maps), measured during the training
@@ -221,16 +222,10 @@ class _Solver:
             for j, p in enumerate(params):
                 if p is None:
                     continue
-                buf = torch.zeros_like(p)
-                if solver_state is not None and i < len(solver_state) and j < len(solver_state[i]):
-                    saved = np.asarray(solver_state[i][j])
-                    if saved.size == p.numel():
-                        buf = _from_matconvnet(saved, p)
-                    elif saved.size == 1 and np.issubdtype(saved.dtype, np.number):
-                        buf.fill_(float(saved.reshape(-1)[0]))  # cnn_train starts each buffer as the scalar 0
-                    elif saved.size:
-                        raise ValueError(f"state.solverState{{{i + 1}}}{{{j + 1}}}: {saved.size} values for a "
-                                         f"parameter of {p.numel()} (layer '{layer.get('name')}')")
+                saved = solver_state[i][j] if solver_state is not None and i < len(solver_state) \
+                    and j < len(solver_state[i]) else None
+                buf = _momentum(saved, p, lambda a, p=p: _from_matconvnet(a, p),
+                                f"state.solverState{{{i + 1}}}{{{j + 1}}} (layer '{layer.get('name')}')")
                 self.entries.append((i, j, p, buf, lrs[j], decays[j]))
 
     def step(self, module: SimpleNNModule, *, learning_rate, weight_decay, momentum, nesterov, grad_scale,
@@ -258,6 +253,20 @@ class _Solver:
                 state[i].append(np.zeros((0, 0), np.float32))
             state[i][j] = param_to_matconvnet(buf)
         return state
+
+
+def _momentum(saved, like: torch.Tensor, convert: Callable, where: str) -> torch.Tensor:
+    """A parameter's momentum buffer from its checkpoint entry (None: nothing saved): the saved array
+    brought to the parameter's layout by ``convert``, the scalar the trainers start from, or zeros."""
+    buf = torch.zeros_like(like)
+    saved = None if saved is None else np.asarray(saved)
+    if saved is None or not saved.size:
+        return buf
+    if saved.size == like.numel() and np.issubdtype(saved.dtype, np.number):
+        return convert(saved)
+    if saved.size == 1 and np.issubdtype(saved.dtype, np.number):
+        return buf.fill_(float(saved.reshape(-1)[0]))  # cnn_train starts each buffer as the scalar 0
+    raise ValueError(f"{where}: {saved.size} values for a parameter of {like.numel()}")
 
 
 def _from_matconvnet(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -351,8 +360,15 @@ def _epoch_orders(epoch: int, train, val, order, random_seed: int, epoch_size) -
     return train_order, np.asarray(val_order, dtype=np.int64).reshape(-1)
 
 
-def _after_epoch(post_epoch_fn, net, params: dict, state: dict, rates: np.ndarray) -> tuple[np.ndarray, bool]:
+# the run's options a postEpochFn sees in ``params`` (MATLAB's params: opts plus the epoch's values)
+_POST_EPOCH_OPTIONS = ("batch_size", "num_sub_batches", "num_epochs", "weight_decay", "momentum", "exp_dir",
+                       "imdb", "get_batch")
+
+
+def _after_epoch(post_epoch_fn, net, state: dict, rates: np.ndarray, opts: dict,
+                 **epoch_values) -> tuple[np.ndarray, bool]:
     """MATLAB's postEpochFn call -> (the learning rates from now on, whether to stop)."""
+    params = {**epoch_values, "learning_rates": rates.copy(), **{k: opts[k] for k in _POST_EPOCH_OPTIONS}}
     new_rate = post_epoch_fn(copy.deepcopy(net), params, state)  # MATLAB passes values
     if new_rate is None:  # MATLAB: a function without an output, never checked
         return rates, False
@@ -527,7 +543,8 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
         raise ValueError(f"error_labels must be distinct names other than objective, num, time; got {error[1]}")
     _check_train_options(num_sub_batches, post_epoch_fn)
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
-                error_function=error, normalise=normalise, num_sub_batches=int(num_sub_batches))
+                error_function=error, normalise=normalise, num_sub_batches=int(num_sub_batches),
+                batch_size=batch_size, num_epochs=num_epochs, exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
     device = resolve_device(device)
     os.makedirs(exp_dir, exist_ok=True)
     train, val = _train_val(imdb, train, val)
@@ -597,11 +614,8 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
                       + " ".join(f"{k} {val_stats[k]:.4f}" for k in error[1])
                       + f" | {train_stats['num'] / max(train_stats['time'], 1e-9):.0f} images/s")
             if post_epoch_fn is not None:
-                params = dict(epoch=epoch, learning_rate=lr, learning_rates=rates.copy(), train=train_order,
-                              val=val_order, batch_size=batch_size, num_sub_batches=int(num_sub_batches),
-                              num_epochs=num_epochs, weight_decay=weight_decay, momentum=momentum,
-                              exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
-                rates, stop = _after_epoch(post_epoch_fn, net, params, state, rates)
+                rates, stop = _after_epoch(post_epoch_fn, net, state, rates, opts, epoch=epoch, learning_rate=lr,
+                                           train=train_order, val=val_order)
                 if stop:
                     break
     net.load_torch_weights(module)

@@ -48,7 +48,8 @@ from . import functional as fn
 from .dagnn import DagNN, DagNNModule, _BatchNorm, _Loss, _name_value_pairs
 from .precision import exact_fp32
 from .train import (_after_epoch, _check_train_options, _checkpoint_path, _epoch_orders, _learning_rates,
-                    _moments_term, _sub_batches, _train_val, find_last_checkpoint, resolve_device, sgd_update)
+                    _moments_term, _momentum, _sub_batches, _train_val, find_last_checkpoint, resolve_device,
+                    sgd_update)
 
 __all__ = ["cnn_train_dag"]
 
@@ -85,15 +86,9 @@ class _DagSolver:
                 fanout = sum(name in names for names in module.layer_params)
                 self.average.append((name, t, lr, users, fanout))
             elif method == "gradient":
-                buf = torch.zeros_like(t)
-                saved = None if solver_state is None or k >= len(solver_state) else np.asarray(solver_state[k])
-                if saved is not None and saved.size == t.numel() and np.issubdtype(saved.dtype, np.number):
-                    buf = module.param_to_torch(name, saved).clone()
-                elif saved is not None and saved.size == 1 and np.issubdtype(saved.dtype, np.number):
-                    buf.fill_(float(saved.reshape(-1)[0]))  # cnn_train_dag starts each buffer as the scalar 0
-                elif saved is not None and saved.size:
-                    raise ValueError(f"state.solverState{{{k + 1}}}: {saved.size} values for parameter "
-                                     f"'{name}' of {t.numel()}")
+                saved = None if solver_state is None or k >= len(solver_state) else solver_state[k]
+                buf = _momentum(saved, t, lambda a, name=name: module.param_to_torch(name, a).clone(),
+                                f"state.solverState{{{k + 1}}} (parameter '{name}')")
                 self.gradient.append((name, t, buf, lr, decay))
             else:
                 raise ValueError(f"params({k + 1}) '{name}': unknown trainMethod {method!r} "
@@ -214,7 +209,8 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
     der_outputs = _name_value_pairs({"objective": 1} if der_outputs is None else der_outputs, "der_outputs")
     _check_train_options(num_sub_batches, post_epoch_fn)
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
-                normalise=normalise, num_sub_batches=int(num_sub_batches), der_outputs=der_outputs)
+                normalise=normalise, num_sub_batches=int(num_sub_batches), der_outputs=der_outputs,
+                batch_size=batch_size, num_epochs=num_epochs, exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
     device = resolve_device(device)
     os.makedirs(exp_dir, exist_ok=True)
     train, val = _train_val(imdb, train, val)
@@ -268,11 +264,8 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
                                                               if k not in ("num", "time"))
                       + " | val " + " ".join(f"{k} {v:.4f}" for k, v in val_stats.items() if k not in ("num", "time")))
             if post_epoch_fn is not None:
-                params = dict(epoch=epoch, learning_rate=lr, learning_rates=rates.copy(), train=train_order,
-                              val=val_order, batch_size=batch_size, num_sub_batches=int(num_sub_batches),
-                              num_epochs=num_epochs, weight_decay=weight_decay, momentum=momentum,
-                              exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
-                rates, stop = _after_epoch(post_epoch_fn, net, params, state, rates)
+                rates, stop = _after_epoch(post_epoch_fn, net, state, rates, opts, epoch=epoch, learning_rate=lr,
+                                           train=train_order, val=val_order)
                 if stop:
                     break
     net.load_torch_weights(module)
