@@ -179,6 +179,25 @@ def _checkpoint_path(exp_dir: str, epoch: int) -> str:
     return os.path.join(exp_dir, f"net-epoch-{epoch}.mat")
 
 
+def _resume(exp_dir: str, resume: bool, kind: type, trainer: str, progress: bool) -> tuple[int, object, object, dict]:
+    """``findLastCheckpoint`` + ``loadState``: ``(start, net, solverState, info)`` of the last checkpoint,
+    even one past ``num_epochs`` (then nothing trains and it is returned), or ``(0, None, None, empty)``."""
+    from .netio import load_checkpoint  # the .mat layer, imported lazily
+
+    start = find_last_checkpoint(exp_dir) if resume else 0
+    if start < 1:
+        return 0, None, None, {"train": [], "val": []}
+    path = _checkpoint_path(exp_dir, start)
+    net, state, saved = load_checkpoint(path)
+    if not isinstance(net, kind):
+        other = "cnn_train_dag" if trainer == "cnn_train" else "cnn_train"
+        raise ValueError(f"{path}: holds a {type(net).__name__}, not a {kind.__name__} (use {other})")
+    if progress:
+        print(f"{trainer}: resuming by loading epoch {start}")
+    solver_state = state.get("solverState") if isinstance(state, dict) else None
+    return start, net, solver_state, {mode: list(saved.get(mode, []))[:start] for mode in ("train", "val")}
+
+
 def _multipliers(layer: dict, count: int, name: str) -> list[float]:
     values = np.asarray(layer.get(name, np.ones((1, count))), dtype=np.float64).reshape(-1)
     if values.size < count:
@@ -526,7 +545,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     as if never interrupted. ``info['train'][e-1]`` / ``info['val'][e-1]`` are
     dicts with ``objective``, ``top1err``, ``top5err``, ``num``, ``time``.
     """
-    from .netio import load_checkpoint, save_checkpoint  # the .mat layer, imported lazily
+    from .netio import save_checkpoint  # the .mat layer, imported lazily
 
     error_labels = None if error_labels is None or not len(error_labels) else [str(k) for k in error_labels]
     if callable(error_function):
@@ -555,21 +574,11 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
 
     # 1. the net, as cnn_train prepares it
     net = prepare_net(net)
-    info = {"train": [], "val": []}
-    solver_state = None
 
     # 2. resume from the last complete checkpoint
-    # as cnn_train, the last checkpoint even past num_epochs (then nothing trains and it is returned)
-    start = find_last_checkpoint(exp_dir) if resume else 0
-    if start >= 1:
-        net, state, saved_stats = load_checkpoint(_checkpoint_path(exp_dir, start))
-        if not isinstance(net, SimpleNN):
-            raise ValueError(f"{_checkpoint_path(exp_dir, start)}: holds a DagNN, not a SimpleNN (use cnn_train_dag)")
-        net = prepare_net(net)
-        solver_state = state.get("solverState") if isinstance(state, dict) else None
-        info = {"train": list(saved_stats.get("train", []))[:start], "val": list(saved_stats.get("val", []))[:start]}
-        if progress:
-            print(f"cnn_train: resuming by loading epoch {start}")
+    start, saved_net, solver_state, info = _resume(exp_dir, resume, SimpleNN, "cnn_train", progress)
+    if start:
+        net = prepare_net(saved_net)
 
     module = net.to_torch(device=device, dtype=dtype)
     for m in module.layers:

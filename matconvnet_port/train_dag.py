@@ -48,7 +48,7 @@ from . import functional as fn
 from .dagnn import DagNN, DagNNModule, _BatchNorm, _Loss, _name_value_pairs
 from .precision import exact_fp32
 from .train import (_after_epoch, _check_train_options, _checkpoint_path, _epoch_orders, _learning_rates,
-                    _moments_term, _momentum, _sub_batches, _train_val, find_last_checkpoint, resolve_device,
+                    _moments_term, _momentum, _resume, _sub_batches, _train_val, resolve_device,
                     sgd_update)
 
 __all__ = ["cnn_train_dag"]
@@ -204,7 +204,7 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
     atomically and resumed exactly. The net passed in is not modified
     (MATLAB's DagNN is a handle, trained in place; here use the returned one).
     """
-    from .netio import load_checkpoint, save_checkpoint  # the .mat layer, imported lazily
+    from .netio import save_checkpoint  # the .mat layer, imported lazily
 
     der_outputs = _name_value_pairs({"objective": 1} if der_outputs is None else der_outputs, "der_outputs")
     _check_train_options(num_sub_batches, post_epoch_fn)
@@ -223,17 +223,8 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
                 raise ValueError(f"der_outputs: {name!r} is not a variable of the network")
     rates = _learning_rates(learning_rate, "learning_rate")
 
-    net = copy.deepcopy(net)
-    info, solver_state = {"train": [], "val": []}, None
-    start = find_last_checkpoint(exp_dir) if resume else 0
-    if start >= 1:
-        net, state, saved = load_checkpoint(_checkpoint_path(exp_dir, start))
-        if not isinstance(net, DagNN):
-            raise ValueError(f"{_checkpoint_path(exp_dir, start)}: holds a SimpleNN, not a DagNN (use cnn_train)")
-        solver_state = state.get("solverState") if isinstance(state, dict) else None
-        info = {"train": list(saved.get("train", []))[:start], "val": list(saved.get("val", []))[:start]}
-        if progress:
-            print(f"cnn_train_dag: resuming by loading epoch {start}")
+    start, saved_net, solver_state, info = _resume(exp_dir, resume, DagNN, "cnn_train_dag", progress)
+    net = saved_net if start else copy.deepcopy(net)
     module = net.to_torch(device=device, dtype=dtype)
     for block in module.blocks:
         if isinstance(block, _Loss):

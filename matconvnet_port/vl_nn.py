@@ -235,14 +235,22 @@ def vl_nnconv(x, f, b=None, dzdy=None, *, pad=0, stride=1, dilate=1, no_der_data
     def forward(xx, ff, bb):
         return fn.conv(xx, ff, bb, pad=pad, stride=stride, dilate=dilate)
 
+    return _filter_layer(forward, (x, f, b), (xt, ft, bt), dzdy, as_numpy,
+                         (no_der_data, no_der_filters, no_der_biases))
+
+
+def _filter_layer(forward, given, tensors, dzdy, as_numpy: bool, skipped):
+    """The output of ``forward(x, f, b)`` (H x W x C x N tensors), or its derivatives shaped as the
+    arguments ``given`` were -- a filter bank or bias that was empty gets MATLAB's [] back."""
+    x, f, b = given
+    xt = tensors[0]
     if dzdy is None:
-        return _out(nchw_to_hwcn(forward(xt, ft, bt)), as_numpy)
-    dx, df, db = _derivatives(forward, [xt, ft, bt], _dzdy_nchw(dzdy, xt))
+        return _out(nchw_to_hwcn(forward(*tensors)), as_numpy)
+    dx, df, db = _derivatives(forward, list(tensors), _dzdy_nchw(dzdy, xt))
+    dzdx = _out(nchw_to_hwcn(dx), as_numpy, _shape(x))
     dzdf = _out(nchw_to_hwcn(df), as_numpy, _shape(f)) if df is not None else _empty_like(f, as_numpy, xt)
     dzdb = _out(db, as_numpy, _shape(b)) if db is not None else _empty_like(b, as_numpy, xt)
-    dzdx = _out(nchw_to_hwcn(dx), as_numpy, _shape(x))
-    return _unless(no_der_data, dzdx, as_numpy, xt), _unless(no_der_filters, dzdf, as_numpy, xt), \
-        _unless(no_der_biases, dzdb, as_numpy, xt)
+    return tuple(_unless(s, d, as_numpy, xt) for s, d in zip(skipped, (dzdx, dzdf, dzdb)))
 
 
 def _empty_like(a, as_numpy: bool, x: torch.Tensor):
@@ -279,13 +287,8 @@ def vl_nnconvt(x, f, b=None, dzdy=None, *, upsample=1, crop=0, num_groups=1, no_
     def forward(xx, ff, bb):
         return fn.convt(xx, ff, bb, upsample=upsample, crop=crop, num_groups=num_groups)
 
-    if dzdy is None:
-        return _out(nchw_to_hwcn(forward(xt, ft, bt)), as_numpy)
-    dx, df, db = _derivatives(forward, [xt, ft, bt], _dzdy_nchw(dzdy, xt))
-    dzdb = _out(db, as_numpy, _shape(b)) if db is not None else _empty_like(b, as_numpy, xt)
-    return (_unless(no_der_data, _out(nchw_to_hwcn(dx), as_numpy, _shape(x)), as_numpy, xt),
-            _unless(no_der_filters, _out(nchw_to_hwcn(df), as_numpy, _shape(f)), as_numpy, xt),
-            _unless(no_der_biases, dzdb, as_numpy, xt))
+    return _filter_layer(forward, (x, f, b), (xt, ft, bt), dzdy, as_numpy,
+                         (no_der_data, no_der_filters, no_der_biases))
 
 
 @_fp32
