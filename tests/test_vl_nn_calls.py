@@ -123,3 +123,17 @@ def test_bad_arguments_are_one_line_errors_naming_the_function(call, words):
     with pytest.raises((ValueError, TypeError)) as exc:
         call()
     assert str(exc.value).startswith(words) and "\n" not in str(exc.value), str(exc.value)
+
+
+def test_vl_nnconvt_derivatives_are_vl_nnconvs_by_adjointness():
+    """<conv(v, f), x> = <v, convt(x, f)> with convt upsampling as conv strides, so convt's derivative
+    with respect to its input is conv's output, and both give the same filter derivative; the bias
+    derivative sums dzdy over space and images. (MatConvNet writes no convt reference; this ties the
+    entry point's three derivatives, shapes included, to vl_nnconv's, which has one.)"""
+    x, f, b = rand(4, 5, 3, 2), rand(3, 3, 2, 3), rand(1, 2)  # convt: FH x FW x K=2 x D=3
+    dzdy = rand(9, 11, 2, 2)  # (2 (4 - 1) + 3) x (2 (5 - 1) + 3) x K x N
+    dx, df, db = vl_nnconvt(x, f, b, dzdy, upsample=2)
+    np.testing.assert_allclose(dx, vl_nnconv(dzdy, f, None, stride=2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(df, vl_nnconv(dzdy, f, None, x, stride=2)[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, dzdy.sum(axis=(0, 1, 3)).reshape(1, 2), rtol=1e-5, atol=1e-5)
+    assert (dx.shape, df.shape, db.shape) == (x.shape, f.shape, b.shape)
