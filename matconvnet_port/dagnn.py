@@ -73,6 +73,8 @@ BLOCK_DEFAULTS: dict[str, dict[str, Any]] = {
     "dagnn.DropOut": {"rate": 0.5, "frozen": False},
     "dagnn.Concat": {"dim": 3, "numInputs": 2},
     "dagnn.Sum": {},
+    "dagnn.Crop": {"crop": [0, 0]},
+    "dagnn.Scale": {"size": [], "hasBias": True},
     "dagnn.Loss": {"loss": "softmaxlog", "ignoreAverage": False, "normalise": True, "opts": []},
 }
 BLOCK_TYPES = tuple(BLOCK_DEFAULTS)
@@ -365,6 +367,46 @@ class _Sum(_Block):
         return [y]
 
 
+class _Crop(_Block):
+    """``dagnn.Crop`` (FCN's): input 1 cropped to the height and width of input 2.
+
+    With ``crop`` = [cv cu] and the size differences dv, du: ``vl_nncrop`` by
+    [dv - max(0, dv - cv), max(0, dv - cv), du - max(0, du - cu), max(0, du - cu)]
+    (top bottom left right), i.e. from offset ``crop`` where it fits. Only
+    input 2's size is used: it gets no derivative. (MatConvNet's backward
+    reads a property ``inputSize`` the class does not have; the derivative
+    here is ``vl_nncrop``'s.)
+    """
+
+    def __init__(self, crop: tuple[int, int]):
+        super().__init__()
+        self.crop = crop
+
+    def forward(self, inputs, params):
+        x, like = inputs[0], inputs[1]
+        dv, du = x.shape[2] - like.shape[2], x.shape[3] - like.shape[3]
+        if dv < 0 or du < 0:  # MATLAB: an index out of bounds in vl_nncrop
+            raise ValueError(f"dagnn.Crop: input 1 ({x.shape[2]} x {x.shape[3]}) is smaller than input 2 "
+                             f"({like.shape[2]} x {like.shape[3]}), which it is cropped to")
+        v, u = max(0, dv - self.crop[0]), max(0, du - self.crop[1])
+        return [fn.crop(x, (dv - v, v, du - u, u))]
+
+
+class _Scale(_Block):
+    """``dagnn.Scale``: ``y = x .* w (+ b)`` broadcast as ``bsxfun``; ``x``, ``w``, ``b`` are the
+    layer's inputs followed by its parameters (a parameter in MatConvNet's shape, e.g. 1 x 1 x C)."""
+
+    def __init__(self, has_bias: bool):
+        super().__init__()
+        self.has_bias = has_bias
+
+    def forward(self, inputs, params):
+        args = list(inputs) + [None if p is None else hwcn_to_nchw(p, "a dagnn.Scale parameter") for p in params]
+        if any(a is None for a in args[:2 + self.has_bias]):
+            raise ValueError("dagnn.Scale: the multipliers or biases are empty")
+        return [fn.scale(args[0], args[1], args[2] if self.has_bias else None)]
+
+
 class _Loss(_Block):
     def __init__(self, loss: str, options: dict):
         super().__init__()
@@ -446,6 +488,13 @@ def _concat_block(p: dict, b: str) -> _Block:
     return _Concat(dim)
 
 
+def _crop_block(p: dict, b: str) -> _Block:
+    v, u = fn._ints(_numbers(p["crop"], f"{b}.crop"), 2, "crop")
+    if v < 0 or u < 0:
+        raise MatFormatError(f"{b}.crop: must be non-negative [v u], got [{v} {u}]")
+    return _Crop((v, u))
+
+
 def _loss_block(p: dict, b: str) -> _Block:
     # dagnn.Loss calls vl_nnloss(x, c, [], 'loss', loss, opts{:}): options in opts win
     o = _opts(cell_items(p["opts"]), f"{b}.opts", _LOSS_OPTIONS)
@@ -475,8 +524,14 @@ _BUILDERS = {
     "dagnn.DropOut": lambda p, b: _DropOut(_scalar(p["rate"], f"{b}.rate")),
     "dagnn.Concat": _concat_block,
     "dagnn.Sum": lambda p, b: _Sum(),
+    "dagnn.Crop": _crop_block,
+    "dagnn.Scale": lambda p, b: _Scale(_flag(p["hasBias"], f"{b}.hasBias")),
     "dagnn.Loss": _loss_block,
 }
+
+# input variables a block type needs: (count, what they are)
+_INPUT_COUNTS = {"dagnn.Loss": (2, "two inputs (prediction, label)"), "dagnn.Crop": (2, "two inputs (the input, "
+                                                                                       "one of the size to crop to)")}
 
 
 def _build_block(layer: dict, where: str) -> _Block:
@@ -485,14 +540,19 @@ def _build_block(layer: dict, where: str) -> _Block:
     if kind not in _BUILDERS:
         raise MatFormatError(f"{where}.type: unsupported block type {kind!r} "
                              f"(supported: {', '.join(BLOCK_TYPES)})")
-    if kind == "dagnn.Loss" and len(layer["inputs"]) < 2:
-        raise MatFormatError(f"{where}.inputs: a dagnn.Loss layer needs two inputs (prediction, label)")
+    if kind in _INPUT_COUNTS and len(layer["inputs"]) < _INPUT_COUNTS[kind][0]:
+        raise MatFormatError(f"{where}.inputs: a {kind} layer needs {_INPUT_COUNTS[kind][1]}")
     try:
-        return _BUILDERS[kind](_block_props(layer, where), f"{where}.block")
+        block = _BUILDERS[kind](_block_props(layer, where), f"{where}.block")
     except MatFormatError:
         raise
     except ValueError as e:  # option checks in functional (_pad4, _pos2)
         raise MatFormatError(f"{where}.block: {e}") from None
+    if isinstance(block, _Scale) and len(layer["inputs"]) + len(layer["params"]) < 2 + block.has_bias:
+        raise MatFormatError(f"{where}: a dagnn.Scale layer takes x, the multipliers"
+                             f"{' and the biases' if block.has_bias else ''} as its inputs and then parameters, "
+                             f"got {len(layer['inputs'])} inputs and {len(layer['params'])} parameters")
+    return block
 
 
 # ---------------------------------------------------------------------------
@@ -539,6 +599,16 @@ def _init_values(layer: dict, where: str, generator: torch.Generator) -> list[np
             groups = 1 if conv else _positive_ints(p["numGroups"], f"{b}.numGroups", "one number", (1, 1))[0]
             values.append(np.zeros((size[3] if conv else size[2] * groups, 1), np.float32))
         return values
+    if kind == "dagnn.Scale":
+        size = _positive_ints(p["size"], f"{b}.size", "the multipliers' size", (1, 4))
+        size += [1] * (4 - len(size))  # set.size pads with 1s
+        try:
+            has_bias = _flag(p["hasBias"], f"{b}.hasBias")
+        except MatFormatError as e:
+            raise ValueError(str(e)) from None
+        values = [_randn(size, np.sqrt(2.0 / (size[0] * size[1] * size[2])), generator)]
+        # as initParams: size(4) x 1 zeros (so one bias for the usual [1 1 C] size; broadcast by bsxfun)
+        return values + ([np.zeros((size[3], 1), np.float32)] if has_bias else [])
     if kind == "dagnn.BatchNorm":
         c = _positive_ints(p["numChannels"], f"{b}.numChannels", "one number, the channel count", (1, 1))[0]
         return [np.ones((c, 1), np.float32), np.zeros((c, 1), np.float32), np.zeros((c, 2), np.float32)]
@@ -546,7 +616,8 @@ def _init_values(layer: dict, where: str, generator: torch.Generator) -> list[np
 
 
 # number of params each block type takes: (minimum, maximum)
-_PARAM_COUNTS = {"dagnn.Conv": (1, 2), "dagnn.ConvTranspose": (1, 2), "dagnn.BatchNorm": (3, 3)}
+_PARAM_COUNTS = {"dagnn.Conv": (1, 2), "dagnn.ConvTranspose": (1, 2), "dagnn.BatchNorm": (3, 3),
+                 "dagnn.Scale": (0, 2)}
 
 
 # ---------------------------------------------------------------------------
@@ -1296,6 +1367,11 @@ def _check_param_shapes(layer: dict, values: list, where: list[str], layer_where
                 raise MatFormatError(f"{where[1]}: biases must be a vector, got shape {values[1].shape}")
             if k is not None and n != k:
                 raise MatFormatError(f"{where[1]}: {n} biases for {k} filters")
+    elif kind == "dagnn.Scale":
+        for value, w in zip(values, where):
+            if np.ndim(value) > 4:
+                raise MatFormatError(f"{w}: a dagnn.Scale parameter has at most 4 dimensions (H x W x C x N), "
+                                     f"got shape {np.shape(value)}")
     elif kind == "dagnn.BatchNorm":
         g, b, m = values
         ng, nb = _vector_size(g), _vector_size(b)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "conv", "conv_gemm", "linear_pair_gemm", "linear_pair_conv", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
-    "softmaxloss_per_image", "loss", "lrn", "bnorm", "bnorm_moments", "bnorm_moments_as", "dropout",
+    "softmaxloss_per_image", "crop", "scale", "loss", "lrn", "bnorm", "bnorm_moments", "bnorm_moments_as", "dropout",
     "conv_output_size", "pool_output_size",
     "LOSS_TYPES",
 ]
@@ -821,6 +821,46 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     """
     _check_4d(x)
     return torch.softmax(x, dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Crop and scale (vl_nncrop, dagnn.Scale)
+# ---------------------------------------------------------------------------
+
+def crop(x: torch.Tensor, crop) -> torch.Tensor:
+    """Spatial crop -- MatConvNet ``vl_nncrop``.
+
+    ``x`` N x C x H x W, ``crop`` [top bottom left right] (non-negative
+    integers; a scalar for all four). Output ``x[:, :, top:H-bottom, left:W-right]``,
+    ``max(0, H - top - bottom) x max(0, W - left - right)`` (empty when the
+    crop exceeds the input, as MATLAB's empty ranges). The derivative puts
+    ``dzdy`` back in place and zeros elsewhere.
+    """
+    _check_4d(x)
+    top, bottom, left, right = _pad4(crop, "crop")
+    h, w = x.shape[2], x.shape[3]
+    return x[:, :, top:max(top, h - bottom), left:max(left, w - right)]
+
+
+def scale(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale and shift with broadcasting -- MatConvNet ``dagnn.Scale``.
+
+    ``y = bsxfun(@plus, bsxfun(@times, x, w), b)``: all three N x C x H x W
+    (4-D), broadcast as ``bsxfun`` does (each dimension equal or 1; usually
+    one multiplier and bias per channel, 1 x C x 1 x 1). The derivatives
+    with respect to ``w`` and ``b`` are summed over the dimensions they are
+    broadcast along.
+    """
+    named = (("x", x), ("w", w)) + ((("b", b),) if b is not None else ())
+    for name, t in named:
+        _check_4d(t, name)
+    try:
+        torch.broadcast_shapes(*(t.shape for _, t in named))
+    except RuntimeError:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named)
+        raise ValueError(f"x, w and b must agree in each dimension or be 1 there (N x C x H x W), got {shapes}") from None
+    y = x * w
+    return y if b is None else y + b
 
 
 # ---------------------------------------------------------------------------

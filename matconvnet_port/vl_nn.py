@@ -42,7 +42,7 @@ from .precision import exact_fp32
 
 __all__ = [
     "vl_nnconv", "vl_nnconvt", "vl_nnpool", "vl_nnrelu", "vl_nnsigmoid", "vl_nnsoftmax",
-    "vl_nnsoftmaxloss", "vl_nnloss", "vl_nnnormalize", "vl_nnbnorm", "vl_nndropout",
+    "vl_nnsoftmaxloss", "vl_nnloss", "vl_nnnormalize", "vl_nnbnorm", "vl_nndropout", "vl_nncrop",
     "hwcn_to_nchw", "nchw_to_hwcn",
 ]
 
@@ -303,13 +303,47 @@ def vl_nnpool(x, pool, dzdy=None, *, pad=0, stride=1, method="max", **backend):
     See :func:`matconvnet_port.functional.pool`.
     """
     _backend(**backend)
+    return _filter_free_layer(x, dzdy, lambda t: fn.pool(t, pool, pad=pad, stride=stride, method=method))
+
+
+@_fp32
+def vl_nncrop(x, crop, dzdy=None, input_size=None):
+    """Spatial crop -- MatConvNet ``VL_NNCROP``.
+
+    ``y = vl_nncrop(x, crop)`` is ``x(1+top : end-bottom, 1+left : end-right, :, :)``
+    with ``crop`` [top bottom left right] (non-negative integers; empty where
+    the crop exceeds ``x``); ``dzdx = vl_nncrop(x, crop, dzdy)`` is ``dzdy`` put
+    back in place in zeros of the shape of ``x``; ``vl_nncrop(None, crop, dzdy,
+    input_size)`` gives it without ``x``, for an input of ``input_size`` (H W [C [N]]).
+    (MatConvNet makes that derivative single whatever ``dzdy`` is; here it keeps ``dzdy``'s type.)
+    See :func:`matconvnet_port.functional.crop`.
+    """
+    crop = fn._pad4(crop, "crop")
+    if input_size is None or _is_empty(dzdy):
+        return _filter_free_layer(x, dzdy, lambda t: fn.crop(t, crop))
+    try:
+        dims = [int(d) for d in np.asarray(input_size, dtype=np.float64).reshape(-1) if d == int(d) and d >= 0]
+    except (TypeError, ValueError, OverflowError):
+        dims = []
+    if not 2 <= len(dims) == np.size(input_size) <= 4:
+        raise ValueError(f"input_size must be 2 to 4 non-negative integers (H W [C [N]]), got {input_size!r}")
+    as_numpy = not isinstance(dzdy, torch.Tensor)
+    g = hwcn_to_nchw(_float_input(dzdy, "dzdy"), "dzdy")
+    h, w, c, n = dims + [1] * (4 - len(dims))
+    dzdx = g.new_zeros((n, c, h, w))
+    inside = fn.crop(dzdx, crop)
+    if inside.shape != g.shape:
+        size = " x ".join(map(str, (inside.shape[2], inside.shape[3], inside.shape[1], inside.shape[0])))
+        raise ValueError(f"dzdy must have the size of the output ({size}), got {_shape(dzdy)}")
+    inside.copy_(g)  # a view into dzdx
+    return _out(nchw_to_hwcn(dzdx), as_numpy, tuple(dims))
+
+
+def _filter_free_layer(x, dzdy, forward: Callable[[torch.Tensor], torch.Tensor]):
+    """A layer of ``x`` alone whose output is 4-D (pooling, cropping), or its derivative shaped as ``x``."""
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
-
-    def forward(xx):
-        return fn.pool(xx, pool, pad=pad, stride=stride, method=method)
-
-    if dzdy is None:
+    if _is_empty(dzdy):
         return _out(nchw_to_hwcn(forward(xt)), as_numpy)
     (dx,) = _derivatives(forward, [xt], _dzdy_nchw(dzdy, xt))
     return _out(nchw_to_hwcn(dx), as_numpy, _shape(x))
