@@ -372,6 +372,25 @@ def test_shards_merged_equal_the_unsharded_run(reference, tmp_path):
     assert code == 2 and "twice" in stderr
 
 
+def test_a_folder_whose_results_have_no_checkpoints_is_refused_not_emptied(reference, tmp_path, monkeypatch):
+    """results.csv is regenerated from groups/: a merged folder, or a run folder copied without groups/
+    (as runs/paper-n32-cpu is committed), would lose its rows to a run there."""
+    merged = tmp_path / "merged"
+    assert run_cli("merge", reference[0], "--out", merged)[0] == 0
+    copied = tmp_path / "copied"
+    shutil.copytree(reference[0], copied, ignore=shutil.ignore_patterns("groups"))
+    counter = CountingTrainEpoch(monkeypatch)
+    for folder, words in ((merged, "merged from other folders"), (copied, "copied without its groups/")):
+        before = (folder / "results.csv").read_text()
+        argv = list(TINY)
+        argv[argv.index("--seeds") + 1] = "2"  # extend it
+        code, _, stderr = run_cli(*argv, "--out", folder)
+        assert code == 2 and "with no checkpoint in groups/" in stderr and words in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1
+        assert (folder / "results.csv").read_text() == before
+    assert counter.calls == 0
+
+
 def test_added_masks_extend_the_grid_and_train_only_new_cells(reference, tmp_path, monkeypatch):
     out = tmp_path / "grown"
     shutil.copytree(reference[0], out)
@@ -505,6 +524,20 @@ def test_a_folder_refuses_other_images_than_it_was_trained_on(tmp_path):
     code, _, stderr = run_cli(*TINY, "--out", out)
     assert code == 0, stderr
     assert json.loads((out / "config.json").read_text())["data_sha256"] != "0" * 16
+
+
+def test_merge_compares_fingerprints_past_a_folder_that_has_none(reference, tmp_path):
+    config = json.loads((reference[0] / "config.json").read_text())
+    header = (reference[0] / "results.csv").read_text().splitlines()[0] + "\n"
+    folders = []
+    for name, fingerprint in (("old", None), ("a", "1" * 16), ("b", "2" * 16)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, "data_sha256": fingerprint}))
+        (folder / "results.csv").write_text(header)
+        folders.append(folder)
+    code, _, stderr = run_cli("merge", *folders, "--out", tmp_path / "merged")
+    assert code == 2 and "b was trained on other images" in stderr, stderr
 
 
 def test_autotuned_plans_are_remembered_in_the_output_folder(tmp_path, monkeypatch):

@@ -153,11 +153,27 @@ def _check_data(data_dir, dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_results_are_backed(out: Path, config: dict) -> None:
+    """Refuse a folder whose results.csv holds (N, seed) groups without a checkpoint in groups/ (a merged
+    or copied folder): results.csv is regenerated from the checkpoints, so training there would drop them."""
+    path = out / "results.csv"
+    if not path.is_file():
+        return
+    keys = {(row["input_size"], row["seed"]) for row in read_results(path)}
+    orphans = sorted(k for k in keys if not (out / "groups" / f"N{k[0]}-seed{k[1]}.pt").is_file())
+    if orphans:
+        what = "merged from other folders" if config.get("merged_from") else "copied without its groups/"
+        raise UsageError(f"--out {out}: its results.csv holds {len(orphans)} (N, seed) groups with no checkpoint "
+                         f"in groups/ (e.g. N={orphans[0][0]} seed={orphans[0][1]}; {what}), which a run there "
+                         f"would drop: train into another --out, then merge the folders")
+
+
 def _open_folder(out: Path, settings: Settings, grid: dict, preset_name: str, threshold: float, shard,
                  data: str) -> dict:
     """Create or reopen ``out``: the settings and data must match its config.json; the grid may grow."""
     config = load_config(out)
     if config is not None:
+        _check_results_are_backed(out, config)
         stored = Settings.from_dict(config["training"])
         diff = stored.differences(settings)
         if diff:

@@ -161,6 +161,8 @@ def merge_dirs(dirs, out) -> tuple[dict, list[dict]]:
                 raise UsageError(f"merge: {d} was trained on other images (data fingerprint {cfg['data_sha256']}, "
                                  f"not {config['data_sha256']})")
             config["grid"] = grid_union(config["grid"], cfg["grid"])
+            # folders from before the fingerprint have none: compare the rest with the first one that has
+            config["data_sha256"] = config.get("data_sha256") or cfg.get("data_sha256")
         for row in read_results(d / "results.csv"):
             key = cell_key(row)
             if origin.setdefault(key, d) != d:
