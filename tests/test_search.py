@@ -715,6 +715,49 @@ def test_verdict_on_all_sixteen_masks_needs_a_significant_gap(gaps, word):
     assert "vs runner-up C C C C" in line
 
 
+def _sixteen(errors: dict, sizes=(28, 32), seeds=(0,), rest=0.05):
+    """Final rows of all 16 masks; ``errors[bits]`` lists a mask's error per (N, seed), the others ``rest``."""
+    rows = _factorial_rows((0.0,) * 4, sizes, seeds)
+    pairs = sorted({(r["input_size"], r["seed"]) for r in rows})
+    for r in rows:
+        r["val_image_err"] = errors.get(r["mask_bits"], [rest] * len(pairs))[pairs.index((r["input_size"], r["seed"]))]
+    return rows
+
+
+def test_equal_error_counts_tie_whatever_the_float_rounding_of_their_means():
+    """0.022 and 0.018 average to 0.019999999999999997 in floats: still a tie with 0.02 and 0.02."""
+    summary = summarise(_sixteen({"0101": [0.02, 0.02], "1111": [0.022, 0.018]}), synthetic_config(epochs=1))
+    line = verdict_lines(summary)[0]
+    assert line.startswith("[image-level error] INCONCLUSIVE (tied): C CR C CR has the lowest error"), line
+    assert summary["measures"]["val_image_err"]["best_per_size"] == {"28": ["0101"], "32": ["1111"]}
+
+
+def test_masks_finished_at_different_pairs_are_not_ranked_against_each_other():
+    rows = [r for r in _sixteen({"0101": [0.04, 0.04], "1111": [0.03, 0.03]})
+            if (r["mask_bits"] == "1111") == (r["input_size"] == 32)]  # CR CR CR CR at N = 32 only, the rest at 28
+    line = verdict_lines(summarise(rows, synthetic_config(epochs=1)))[0]
+    assert line == ("[image-level error] no (N, seed) pair where all the masks with a finished cell finished yet: "
+                    "nothing to compare"), line
+
+
+def test_a_shared_runner_up_rank_is_tested_against_each_and_too_few_pairs_cannot_reproduce():
+    # C CR C CR lowest in each of 6 pairs; C C C C and C C CR C share the runner-up rank, C C C C far closer
+    # in some pairs: its (weaker) test is the one reported
+    gaps = {"0101": [0.01] * 6, "0000": [0.02, 0.011, 0.02, 0.011, 0.02, 0.011], "0010": [0.0155] * 6}
+    summary = summarise(_sixteen(gaps, seeds=(0, 1, 2), rest=0.05), synthetic_config(epochs=1))
+    test = summary["measures"]["val_image_err"]["best_vs_runner_up"]
+    assert (test["runner_up"], test["runners_up"]) == ("0000", 2)
+    line = verdict_lines(summary)[0]
+    assert "vs runner-up C C C C (1.55%, the closest of 2 tied)" in line, line
+    # a clear, consistent gap over 3 pairs: significant by the t-test, but 3 pairs cannot establish it
+    three = summarise(_sixteen({"0101": [0.010, 0.011, 0.010]}, seeds=(0, 1, 2), sizes=(28,), rest=0.02),
+                      synthetic_config(epochs=1))
+    assert verdict_lines(three)[0].startswith("[image-level error] INCONCLUSIVE (fewer than 6 (N, seed) pairs)")
+    six = summarise(_sixteen({"0101": [0.010, 0.011, 0.010] * 2}, seeds=(0, 1, 2), rest=0.02),
+                    synthetic_config(epochs=1))
+    assert verdict_lines(six)[0].startswith("[image-level error] REPRODUCED: C CR C CR has the lowest error")
+
+
 def test_summary_of_an_unfinished_grid_uses_finished_cells_only():
     rows = _synthetic_rows(0.01)
     for r in rows:
