@@ -385,6 +385,30 @@ def _to_mat(value, where: str):
     return value
 
 
+def _as_double(value):
+    """Numeric options as MATLAB keeps them: double. MatConvNet's MEX functions refuse any other class
+    ("STRIDE is not a plain matrix") and vl_taccummex a single learning rate; numpy values a user sets
+    (np.array([2, 2]), np.int64(2), float32) would otherwise be written as int64 / single."""
+    if isinstance(value, dict):
+        return {k: _as_double(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_double(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        out = np.empty(value.shape, dtype=object)
+        for idx in np.ndindex(value.shape):
+            out[idx] = _as_double(value[idx])
+        return out
+    if isinstance(value, (np.ndarray, np.integer, np.floating)) and value.dtype.kind in "iuf":
+        return np.asarray(value, dtype=np.float64) if isinstance(value, np.ndarray) else float(value)
+    return value  # logical, char, Python numbers (written as double), structs
+
+
+# layer fields that are not options: data, names, the labels cnn_train leaves in the loss layer
+_NOT_OPTIONS = ("weights", "precious", "name", "type", "class")
+
+
 def _simplenn_layer_to_mat(layer: dict, where: str) -> dict:
     if not isinstance(layer, dict) or "type" not in layer:
         raise MatFormatError(f"{where}: a layer must be a dict with a 'type' field")
@@ -394,7 +418,7 @@ def _simplenn_layer_to_mat(layer: dict, where: str) -> dict:
         if key in ("weights", "precious"):
             out[key] = checked[key]  # as load_net's checks converted them (weights copied, precious a bool)
         else:
-            out[key] = _to_mat(value, f"{where}.{key}")
+            out[key] = _to_mat(value if key in _NOT_OPTIONS else _as_double(value), f"{where}.{key}")
     return out
 
 
@@ -415,6 +439,11 @@ def net_to_struct(net: SimpleNN | DagNN) -> dict:
                 fields = {"vars": ["name", "precious"],
                           "params": ["name", "value", "learningRate", "weightDecay"],
                           "layers": ["name", "type", "inputs", "outputs", "params", "block"]}[key]
+                if key == "layers":
+                    value = [dict(item, block=_as_double(item["block"])) for item in value]
+                elif key == "params":
+                    value = [dict(item, learningRate=_as_double(item["learningRate"]),
+                                  weightDecay=_as_double(item["weightDecay"])) for item in value]
                 out[key] = _struct_array([_to_mat(item, f"net.{key}") for item in value], fields)
             else:
                 out[key] = _to_mat(value, f"net.{key}")

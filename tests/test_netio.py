@@ -523,3 +523,24 @@ def test_dagnn_eval_of_a_one_input_loss_is_a_one_line_error():
     with pytest.raises(MatFormatError) as exc:
         dag.eval({"input": np.zeros((5, 5, 1, 2), np.float32)})
     assert str(exc.value) == "net.layers(2).inputs: a dagnn.Loss layer needs two inputs (prediction, label)"
+
+
+def test_numeric_options_set_with_numpy_are_written_as_double(tmp_path):
+    """MatConvNet's MEX functions take only double options ("STRIDE is not a plain matrix") and
+    vl_taccummex a double learning rate: numpy ints and singles a user sets must not reach the file."""
+    from matconvnet_port.models import cnn_mnist_init
+    net = cnn_mnist_init(seed=0)
+    net.layers[1]["pool"], net.layers[1]["stride"] = np.array([2, 2]), np.int64(2)
+    net.layers[0]["learningRate"] = np.array([1, 2], np.float32)
+    save_net(tmp_path / "simple.mat", net)
+    s = sio.loadmat(tmp_path / "simple.mat", squeeze_me=False, struct_as_record=False)["net"][0, 0]
+    pool, conv = s.layers[0, 1][0, 0], s.layers[0, 0][0, 0]
+    assert pool.pool.dtype == pool.stride.dtype == conv.learningRate.dtype == np.float64
+    assert conv.weights[0, 0].dtype == np.float32 and pool.type[0] == "pool"  # data and text as they were
+    dag = DagNN.from_simplenn(net)
+    dag.layers[1]["block"]["poolSize"] = np.array([2, 2], np.int32)
+    dag.params[dag.layers[0]["params"][0]].learningRate = np.float32(1)
+    save_net(tmp_path / "dag.mat", dag)
+    d = sio.loadmat(tmp_path / "dag.mat", squeeze_me=False, struct_as_record=False)["net"][0, 0]
+    assert d.layers[0, 1].block[0, 0].poolSize.dtype == d.params[0, 0].learningRate.dtype == np.float64
+    assert d.layers[0, 0].block[0, 0].hasBias.dtype == np.uint8  # logical stays logical
