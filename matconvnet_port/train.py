@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from . import layers as L
 from .files import atomic_write_text
+from .matio import cell_items
 from .precision import exact_fp32
 from .simplenn import SimpleNN, SimpleNNModule, param_to_matconvnet, vl_simplenn_tidy
 from .vl_nn import hwcn_to_nchw
@@ -226,6 +227,8 @@ class _Solver:
 
     def __init__(self, net: SimpleNN, module: SimpleNNModule, solver_state=None):
         self.entries = []  # (layer index, j, parameter, momentum, lr mult, decay mult)
+        # MatConvNet's shape of each weight, empty ones included (e.g. a conv without biases)
+        self.shapes = [[np.shape(w) for w in cell_items(layer.get("weights"))] for layer in net.layers]
         for i, (layer, m) in enumerate(zip(net.layers, module.layers)):
             if isinstance(m, L.BatchNorm):
                 params = [m.weight, m.bias, m.moments]
@@ -264,13 +267,15 @@ class _Solver:
         for e in self.entries:
             e[2].grad = None
 
-    def solver_state(self, num_layers: int) -> list[list[np.ndarray]]:
-        """Momentum buffers as ``state.solverState{l}{j}`` (MatConvNet layout; empty for no weights)."""
-        state: list[list[np.ndarray]] = [[] for _ in range(num_layers)]
+    def solver_state(self) -> list[list[np.ndarray]]:
+        """Momentum buffers as ``state.solverState{l}{j}``: one per weight of the layer, shaped as the
+        weight (MATLAB's update reads ``solverState{l}{j}`` for every j, so an empty weight gets [])."""
+        state = [[np.zeros((0, 0), np.float32) for _ in shapes] for shapes in self.shapes]
         for i, j, p, buf, _, _ in self.entries:
-            while len(state[i]) <= j:
+            while len(state[i]) <= j:  # a parameter the layer's weights do not list (defensive)
                 state[i].append(np.zeros((0, 0), np.float32))
-            state[i][j] = param_to_matconvnet(buf)
+            like = np.empty(self.shapes[i][j]) if j < len(self.shapes[i]) else None
+            state[i][j] = param_to_matconvnet(buf, like=like)
         return state
 
 
@@ -612,7 +617,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
             net.load_torch_weights(module)
             if last_labels is not None:  # cnn_train leaves the last batch's labels in the loss layer
                 net.layers[-1]["class"] = np.asarray(last_labels, dtype=np.float64)
-            state = {"solverState": solver.solver_state(len(net.layers)),
+            state = {"solverState": solver.solver_state(),
                      "stats": {"train": train_stats, "val": val_stats}}
             if not evaluate_mode:
                 save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info)

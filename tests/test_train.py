@@ -234,6 +234,17 @@ def test_batch_normalization_trains_and_folds_the_batch_moments(tmp_path):
                 expected = 0.05 * torch.stack([mean, sigma], 1).double().numpy()
                 assert max_rel(net.layers[i]["weights"][2], expected) < 1e-4, net.layers[i]["name"]
             x = m(x)
+    # the checkpoint's momenta, as MATLAB resumes them: cnn_train's update reads solverState{l}{j} for
+    # every weight j of a layer, so conv1's empty biases need an entry too; each shaped as its weight
+    import scipy.io as sio
+    state = sio.loadmat(str(tmp_path / "net-epoch-1.mat"), squeeze_me=False, struct_as_record=False)["state"][0, 0]
+    cells = state.solverState
+    assert cells.shape == (1, len(net.layers))
+    for l, layer in enumerate(net.layers):
+        weights = layer.get("weights") or []
+        assert cells[0, l].size == len(weights), layer["name"]
+        for j, w in enumerate(weights):
+            assert cells[0, l][0, j].shape == np.shape(w), (layer["name"], j)
 
 
 def test_a_negative_rate_without_decay_leaves_the_parameter_alone():
