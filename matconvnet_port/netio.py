@@ -71,7 +71,9 @@ double). Writes are atomic (temporary file + rename).
 from __future__ import annotations
 
 import copy
+import math
 import os
+
 import numpy as np
 import torch
 
@@ -470,7 +472,9 @@ def _stats_entry(value) -> dict:
     out = {}
     for key, v in value.items():
         arr = np.asarray(v) if isinstance(v, np.ndarray) else None
-        out[key] = float(arr.reshape(-1)[0]) if arr is not None and arr.dtype != object and arr.size == 1 else v
+        if arr is not None and arr.dtype != object and arr.size <= 1:
+            v = float(arr.reshape(-1)[0]) if arr.size else math.nan  # [] (no images, or a field another epoch has)
+        out[key] = v
     return out
 
 
@@ -530,6 +534,8 @@ def _stats_value(key: str, value):
 
 
 def _stats_struct(entry: dict) -> dict:
+    if entry.get("num") == 0:  # processEpoch over no images sets only num and time (the port's NaNs are not data)
+        entry = {k: v for k, v in entry.items() if k in ("num", "time")}
     return {k: _stats_value(k, v) for k, v in entry.items()}
 
 
@@ -539,8 +545,11 @@ def _stats_to_mat(stats: dict) -> dict:
         if isinstance(value, dict):
             value = [value]
         if isinstance(value, list) and all(isinstance(e, dict) for e in value):
-            fields = list(value[0]) if value else []
-            out[key] = _struct_array([_stats_struct(e) for e in value], fields)
+            structs = [_stats_struct(e) for e in value]
+            # one set of fields for the struct array, [] where an epoch lacks one (as MATLAB fills them)
+            fields = list(dict.fromkeys(k for e in structs for k in e))
+            structs = [{f: e.get(f, np.zeros((0, 0))) for f in fields} for e in structs]
+            out[key] = _struct_array(structs, fields)
         else:
             out[key] = _to_mat(value, f"stats.{key}")
     return out

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from matconvnet_port import cnn_mnist_init
-from matconvnet_port.netio import load_checkpoint, load_net
+from matconvnet_port.netio import load_checkpoint, load_net, save_checkpoint
 from matconvnet_port.train import cnn_train, default_order, find_last_checkpoint
 
 REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference_data")
@@ -302,6 +302,19 @@ def test_evaluate_only_run_writes_no_checkpoint_and_a_later_run_trains(tmp_path)
     net, info = cnn_train(net0, imdb, get_batch, train=train, val=np.nan, **common)
     assert info["train"][0]["num"] == len(train) and info["val"][0]["num"] == 0  # val = NaN: none
     assert not np.array_equal(net.layers[0]["weights"][0], net0.layers[0]["weights"][0])
+    # on file as MATLAB's processEpoch leaves an empty set: num and time only (MATLAB resumes with
+    # stats.val(epoch) = lastStats.val, which needs the fields of its own), read back as NaN
+    import scipy.io as sio
+    saved = sio.loadmat(str(tmp_path / "net-epoch-1.mat"), squeeze_me=False, struct_as_record=False)
+    assert set(saved["stats"][0, 0].val[0, 0]._fieldnames) == {"num", "time"}
+    assert set(saved["state"][0, 0].stats[0, 0].val[0, 0]._fieldnames) == {"num", "time"}
+    _, _, stats = load_checkpoint(str(tmp_path / "net-epoch-1.mat"))
+    assert stats["val"][0]["num"] == 0 and stats["train"][0]["num"] == len(train)
+    # a MATLAB run's empty-set epochs (num, time) followed by the port's: one struct array, [] filled
+    stats["val"].append({"objective": 1.5, "top1err": 0.5, "top5err": 0.1, "num": 100, "time": 2.0})
+    save_checkpoint(str(tmp_path / "mixed.mat"), net, {}, stats)
+    _, _, mixed = load_checkpoint(str(tmp_path / "mixed.mat"))
+    assert np.isnan(mixed["val"][0]["objective"]) and mixed["val"][1]["objective"] == 1.5
 
 
 @pytest.mark.parametrize("indices, words", [(np.arange(0, 100), "1..2500"), ([1.5, 2], "integers"),
