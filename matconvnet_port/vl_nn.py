@@ -254,7 +254,7 @@ def _filter_layer(forward, given, tensors, dzdy, as_numpy: bool, skipped):
 
 
 def _empty_like(a, as_numpy: bool, x: torch.Tensor):
-    shape = _shape(a) if a is not None and np.size(a) else (0, 0)  # MATLAB's [] is 0 x 0
+    shape = (0, 0) if _is_empty(a) else _shape(a)  # MATLAB's [] is 0 x 0 (np.size(tensor) is a method)
     t = torch.zeros(shape, dtype=x.dtype, device=x.device)
     return _out(t, as_numpy)
 

@@ -137,3 +137,11 @@ def test_vl_nnconvt_derivatives_are_vl_nnconvs_by_adjointness():
     np.testing.assert_allclose(df, vl_nnconv(dzdy, f, None, x, stride=2)[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(db, dzdy.sum(axis=(0, 1, 3)).reshape(1, 2), rtol=1e-5, atol=1e-5)
     assert (dx.shape, df.shape, db.shape) == (x.shape, f.shape, b.shape)
+
+
+def test_an_empty_torch_bias_gets_matlabs_empty_derivative():
+    import torch
+    x, f = torch.randn(5, 5, 2, 1), torch.randn(3, 3, 2, 4)
+    dzdb = vl_nnconv(x, f, torch.empty(0), torch.randn(3, 3, 4, 1))[2]
+    assert isinstance(dzdb, torch.Tensor) and tuple(dzdb.shape) == (0, 0)
+    assert vl_nnconv(x.numpy(), f.numpy(), np.zeros((0, 0), np.float32), np.ones((3, 3, 4, 1), np.float32))[2].shape == (0, 0)
