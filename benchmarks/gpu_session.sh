@@ -10,8 +10,9 @@
 #      from it (benchmarks/project_grid.py),
 #   4. benchmarks/bench_search.py: the search's path vs 16 naive LeNets, N = 28 and 64, if time is left.
 # (bench_lanes.py -- --lanes stays 1: 1.10x at best -- and bench_plans.py --profile ran in earlier sessions.)
-# Everything printed goes to $OUT/log.txt; the slice's results.csv and summary.md and the
-# benchmark JSON are copied next to it (few files: the device tool returns at most eight).
+# Everything printed goes to $OUT/log.txt (the tails of long outputs); pytest's and the slice's whole
+# output, the slice's results.csv, summary.md and autotune.json and the benchmark JSON are copied next
+# to it (seven files: the device tool returns at most eight).
 # benchmarks/gpu_explore.sh is the shorter look at single kernels that came before this.
 # Run from the repository root:  OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu_session.sh
 source "$(dirname "$0")/gpu_common.sh"
@@ -19,16 +20,19 @@ source "$(dirname "$0")/gpu_common.sh"
 environment
 
 stage "pytest: CUDA parity, fused-trainer and cnn_train cases"
-timeout 60 python3 -m pytest -q -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py tests/test_train.py tests/test_train_dag.py 2>&1 | tail -12
+timeout 60 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py \
+  tests/test_train.py tests/test_train_dag.py 2>&1 | tee "$OUT/pytest.log" | tail -12
 
 stage "bench_compose: conv3 -> conv4 composed by GEMM or by cuDNN"
 timeout 25 python3 benchmarks/bench_compose.py --device cuda --sizes 36 64 --models 8 --repeats 5 2>&1 | tail -4
 
 stage "paper slice: 16 masks x N=28..64 x 5 epochs x 60000/10000 images x 1 seed"
+rm -rf /tmp/paper_slice  # a warm machine's earlier slice would be resumed, its plans reused: nothing measured
 timeout 405 python3 -m matconvnet_port.search --preset paper --seeds 1 --epochs 5 --device cuda \
-  --out /tmp/paper_slice 2>&1 | clean | grep -v '^grid:' | tail -40
+  --out /tmp/paper_slice 2>&1 | clean | grep -v '^grid:' | tee "$OUT/paper_slice.log" | tail -40
 cp /tmp/paper_slice/results.csv "$OUT/paper_slice_results.csv"
 cp /tmp/paper_slice/summary.md "$OUT/paper_slice_summary.md"
+cp /tmp/paper_slice/autotune.json "$OUT/paper_slice_autotune.json"
 python3 benchmarks/project_grid.py /tmp/paper_slice/results.csv
 
 stage "bench_search (ours vs naive, N = 28 and 64)"

@@ -258,7 +258,16 @@ def test_autotune_skips_a_plan_that_fails_on_the_device(data, monkeypatch, capsy
 
     candidates, best, timings = autotune_with_build(data, monkeypatch, out_of_memory, 2)
     assert best is candidates[1] and list(timings) == [plan_label(candidates[1])]
-    assert f"skipped plan {plan_label(candidates[0])}: CUDA out of memory" in capsys.readouterr().err
+    assert f"skipped plan {plan_label(candidates[0])}: OutOfMemoryError: CUDA out of memory" in capsys.readouterr().err
+
+    def candidate_bug(plan, candidates, real_build, *args):  # any error of one candidate, not only the device's
+        if plan is candidates[1]:
+            raise TypeError("unsupported operand")
+        return real_build(plan, *args)
+
+    candidates, best, timings = autotune_with_build(data, monkeypatch, candidate_bug, 2)
+    assert best is candidates[0] and list(timings) == [plan_label(candidates[0])]
+    assert f"skipped plan {plan_label(candidates[1])}: TypeError: unsupported operand" in capsys.readouterr().err
 
     def no_kernel(*args):
         raise RuntimeError("no kernel")
