@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -134,9 +135,12 @@ def grid_union(a: dict, b: dict) -> dict:
 def merge_dirs(dirs, out) -> tuple[dict, list[dict]]:
     """Merge the ``results.csv`` of several output folders (e.g. shards) into ``out``.
 
-    The training settings must agree; a cell (mask, N, seed) may come from one
-    folder only. Writes ``out/config.json`` (grid = union) and
-    ``out/results.csv``; returns (config, rows).
+    The training settings must agree. A cell (mask, N, seed) found in several
+    folders (shards re-split after the grid grew train some groups twice) is
+    taken from the one with the most epochs, the first listed among equals,
+    with a note saying how far the copies' final errors differ. Writes
+    ``out/config.json`` (grid = union) and ``out/results.csv``; returns
+    (config, rows).
     """
     out = Path(out)
     if (out / "groups").is_dir():
@@ -144,7 +148,7 @@ def merge_dirs(dirs, out) -> tuple[dict, list[dict]]:
     resolved = [Path(d).resolve() for d in dirs]
     if len(set(resolved)) < len(resolved):
         raise UsageError("merge: a folder is given twice")
-    config, rows, origin = None, [], {}
+    config, copies = None, {}  # cell -> [(folder, its rows of the cell)]
     for d in dirs:
         d = Path(d)
         cfg = load_config(d)
@@ -164,13 +168,23 @@ def merge_dirs(dirs, out) -> tuple[dict, list[dict]]:
             # folders from before the fingerprint have none: compare the rest with the first one that has
             config["data_sha256"] = config.get("data_sha256") or cfg.get("data_sha256")
         for row in read_results(d / "results.csv"):
-            key = cell_key(row)
-            if origin.setdefault(key, d) != d:
-                raise UsageError(f"merge: cell {row['mask']} N={row['input_size']} seed={row['seed']} "
-                                 f"is in both {origin[key]} and {d}")
-            rows.append(row)
+            held = copies.setdefault(cell_key(row), [])
+            if not held or held[-1][0] != d:
+                held.append((d, []))
+            held[-1][1].append(row)
     if config is None:
         raise UsageError("merge: no folders given")
+    rows, twice, spread = [], 0, 0.0
+    for held in copies.values():
+        rows += max(held, key=lambda c: len(c[1]))[1]  # max keeps the first of equals
+        if len(held) > 1:
+            twice += 1
+            finals = [max(c[1], key=lambda r: r["epoch"])["val_image_err"] for c in held]
+            spread = max(spread, max(finals) - min(finals))
+    if twice:
+        print(f"note: merge: {twice} cells are in more than one folder (e.g. shards re-split after the grid "
+              f"grew); each is taken from the folder with the most epochs, the first listed among equals "
+              f"(final image-level errors of the copies differ by up to {spread:.2%})", file=sys.stderr)
     config["merged_from"] = [str(d) for d in dirs]
     config.pop("shard", None)
     save_config(out, config)
