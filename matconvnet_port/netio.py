@@ -87,8 +87,8 @@ __all__ = ["load_net", "save_net", "load_checkpoint", "save_checkpoint", "net_fr
            "net_to_struct"]
 
 _DAGNN_FIELDS = ("vars", "params", "layers")
-# stats fields cnn_train computes in single precision (the others are double)
-_SINGLE_STATS = ("objective", "top1err", "top5err")
+# stats fields cnn_train computes in single precision with its default error function (the others are double)
+SINGLE_STATS = ("objective", "top1err", "top5err")
 
 
 # ---------------------------------------------------------------------------
@@ -527,25 +527,25 @@ def load_checkpoint(path) -> tuple[SimpleNN | DagNN, dict, dict]:
     return net, state, stats
 
 
-def _stats_value(key: str, value):
+def _stats_value(key: str, value, single):
     if _is_number(value):
-        return np.full((1, 1), value, dtype=np.float32 if key in _SINGLE_STATS else np.float64)
+        return np.full((1, 1), value, dtype=np.float32 if key in single else np.float64)
     return _to_mat(value, key)
 
 
-def _stats_struct(entry: dict) -> dict:
+def _stats_struct(entry: dict, single) -> dict:
     if entry.get("num") == 0:  # processEpoch over no images sets only num and time (the port's NaNs are not data)
         entry = {k: v for k, v in entry.items() if k in ("num", "time")}
-    return {k: _stats_value(k, v) for k, v in entry.items()}
+    return {k: _stats_value(k, v, single) for k, v in entry.items()}
 
 
-def _stats_to_mat(stats: dict) -> dict:
+def _stats_to_mat(stats: dict, single) -> dict:
     out = {}
     for key, value in (stats or {}).items():
         if isinstance(value, dict):
             value = [value]
         if isinstance(value, list) and all(isinstance(e, dict) for e in value):
-            structs = [_stats_struct(e) for e in value]
+            structs = [_stats_struct(e, single) for e in value]
             # one set of fields for the struct array, [] where an epoch lacks one (as MATLAB fills them)
             fields = list(dict.fromkeys(k for e in structs for k in e))
             structs = [{f: e.get(f, np.zeros((0, 0))) for f in fields} for e in structs]
@@ -555,7 +555,7 @@ def _stats_to_mat(stats: dict) -> dict:
     return out
 
 
-def _state_to_mat(state: dict, flat: bool = False) -> dict:
+def _state_to_mat(state: dict, single, flat: bool = False) -> dict:
     """``state`` as cnn_train saves it; ``flat``: cnn_train_dag's one solverState cell per parameter."""
     out = {}
     for key, value in (state or {}).items():
@@ -573,23 +573,28 @@ def _state_to_mat(state: dict, flat: bool = False) -> dict:
                 cells.append(matio.cell(arrays, shape=(1, len(arrays))))
             out[key] = matio.cell(cells, shape=(1, len(cells)))
         elif key == "stats" and isinstance(value, dict):
-            out[key] = {k: (_stats_struct(v) if isinstance(v, dict) else _to_mat(v, k)) for k, v in value.items()}
+            out[key] = {k: (_stats_struct(v, single) if isinstance(v, dict) else _to_mat(v, k))
+                        for k, v in value.items()}
         else:
             out[key] = _to_mat(value, f"state.{key}")
     return out
 
 
-def save_checkpoint(path, net: SimpleNN | DagNN, state: dict, stats: dict, format: str = "v7") -> None:
+def save_checkpoint(path, net: SimpleNN | DagNN, state: dict, stats: dict, format: str = "v7",
+                    single_stats=SINGLE_STATS) -> None:
     """Write a ``cnn_train`` checkpoint (``net``, ``state``, ``stats``) atomically.
 
     ``state['solverState']``: per layer a list of per-parameter arrays (numpy
     or torch), empty for layers without weights; ``state['stats']``: the
     epoch's stats (dict of dicts); ``stats``: ``{'train': [epoch dicts],
-    'val': [...]}``. ``objective``/``top1err``/``top5err`` are written as
-    single, other numbers as double, as ``cnn_train`` does.
+    'val': [...]}``. The statistics named in ``single_stats`` are written as
+    single, other numbers as double: by default ``objective``/``top1err``/``top5err``,
+    as ``cnn_train`` with its multiclass error (MATLAB's [double objective; single
+    errors] is single; with the binary or no error function it stays double).
     """
     p = os.fspath(path)
+    single = set(single_stats or ())
     variables = {"net": _with_file(p, net_to_struct, net),
-                 "state": _state_to_mat(copy.copy(state), flat=isinstance(net, DagNN)),
-                 "stats": _stats_to_mat(stats)}
+                 "state": _state_to_mat(copy.copy(state), single, flat=isinstance(net, DagNN)),
+                 "stats": _stats_to_mat(stats, single)}
     matio.write_mat(p, variables, format=format)

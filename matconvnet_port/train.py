@@ -486,9 +486,10 @@ def _process_epoch(module: SimpleNNModule, solver: _Solver | None, imdb, get_bat
     bar.close()
     # no images, no statistics: NaN (MATLAB leaves the fields out), never a perfect-looking 0
     values = (totals / num).cpu().numpy() if num else np.full(len(totals), np.nan)
-    # single precision, as cnn_train stores them (so a resumed run reports the same numbers)
-    stats = {"objective": float(np.float32(values[0]))}
-    stats.update({name: float(np.float32(v)) for name, v in zip(error_labels, values[1:])})
+    # in cnn_train's precision (so a resumed run reports the same numbers): [double objective; errors] is
+    # single with the multiclass error's single counts, double with the binary one's or none
+    stats = {name: float(np.float32(v)) if name in opts["single_stats"] else float(v)
+             for name, v in zip(("objective",) + error_labels, values)}
     stats["num"] = num
     stats["time"] = time.perf_counter() - start
     return stats, last_labels
@@ -566,9 +567,11 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
     if len(error[1]) != len(set(error[1])) or {"objective", "num", "time"} & set(error[1]):
         raise ValueError(f"error_labels must be distinct names other than objective, num, time; got {error[1]}")
     _check_train_options(num_sub_batches, post_epoch_fn)
+    single = ("objective",) + error[1] if error_function == "multiclass" else ()
     opts = dict(weight_decay=weight_decay, momentum=momentum, nesterov_update=nesterov_update,
                 error_function=error, normalise=normalise, num_sub_batches=int(num_sub_batches),
-                batch_size=batch_size, num_epochs=num_epochs, exp_dir=exp_dir, imdb=imdb, get_batch=get_batch)
+                single_stats=single, batch_size=batch_size, num_epochs=num_epochs, exp_dir=exp_dir, imdb=imdb,
+                get_batch=get_batch)
     device = resolve_device(device)
     os.makedirs(exp_dir, exist_ok=True)
     train, val = _train_val(imdb, train, val)
@@ -620,7 +623,7 @@ def cnn_train(net, imdb: dict, get_batch: Callable, *, exp_dir: str, num_epochs:
             state = {"solverState": solver.solver_state(),
                      "stats": {"train": train_stats, "val": val_stats}}
             if not evaluate_mode:
-                save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info)
+                save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info, single_stats=single)
             if progress:
                 print(f"epoch {epoch:02d}: train objective {train_stats['objective']:.4f} "
                       + " ".join(f"{k} {train_stats[k]:.4f}" for k in error[1])

@@ -249,7 +249,9 @@ def cnn_train_dag(net: DagNN, imdb: dict, get_batch: Callable, *, exp_dir: str, 
             state = {"solverState": solver.solver_state(net) if solver else [],
                      "stats": {"train": train_stats, "val": val_stats}}
             if not evaluate_mode:
-                save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info)
+                # every statistic is a dagnn.Loss block's average, computed from its single output
+                save_checkpoint(_checkpoint_path(exp_dir, epoch), net, state, info,
+                                single_stats=[k for k in train_stats if k not in ("num", "time")])
             if progress:
                 print(f"epoch {epoch:02d}: train " + " ".join(f"{k} {v:.4f}" for k, v in train_stats.items()
                                                               if k not in ("num", "time"))

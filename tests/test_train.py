@@ -339,9 +339,18 @@ def test_error_function_may_be_the_callers_with_its_labels(tmp_path):
     def top1(prediction, labels):
         return [torch.sum(prediction.argmax(dim=1).reshape(-1) + 1 != labels.reshape(-1))]
     _, own = cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, error_function=top1, error_labels=["mine"], **common)
-    for mode in ("train", "val"):
-        assert own[mode][0]["mine"] == builtin[mode][0]["top1err"]
+    for mode in ("train", "val"):  # the built-in's single, the caller's (like MATLAB's double sums) double
+        assert own[mode][0]["mine"] == pytest.approx(builtin[mode][0]["top1err"], rel=1e-7)
+        assert float(np.float32(own[mode][0]["mine"])) == builtin[mode][0]["top1err"]
         assert "top1err" not in own[mode][0]
+    # on file in those classes: MATLAB's [double objective; single errors] is single, [double; double] double
+    import scipy.io as sio
+    saved = sio.loadmat(str(tmp_path / "net-epoch-1.mat"), squeeze_me=False, struct_as_record=False)
+    assert saved["stats"][0, 0].val[0, 0].mine.dtype == saved["stats"][0, 0].val[0, 0].objective.dtype == np.float64
+    cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, **common)
+    saved = sio.loadmat(str(tmp_path / "net-epoch-1.mat"), squeeze_me=False, struct_as_record=False)
+    assert saved["stats"][0, 0].val[0, 0].top1err.dtype == saved["stats"][0, 0].val[0, 0].objective.dtype == np.float32
+    assert saved["stats"][0, 0].val[0, 0].num.dtype == np.float64
     with pytest.raises(ValueError, match="error_function 'multiclass' gives 2 values, got 1 labels"):
         cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, error_function="multiclass", error_labels=["one"], **common)
     with pytest.raises(ValueError, match="2 values for 1 error labels"):

@@ -200,3 +200,17 @@ def test_cnn_train_names_a_dagnn_checkpoint_it_cannot_resume(tmp_path):
     with pytest.raises(ValueError) as exc:
         cnn_train(cnn_mnist_init(seed=1), imdb, get_batch, **kw)
     assert "net-epoch-1.mat: holds a DagNN" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_checkpoint_statistics_are_single_whatever_the_loss_outputs_are_named(tmp_path):
+    """Every cnn_train_dag statistic is a dagnn.Loss block's average, single as its output is."""
+    import scipy.io as sio
+    imdb, train, val = _small_imdb(100, 100)
+    dag = mnist_dag(2)
+    dag.rename_var("top1err", "error")
+    cnn_train_dag(dag, imdb, dag_batch, exp_dir=str(tmp_path), num_epochs=1, batch_size=100, train=train, val=val,
+                  progress=False, device="cpu")
+    saved = sio.loadmat(str(tmp_path / "net-epoch-1.mat"), squeeze_me=False, struct_as_record=False)
+    entry = saved["stats"][0, 0].val[0, 0]
+    assert entry.error.dtype == entry.objective.dtype == entry.top5err.dtype == np.float32
+    assert entry.num.dtype == entry.time.dtype == np.float64
