@@ -4,8 +4,8 @@ from .errors import MatFormatError
 
 __version__ = "0.1.0"
 from . import functional
-from .vl_nn import (vl_nnbnorm, vl_nnconv, vl_nnconvt, vl_nncrop, vl_nndropout, vl_nnloss, vl_nnnormalize,
-                    vl_nnpool, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax, vl_nnsoftmaxloss)
+from .vl_nn import (vl_nnbnorm, vl_nnconv, vl_nnconvt, vl_nncrop, vl_nndropout, vl_nnloss, vl_nnnormalize, vl_nnpool,
+                    vl_nnrelu, vl_nnroipool, vl_nnsigmoid, vl_nnsoftmax, vl_nnsoftmaxloss)
 from .simplenn import SimpleNN, vl_simplenn, vl_simplenn_tidy
 from .models import cnn_mnist_init, mask_bits, mask_name, parse_mask
 from .precision import exact_fp32, set_precision

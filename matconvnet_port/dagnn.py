@@ -75,6 +75,7 @@ BLOCK_DEFAULTS: dict[str, dict[str, Any]] = {
     "dagnn.Sum": {},
     "dagnn.Crop": {"crop": [0, 0]},
     "dagnn.Scale": {"size": [], "hasBias": True},
+    "dagnn.ROIPooling": {"method": "max", "subdivisions": [6, 6], "transform": 1, "flatten": False},
     "dagnn.Loss": {"loss": "softmaxlog", "ignoreAverage": False, "normalise": True, "opts": []},
 }
 BLOCK_TYPES = tuple(BLOCK_DEFAULTS)
@@ -407,6 +408,24 @@ class _Scale(_Block):
         return [fn.scale(args[0], args[1], args[2] if self.has_bias else None)]
 
 
+class _ROIPooling(_Block):
+    """``dagnn.ROIPooling`` (Fast R-CNN's): ``vl_nnroipool`` of input 1 over the ROIs of input 2
+    (5 x K, MATLAB's column-major order); with ``flatten`` the K x C x SH x SW result becomes
+    K x (SH SW C) x 1 x 1 in MATLAB's ``reshape`` order. Input 2 gets no derivative."""
+
+    def __init__(self, method: str, subdivisions: tuple[int, int], transform, flatten: bool):
+        super().__init__()
+        self.method, self.subdivisions, self.transform, self.flatten = method, subdivisions, transform, flatten
+
+    def forward(self, inputs, params):
+        rois = nchw_to_hwcn(inputs[1].detach())
+        rois = rois.permute(*reversed(range(rois.dim()))).reshape(-1)  # column-major: ROI k is rois(:, k)
+        y = fn.roipool(inputs[0], rois, self.subdivisions, self.transform, self.method)
+        if self.flatten:  # reshape(y, 1, 1, [], K): SH fastest, then SW, then C
+            y = y.transpose(2, 3).reshape(y.shape[0], -1, 1, 1)
+        return [y]
+
+
 class _Loss(_Block):
     def __init__(self, loss: str, options: dict):
         super().__init__()
@@ -495,6 +514,17 @@ def _crop_block(p: dict, b: str) -> _Block:
     return _Crop((v, u))
 
 
+def _roipooling_block(p: dict, b: str) -> _Block:
+    method = _text(p["method"], f"{b}.method").lower()
+    if method not in ("max", "avg"):
+        raise MatFormatError(f"{b}.method: must be 'max' or 'avg', got {method!r}")
+    transform = _numbers(p["transform"], f"{b}.transform")
+    if len(transform) not in (1, 2, 6):
+        raise MatFormatError(f"{b}.transform: must be 1 x 1, 2 x 1 or 2 x 3, got {len(transform)} numbers")
+    return _ROIPooling(method, fn._pos2(_numbers(p["subdivisions"], f"{b}.subdivisions"), "subdivisions"),
+                       transform, _flag(p["flatten"], f"{b}.flatten"))
+
+
 def _loss_block(p: dict, b: str) -> _Block:
     # dagnn.Loss calls vl_nnloss(x, c, [], 'loss', loss, opts{:}): options in opts win
     o = _opts(cell_items(p["opts"]), f"{b}.opts", _LOSS_OPTIONS)
@@ -526,12 +556,14 @@ _BUILDERS = {
     "dagnn.Sum": lambda p, b: _Sum(),
     "dagnn.Crop": _crop_block,
     "dagnn.Scale": lambda p, b: _Scale(_flag(p["hasBias"], f"{b}.hasBias")),
+    "dagnn.ROIPooling": _roipooling_block,
     "dagnn.Loss": _loss_block,
 }
 
 # input variables a block type needs: (count, what they are)
-_INPUT_COUNTS = {"dagnn.Loss": (2, "two inputs (prediction, label)"), "dagnn.Crop": (2, "two inputs (the input, "
-                                                                                       "one of the size to crop to)")}
+_INPUT_COUNTS = {"dagnn.Loss": (2, "two inputs (prediction, label)"),
+                 "dagnn.Crop": (2, "two inputs (the input, one of the size to crop to)"),
+                 "dagnn.ROIPooling": (2, "two inputs (the features, the 5 x K regions)")}
 
 
 def _build_block(layer: dict, where: str) -> _Block:

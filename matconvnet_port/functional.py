@@ -28,12 +28,13 @@ import functools
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "conv", "conv_gemm", "linear_pair_gemm", "linear_pair_conv", "convt", "pool", "relu", "channel_relu", "sigmoid", "softmax", "softmaxloss",
-    "softmaxloss_per_image", "crop", "scale", "loss", "lrn", "bnorm", "bnorm_moments", "bnorm_moments_as", "dropout",
+    "softmaxloss_per_image", "crop", "scale", "roipool", "roi_transform", "loss", "lrn", "bnorm", "bnorm_moments", "bnorm_moments_as", "dropout",
     "conv_output_size", "pool_output_size",
     "LOSS_TYPES",
 ]
@@ -861,6 +862,93 @@ def scale(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> to
         raise ValueError(f"x, w and b must agree in each dimension or be 1 there (N x C x H x W), got {shapes}") from None
     y = x * w
     return y if b is None else y + b
+
+
+# ---------------------------------------------------------------------------
+# Region-of-interest pooling (vl_nnroipool, dagnn.ROIPooling)
+# ---------------------------------------------------------------------------
+
+def roi_transform(transform) -> tuple[float, ...]:
+    """``vl_nnroipool``'s 'Transform' as its six numbers [a b c d e f]: u' = a u + c v + e, v' = b u + d v + f.
+
+    A scalar T scales about pixel 1 (a = d = T, e = f = 1 - T), [Tu Tv] per axis, a 2 x 3 matrix
+    [a c e; b d f] is the affine map (MATLAB's column-major order of its six numbers).
+    """
+    t = np.asarray(transform, dtype=np.float64)
+    if t.size in (1, 2):
+        tu, tv = t.reshape(-1)[0], t.reshape(-1)[-1]
+        return (float(tu), 0.0, 0.0, float(tv), 1.0 - float(tu), 1.0 - float(tv))
+    if t.shape == (2, 3) or t.size == 6:
+        flat = t.reshape(-1, order="F") if t.ndim == 2 else t.reshape(-1)
+        return tuple(float(v) for v in flat)
+    raise ValueError(f"transform must be 1 x 1, 2 x 1 or 2 x 3, got {t.size} numbers")
+
+
+def _roi_bins(start: int, extent: int, count: int, limit: int, real) -> list[tuple[int, int]]:
+    """[first, last) pixels of each of ``count`` tiles of an ROI, as MatConvNet's loops compute them
+    (tile sizes and their products in the data's precision ``real``: np.float32 for single)."""
+    size = real(extent) / real(count)
+    out = []
+    for p in range(count):
+        lo, hi = int(np.floor(real(p) * size)), int(np.ceil(real(p + 1) * size))
+        out.append((min(max(lo + start, 0), limit), min(max(hi + start, 0), limit)))
+    return out
+
+
+def _round_half_away(v: float) -> int:
+    return int(np.sign(v) * np.floor(abs(v) + 0.5))  # C's round(); exact for float32 values in double
+
+
+def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: str = "max") -> torch.Tensor:
+    """Region-of-interest pooling -- MatConvNet ``vl_nnroipool`` (Fast R-CNN's).
+
+    ``x`` N x C x H x W; ``rois`` K x 5 (or anything of 5K numbers, read as
+    K rows): ``[t u1 v1 u2 v2]`` with ``t`` the 1-based image (truncated,
+    then clamped to 1..N as MatConvNet does) and (u, v) 1-based
+    (horizontal, vertical) corners, mapped by :func:`roi_transform`.
+    Output K x C x SH x SW: the corners are rounded half away from zero
+    (computed in the data's precision, as the MEX code), the ROI of
+    ``max(v2 - v1 + 1, 1)`` x ``max(u2 - u1 + 1, 1)`` pixels is cut into
+    SH x SW tiles ``[floor(p * size), ceil((p + 1) * size))`` clipped to the
+    image, and each tile is max- (or 'avg'-) pooled; an empty tile gives 0.
+    The max derivative goes to the first maximum in MATLAB's column-major
+    scan of the tile, as MatConvNet's. ('avg' is the mean over the clipped
+    tile, as MatConvNet's GPU code and documentation have it; its CPU code
+    at the reference commit computes the max for 'avg' too.)
+    """
+    _check_4d(x)
+    sh, sw = _pos2(subdivisions, "subdivisions")
+    if method not in ("max", "avg"):
+        raise ValueError(f"method must be 'max' or 'avg', got {method!r}")
+    a, b, c, d, e, f = roi_transform(transform)
+    r = torch.as_tensor(rois).detach().to("cpu", torch.float64).reshape(-1)
+    if r.numel() == 0 or r.numel() % 5:
+        raise ValueError(f"rois must be a 5 x K array with K >= 1, got {r.numel()} numbers")
+    if not torch.isfinite(r).all():
+        raise ValueError("rois must be finite numbers")
+    real = np.float32 if x.dtype == torch.float32 else np.float64
+    n, channels, height, width = x.shape
+    tiles = []
+    for t, u1_, v1_, u2_, v2_ in r.reshape(-1, 5).tolist():
+        u1_, v1_, u2_, v2_ = (float(real(v)) for v in (u1_, v1_, u2_, v2_))  # the rois in x's type
+        u1, v1 = float(real(a * u1_ + c * v1_ + e)), float(real(b * u1_ + d * v1_ + f))
+        u2, v2 = float(real(a * u2_ + c * v2_ + e)), float(real(b * u2_ + d * v2_ + f))
+        top, left = _round_half_away(v1) - 1, _round_half_away(u1) - 1
+        rows = _roi_bins(top, max(_round_half_away(v2) - 1 - top + 1, 1), sh, height, real)
+        cols = _roi_bins(left, max(_round_half_away(u2) - 1 - left + 1, 1), sw, width, real)
+        image = x[min(max(int(real(t)) - 1, 0), n - 1)]  # (int) truncates toward zero
+        pooled = []
+        for w0, w1 in cols:
+            for h0, h1 in rows:
+                if h1 <= h0 or w1 <= w0:
+                    pooled.append(x.new_zeros(channels))
+                    continue
+                # the tile scanned as MatConvNet scans it: columns outer, rows inner
+                tile = image[:, h0:h1, w0:w1].transpose(1, 2).reshape(channels, -1)
+                pooled.append(tile.mean(dim=1) if method == "avg" else
+                              tile.gather(1, tile.argmax(dim=1, keepdim=True)).reshape(-1))
+        tiles.append(torch.stack(pooled, 1).reshape(channels, sw, sh).transpose(1, 2))
+    return torch.stack(tiles)
 
 
 # ---------------------------------------------------------------------------

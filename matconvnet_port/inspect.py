@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from . import functional as fn
-from .dagnn import DagNN, _BatchNorm, _Concat, _Conv, _ConvTranspose, _Crop, _Loss, _Pooling, _build_block
+from .dagnn import DagNN, _BatchNorm, _Concat, _Conv, _ConvTranspose, _Crop, _ROIPooling, _Loss, _Pooling, _build_block
 from .errors import MatFormatError
 from .simplenn import SimpleNN
 
@@ -178,6 +178,10 @@ def _dagnn_rows(dag: DagNN, size: Size) -> list[dict]:
                    _conv_out(w, block.pool_size[1], *block.pad[2:], block.stride[1]), c)
         elif isinstance(block, _Loss):
             out = (1.0, 1.0, 1.0)
+        elif isinstance(block, _ROIPooling):
+            sh, sw = block.subdivisions
+            out = (1.0, 1.0, sh * sw * c) if block.flatten else (float(sh), float(sw), c)
+            row.update(support=_dims([sh, sw]))
         elif isinstance(block, _Crop) and len(ins) > 1:
             out = (ins[1][0], ins[1][1], c)
         elif isinstance(block, _Concat) and block.dim in (1, 2, 3):

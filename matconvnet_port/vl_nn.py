@@ -42,7 +42,7 @@ from .precision import exact_fp32
 
 __all__ = [
     "vl_nnconv", "vl_nnconvt", "vl_nnpool", "vl_nnrelu", "vl_nnsigmoid", "vl_nnsoftmax",
-    "vl_nnsoftmaxloss", "vl_nnloss", "vl_nnnormalize", "vl_nnbnorm", "vl_nndropout", "vl_nncrop",
+    "vl_nnsoftmaxloss", "vl_nnloss", "vl_nnnormalize", "vl_nnbnorm", "vl_nndropout", "vl_nncrop", "vl_nnroipool",
     "hwcn_to_nchw", "nchw_to_hwcn",
 ]
 
@@ -337,6 +337,24 @@ def vl_nncrop(x, crop, dzdy=None, input_size=None):
         raise ValueError(f"dzdy must have the size of the output ({size}), got {_shape(dzdy)}")
     inside.copy_(g)  # a view into dzdx
     return _out(nchw_to_hwcn(dzdx), as_numpy, tuple(dims))
+
+
+@_fp32
+def vl_nnroipool(x, rois, dzdy=None, *, method="max", subdivisions=(1, 1), transform=1, **backend):
+    """Region-of-interest pooling -- MatConvNet ``VL_NNROIPOOL``.
+
+    ``y = vl_nnroipool(x, rois, method='max', subdivisions=[SH SW], transform=1)``;
+    ``dzdx = vl_nnroipool(x, rois, dzdy, ...)``. ``rois`` 5 x K: ``[t u1 v1 u2 v2]``
+    per column (image, 1-based corners, u horizontal); output SH x SW x C x K.
+    ``transform``: a scale T about pixel 1, [Tu Tv], or a 2 x 3 affine map of
+    the corners. See :func:`matconvnet_port.functional.roipool` for the
+    rounding and tiling, which follow MatConvNet's MEX code.
+    """
+    _backend(**backend)
+    r = _float_input(rois, "rois")
+    # MATLAB's column-major order of the 5K numbers: ROI k is rois(:, k)
+    r = r.permute(*reversed(range(r.dim()))).reshape(-1) if r.dim() > 1 else r
+    return _filter_free_layer(x, dzdy, lambda t: fn.roipool(t, r, subdivisions, transform, method))
 
 
 def _filter_free_layer(x, dzdy, forward: Callable[[torch.Tensor], torch.Tensor]):
