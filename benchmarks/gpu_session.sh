@@ -10,8 +10,8 @@
 #      from it (benchmarks/project_grid.py),
 #   4. benchmarks/bench_search.py: the search's path vs 16 naive LeNets, N = 28 and 64, if time is left.
 # (bench_lanes.py -- --lanes stays 1: 1.10x at best -- and bench_plans.py --profile ran in earlier sessions.)
-# Everything printed goes to $OUT/log.txt (the tails of long outputs); pytest's and the slice's whole
-# output, the slice's results.csv, summary.md and autotune.json and the benchmark JSON are copied next
+# Everything printed goes to $OUT/log.txt (the tails of long outputs); pytest's whole output and the
+# slice's (its progress bars left out), the slice's results.csv, summary.md and autotune.json and the benchmark JSON are copied next
 # to it (seven files: the device tool returns at most eight).
 # benchmarks/gpu_explore.sh is the shorter look at single kernels that came before this.
 # Run from the repository root:  OUT=/some/dir PYTHONPATH=. bash benchmarks/gpu_session.sh

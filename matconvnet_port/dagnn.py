@@ -395,7 +395,14 @@ class _Crop(_Block):
 
 class _Scale(_Block):
     """``dagnn.Scale``: ``y = x .* w (+ b)`` broadcast as ``bsxfun``; ``x``, ``w``, ``b`` are the
-    layer's inputs followed by its parameters (a parameter in MatConvNet's shape, e.g. 1 x 1 x C)."""
+    layer's inputs followed by its parameters (a parameter in MatConvNet's shape, e.g. 1 x 1 x C).
+
+    A deliberate difference: ``Scale.backward`` sums the bias derivative over the dimensions where the
+    *multipliers* are 1, so where the biases have another shape (``initParams`` gives [1 1 C]
+    multipliers a 1 x 1 bias) MATLAB's bias derivative has the multipliers' shape, which its own
+    update cannot apply; here it is the biases' (summed over their own broadcast dimensions). With
+    biases shaped as the multipliers (e.g. both 1 x 1 x C, as imported nets have) the two agree.
+    """
 
     def __init__(self, has_bias: bool):
         super().__init__()
@@ -913,6 +920,9 @@ class DagNN:
         * ``dagnn.BatchNorm``, ``numChannels`` C: multipliers C x 1 ones,
           biases C x 1 zeros, moments C x 2 zeros (sigma 0: 'test' mode
           divides by zero until training has set them, as in MatConvNet).
+        * ``dagnn.Scale``, ``size`` (1 to 4 numbers, padded with 1s): multipliers
+          of that size, ``randn * sqrt(2 / prod(size(1:3)))``; if ``hasBias``,
+          biases size(4) x 1 zeros (one for the usual [1 1 C], broadcast by ``bsxfun``).
         * any other block: no values (it has no parameters).
 
         The values go to the parameters as MATLAB's ``deal`` hands them out:
@@ -1237,6 +1247,9 @@ class DagNN:
                                      f"{lo if lo == hi else f'{lo} to {hi}'} parameters, got {n}")
             values = [self.params[p].value for p in layer["params"]]
             pw = [f"{where}.params({param_index[p] + 1}).value" for p in layer["params"]]
+            if layer["type"] == "dagnn.Scale" and any(_param_role(self, p) == "filters" for p in layer["params"]):
+                raise MatFormatError(f"{w}.params: a dagnn.Scale parameter that is also a filter bank of a "
+                                     f"Conv/ConvTranspose layer is not supported (give Scale its own parameter)")
             _check_param_shapes(layer, values, pw, w)
 
     @classmethod

@@ -227,6 +227,7 @@ class _Solver:
 
     def __init__(self, net: SimpleNN, module: SimpleNNModule, solver_state=None):
         self.entries = []  # (layer index, j, parameter, momentum, lr mult, decay mult)
+        self.touched = set()  # (i, j) whose momentum an update has written (cnn_train leaves the others 0)
         # MatConvNet's shape of each weight, empty ones included (e.g. a conv without biases)
         self.shapes = [[np.shape(w) for w in cell_items(layer.get("weights"))] for layer in net.layers]
         for i, (layer, m) in enumerate(zip(net.layers, module.layers)):
@@ -248,6 +249,8 @@ class _Solver:
                     and j < len(solver_state[i]) else None
                 buf = _momentum(saved, p, lambda a, p=p: _from_matconvnet(a, p),
                                 f"state.solverState{{{i + 1}}}{{{j + 1}}} (layer '{layer.get('name')}')")
+                if saved is not None and np.size(saved) == p.numel() and np.size(saved) > 1:
+                    self.touched.add((i, j))
                 self.entries.append((i, j, p, buf, lrs[j], decays[j]))
 
     def step(self, module: SimpleNNModule, *, learning_rate, weight_decay, momentum, nesterov, grad_scale,
@@ -255,6 +258,8 @@ class _Solver:
         """One update from the accumulated ``.grad``; ``batch_moments`` {layer index: C x 2} overrides
         the moments the bnorm layers kept from their last forward pass (the sub-batches' average)."""
         plain = [e for e in self.entries if not (isinstance(module.layers[e[0]], L.BatchNorm) and e[1] == 2)]
+        # the entries sgd_update changes: cnn_train's `thisLR > 0 || thisDecay > 0`
+        self.touched.update((e[0], e[1]) for e in plain if learning_rate * e[4] > 0 or weight_decay * e[5] > 0)
         sgd_update([e[2] for e in plain], [e[2].grad for e in plain], [e[3] for e in plain],
                    [e[4] for e in plain], [e[5] for e in plain], learning_rate=learning_rate,
                    weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, grad_scale=grad_scale)
@@ -268,14 +273,16 @@ class _Solver:
             e[2].grad = None
 
     def solver_state(self) -> list[list[np.ndarray]]:
-        """Momentum buffers as ``state.solverState{l}{j}``: one per weight of the layer, shaped as the
-        weight (MATLAB's update reads ``solverState{l}{j}`` for every j, so an empty weight gets [])."""
-        state = [[np.zeros((0, 0), np.float32) for _ in shapes] for shapes in self.shapes]
+        """Momentum buffers as ``state.solverState{l}{j}``: one per weight of the layer (MATLAB's update
+        reads ``solverState{l}{j}`` for every j), shaped as the weight once an update has written it,
+        else cnn_train's initial double 0 (empty weights, batch-norm moments, frozen parameters)."""
+        state = [[np.zeros((1, 1)) for _ in shapes] for shapes in self.shapes]
         for i, j, p, buf, _, _ in self.entries:
             while len(state[i]) <= j:  # a parameter the layer's weights do not list (defensive)
-                state[i].append(np.zeros((0, 0), np.float32))
-            like = np.empty(self.shapes[i][j]) if j < len(self.shapes[i]) else None
-            state[i][j] = param_to_matconvnet(buf, like=like)
+                state[i].append(np.zeros((1, 1)))
+            if (i, j) in self.touched:
+                like = np.empty(self.shapes[i][j]) if j < len(self.shapes[i]) else None
+                state[i][j] = param_to_matconvnet(buf, like=like)
         return state
 
 

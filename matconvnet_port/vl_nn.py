@@ -320,7 +320,7 @@ def vl_nncrop(x, crop, dzdy=None, input_size=None):
     """
     crop = fn._pad4(crop, "crop")
     if input_size is None or _is_empty(dzdy):
-        return _filter_free_layer(x, dzdy, lambda t: fn.crop(t, crop))
+        return _filter_free_layer(x, dzdy, lambda t: fn.crop(t, crop), empty_is_forward=True)
     try:
         dims = [int(d) for d in np.asarray(input_size, dtype=np.float64).reshape(-1) if d == int(d) and d >= 0]
     except (TypeError, ValueError, OverflowError):
@@ -357,11 +357,12 @@ def vl_nnroipool(x, rois, dzdy=None, *, method="max", subdivisions=(1, 1), trans
     return _filter_free_layer(x, dzdy, lambda t: fn.roipool(t, r, subdivisions, transform, method))
 
 
-def _filter_free_layer(x, dzdy, forward: Callable[[torch.Tensor], torch.Tensor]):
-    """A layer of ``x`` alone whose output is 4-D (pooling, cropping), or its derivative shaped as ``x``."""
+def _filter_free_layer(x, dzdy, forward: Callable[[torch.Tensor], torch.Tensor], empty_is_forward: bool = False):
+    """A layer of ``x`` alone whose output is 4-D (pooling, cropping), or its derivative shaped as ``x``.
+    An empty ``dzdy`` is a forward call for the .m layers (``empty_is_forward``); MEX ones refuse it."""
     as_numpy = not isinstance(x, torch.Tensor)
     xt = hwcn_to_nchw(_float_input(x, "x"))
-    if _is_empty(dzdy):
+    if dzdy is None or (empty_is_forward and _is_empty(dzdy)):
         return _out(nchw_to_hwcn(forward(xt)), as_numpy)
     (dx,) = _derivatives(forward, [xt], _dzdy_nchw(dzdy, xt))
     return _out(nchw_to_hwcn(dx), as_numpy, _shape(x))

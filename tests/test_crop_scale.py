@@ -120,7 +120,9 @@ def test_dagnn_scale_is_bsxfun_and_its_parameter_derivatives_sum_over_the_broadc
 
     np.testing.assert_allclose(dag.vars["y"].value, x * matlab(w) + matlab(b), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dag.vars["x"].der, dzdy * matlab(w), rtol=1e-6, atol=1e-6)
-    # Scale.backward: sum over the dimensions where the parameter is 1
+    # the derivative of each parameter summed over the dimensions it is broadcast along (Scale.backward's
+    # rule for w; for b MATLAB sums over w's singleton dimensions instead -- the same when b is shaped as
+    # w, as in the first case; a deliberate difference otherwise, see dagnn._Scale)
     w_sum = tuple(k for k in range(4) if matlab(w).shape[k] == 1)
     b_sum = tuple(k for k in range(4) if matlab(b).shape[k] == 1)
     np.testing.assert_allclose(dag.params["w"].der, (dzdy * x).sum(axis=w_sum, keepdims=True).reshape(w_shape),
@@ -182,3 +184,22 @@ def test_a_bad_crop_property_names_the_field():
     dag = crop_net([-1, 0])
     with pytest.raises(MatFormatError, match=r"net.layers\(1\).block.crop: must be non-negative"):
         dag.validate()
+
+
+def test_a_scale_parameter_shared_with_a_conv_filter_bank_is_refused():
+    dag = DagNN()
+    dag.add_layer("conv", "dagnn.Conv", ["x"], "y", ["f"], block={"size": [1, 1, 3, 3], "hasBias": False})
+    dag.add_layer("scale", "dagnn.Scale", ["y"], "z", ["f"], block={"hasBias": False})
+    dag.params["f"].value = rand(1, 1, 3, 3)
+    with pytest.raises(MatFormatError, match=r"net.layers\(2\).params: a dagnn.Scale parameter that is also a filter"):
+        dag.validate()
+
+
+def test_inspect_shows_a_crop_to_the_networks_input():
+    """FCN's pattern: upsample, then crop back to the input's size."""
+    dag = DagNN()
+    dag.add_layer("up", "dagnn.ConvTranspose", ["input"], "up", ["f"], block={"upsample": 2, "hasBias": False})
+    dag.add_layer("crop", "dagnn.Crop", ["up", "input"], "out", block={"crop": [1, 1]})
+    dag.params["f"].value = rand(4, 4, 3, 3)
+    rows = layer_table(dag, (7, 8, 3))
+    assert [r["size"] for r in rows] == ["16x18x3", "7x8x3"]

@@ -377,6 +377,7 @@ def test_shards_merged_equal_the_unsharded_run(reference, tmp_path):
     (partial / "results.csv").write_text("\n".join([lines[0]] + [x for x in lines[1:] if x.split(",")[epoch] == "1"]))
     code, _, stderr = run_cli("merge", partial, reference[0], "--out", tmp_path / "m4")
     assert code == 0 and same_numbers(numbers(read_results(tmp_path / "m4" / "results.csv")), numbers(merged))
+    assert "at the last epoch all copies reached, their image-level errors differ by up to 0.00%" in stderr
     code, _, stderr = run_cli("merge", tmp_path / "shard1", tmp_path / "shard1", "--out", tmp_path / "m3")
     assert code == 2 and "twice" in stderr
 

@@ -145,3 +145,12 @@ def test_an_empty_torch_bias_gets_matlabs_empty_derivative():
     dzdb = vl_nnconv(x, f, torch.empty(0), torch.randn(3, 3, 4, 1))[2]
     assert isinstance(dzdb, torch.Tensor) and tuple(dzdb.shape) == (0, 0)
     assert vl_nnconv(x.numpy(), f.numpy(), np.zeros((0, 0), np.float32), np.ones((3, 3, 4, 1), np.float32))[2].shape == (0, 0)
+
+
+def test_empty_dzdy_is_a_forward_call_for_m_layers_and_refused_by_mex_ones():
+    """README: [] for dzdy is a forward call where MatConvNet's .m layers take it so; the MEX layers refuse it."""
+    x, empty = rand(4, 4, 2, 1), np.zeros((0, 0), np.float32)
+    np.testing.assert_array_equal(vl_nnrelu(x, empty), vl_nnrelu(x))
+    for call in (lambda: vl_nnpool(x, 2, empty), lambda: vl_nnconv(x, rand(3, 3, 2, 1), None, empty)):
+        with pytest.raises(ValueError, match="dzdy must have the size of the output"):
+            call()

@@ -179,12 +179,14 @@ def merge_dirs(dirs, out) -> tuple[dict, list[dict]]:
         rows += max(held, key=lambda c: len(c[1]))[1]  # max keeps the first of equals
         if len(held) > 1:
             twice += 1
-            finals = [max(c[1], key=lambda r: r["epoch"])["val_image_err"] for c in held]
-            spread = max(spread, max(finals) - min(finals))
+            shared = min(max(r["epoch"] for r in c[1]) for c in held)  # compare like with like
+            at = [r["val_image_err"] for c in held for r in c[1] if r["epoch"] == shared]
+            spread = max(spread, max(at) - min(at)) if at else spread
     if twice:
         print(f"note: merge: {twice} cells are in more than one folder (e.g. shards re-split after the grid "
               f"grew); each is taken from the folder with the most epochs, the first listed among equals "
-              f"(final image-level errors of the copies differ by up to {spread:.2%})", file=sys.stderr)
+              f"(at the last epoch all copies reached, their image-level errors differ by up to {spread:.2%})",
+              file=sys.stderr)
     config["merged_from"] = [str(d) for d in dirs]
     config.pop("shard", None)
     save_config(out, config)
