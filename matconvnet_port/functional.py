@@ -896,31 +896,56 @@ def _roi_bins(start: int, extent: int, count: int, limit: int, real) -> list[tup
 
 
 def _round_half_away(v: float) -> int:
-    return int(np.sign(v) * np.floor(abs(v) + 0.5))  # C's round(); exact for float32 values in double
+    """C's round(): half away from zero, exactly (floor(|v| + 0.5) rounds 0.49999999999999994 up)."""
+    r = math.floor(abs(v))
+    return int(math.copysign(r + (abs(v) - r >= 0.5), v))
+
+
+def _roi_tiles(rois: torch.Tensor, shape, subdivisions, transform, real) -> list:
+    """Per ROI: (image index, [(h0, h1) per tile row], [(w0, w1) per tile column]), as the MEX code computes
+    them: the corners mapped in double, stored in the data's type, rounded, the tiles clipped to the image."""
+    n, _, height, width = shape
+    sh, sw = subdivisions
+    a, b, c, d, e, f = transform
+    out = []
+    for t, u1_, v1_, u2_, v2_ in rois.reshape(-1, 5).tolist():
+        u1_, v1_, u2_, v2_ = (float(real(v)) for v in (u1_, v1_, u2_, v2_))  # the rois in x's type
+        u1, v1 = float(real(a * u1_ + c * v1_ + e)), float(real(b * u1_ + d * v1_ + f))
+        u2, v2 = float(real(a * u2_ + c * v2_ + e)), float(real(b * u2_ + d * v2_ + f))
+        top, left = _round_half_away(v1) - 1, _round_half_away(u1) - 1
+        rows = _roi_bins(top, max(_round_half_away(v2) - 1 - top + 1, 1), sh, height, real)
+        cols = _roi_bins(left, max(_round_half_away(u2) - 1 - left + 1, 1), sw, width, real)
+        out.append((min(max(int(real(t)) - 1, 0), n - 1), rows, cols))  # (int) truncates toward zero
+    return out
 
 
 def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: str = "max") -> torch.Tensor:
-    """Region-of-interest pooling -- MatConvNet ``vl_nnroipool`` (Fast R-CNN's).
+    """Region-of-interest pooling -- MatConvNet ``vl_nnroipool`` (Fast R-CNN's), as its CPU code.
 
     ``x`` N x C x H x W; ``rois`` K x 5 (or anything of 5K numbers, read as
     K rows): ``[t u1 v1 u2 v2]`` with ``t`` the 1-based image (truncated,
     then clamped to 1..N as MatConvNet does) and (u, v) 1-based
-    (horizontal, vertical) corners, mapped by :func:`roi_transform`.
-    Output K x C x SH x SW: the corners are rounded half away from zero
-    (computed in the data's precision, as the MEX code), the ROI of
+    (horizontal, vertical) corners, mapped by :func:`roi_transform` in
+    double and stored in the data's type. Output K x C x SH x SW: the
+    corners are rounded half away from zero, the ROI of
     ``max(v2 - v1 + 1, 1)`` x ``max(u2 - u1 + 1, 1)`` pixels is cut into
-    SH x SW tiles ``[floor(p * size), ceil((p + 1) * size))`` clipped to the
-    image, and each tile is max- (or 'avg'-) pooled; an empty tile gives 0.
-    The max derivative goes to the first maximum in MATLAB's column-major
-    scan of the tile, as MatConvNet's. ('avg' is the mean over the clipped
-    tile, as MatConvNet's GPU code and documentation have it; its CPU code
-    at the reference commit computes the max for 'avg' too.)
+    SH x SW tiles ``[floor(p * size), ceil((p + 1) * size))`` (in the data's
+    precision) clipped to the image, and each tile is max- (or 'avg'-)
+    pooled; an empty tile gives 0. 'max' skips NaN (a tile of NaN and -inf
+    gives -inf) and its derivative goes to the first maximum of the
+    column-major scan, as MatConvNet's CPU code (its GPU code scans rows
+    first). 'avg' is the mean over the clipped tile, as MatConvNet's GPU
+    code and documentation have it (its CPU code at the reference commit
+    computes the max for 'avg' too). One gather (max) or one lookup in a
+    float64 integral image (avg) for all tiles, so the backward pass is a
+    single scatter.
     """
     _check_4d(x)
     sh, sw = _pos2(subdivisions, "subdivisions")
+    method = str(method).lower()
     if method not in ("max", "avg"):
         raise ValueError(f"method must be 'max' or 'avg', got {method!r}")
-    a, b, c, d, e, f = roi_transform(transform)
+    tf = roi_transform(transform)
     r = torch.as_tensor(rois).detach().to("cpu", torch.float64).reshape(-1)
     if r.numel() == 0 or r.numel() % 5:
         raise ValueError(f"rois must be a 5 x K array with K >= 1, got {r.numel()} numbers")
@@ -928,27 +953,47 @@ def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: s
         raise ValueError("rois must be finite numbers")
     real = np.float32 if x.dtype == torch.float32 else np.float64
     n, channels, height, width = x.shape
-    tiles = []
-    for t, u1_, v1_, u2_, v2_ in r.reshape(-1, 5).tolist():
-        u1_, v1_, u2_, v2_ = (float(real(v)) for v in (u1_, v1_, u2_, v2_))  # the rois in x's type
-        u1, v1 = float(real(a * u1_ + c * v1_ + e)), float(real(b * u1_ + d * v1_ + f))
-        u2, v2 = float(real(a * u2_ + c * v2_ + e)), float(real(b * u2_ + d * v2_ + f))
-        top, left = _round_half_away(v1) - 1, _round_half_away(u1) - 1
-        rows = _roi_bins(top, max(_round_half_away(v2) - 1 - top + 1, 1), sh, height, real)
-        cols = _roi_bins(left, max(_round_half_away(u2) - 1 - left + 1, 1), sw, width, real)
-        image = x[min(max(int(real(t)) - 1, 0), n - 1)]  # (int) truncates toward zero
-        pooled = []
-        for w0, w1 in cols:
-            for h0, h1 in rows:
-                if h1 <= h0 or w1 <= w0:
-                    pooled.append(x.new_zeros(channels))
+    tiles = _roi_tiles(r, x.shape, (sh, sw), tf, real)
+    k = len(tiles)
+    # tile corners, K x SH x SW each: image, h0, h1, w0, w1
+    img = torch.tensor([t[0] for t in tiles]).reshape(k, 1, 1).expand(k, sh, sw)
+    h0, h1 = (torch.tensor([[row[q] for row in t[1]] for t in tiles]).reshape(k, sh, 1).expand(k, sh, sw)
+              for q in (0, 1))
+    w0, w1 = (torch.tensor([[col[q] for col in t[2]] for t in tiles]).reshape(k, 1, sw).expand(k, sh, sw)
+              for q in (0, 1))
+    empty = (h1 <= h0) | (w1 <= w0)
+    if method == "avg":
+        # sums over rectangles from a float64 integral image: four lookups per tile, all tiles at once
+        s = F.pad(x.to(torch.float64).cumsum(2).cumsum(3), (1, 0, 1, 0))  # N x C x (H+1) x (W+1)
+
+        def corner(h, w):
+            return s[img.to(x.device), :, h.to(x.device), w.to(x.device)]  # K x SH x SW x C
+        total = corner(h1, w1) - corner(h0, w1) - corner(h1, w0) + corner(h0, w0)
+        area = ((h1 - h0) * (w1 - w0)).clamp(min=1).to(x.device, torch.float64).unsqueeze(-1)
+        y = torch.where(empty.to(x.device).unsqueeze(-1), 0.0, total / area).to(x.dtype)
+        return y.permute(0, 3, 1, 2).contiguous()
+    # max: each tile's first maximum in MATLAB's scan (columns outer, rows inner), NaN skipped, found on
+    # a CPU copy; then one gather from x, whose derivative is one scatter
+    data = x.detach().cpu().numpy()
+    index = np.zeros((k, channels, sh, sw), np.int64)
+    fill = np.zeros((k, channels, sh, sw), data.dtype)  # 0 for an empty tile, -inf for one without a number
+    gathered = np.zeros((k, channels, sh, sw), bool)
+    plane = height * width
+    for q, (image, rows, cols) in enumerate(tiles):
+        for pw, (wa, wb) in enumerate(cols):
+            for ph, (ha, hb) in enumerate(rows):
+                if hb <= ha or wb <= wa:
                     continue
-                # the tile scanned as MatConvNet scans it: columns outer, rows inner
-                tile = image[:, h0:h1, w0:w1].transpose(1, 2).reshape(channels, -1)
-                pooled.append(tile.mean(dim=1) if method == "avg" else
-                              tile.gather(1, tile.argmax(dim=1, keepdim=True)).reshape(-1))
-        tiles.append(torch.stack(pooled, 1).reshape(channels, sw, sh).transpose(1, 2))
-    return torch.stack(tiles)
+                tile = data[image, :, ha:hb, wa:wb].transpose(0, 2, 1).reshape(channels, -1)
+                tile = np.where(np.isnan(tile), -np.inf, tile)
+                at = tile.argmax(axis=1)  # the first maximum
+                found = tile[np.arange(channels), at] > -np.inf
+                w_at, h_at = np.divmod(at, hb - ha)
+                index[q, :, ph, pw] = (image * channels + np.arange(channels)) * plane + (ha + h_at) * width + wa + w_at
+                gathered[q, :, ph, pw] = found
+                fill[q, :, ph, pw] = np.where(found, 0, -np.inf)
+    values = x.reshape(-1)[torch.from_numpy(index).to(x.device)]
+    return torch.where(torch.from_numpy(gathered).to(x.device), values, torch.from_numpy(fill).to(x.device))
 
 
 # ---------------------------------------------------------------------------

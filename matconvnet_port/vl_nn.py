@@ -354,6 +354,12 @@ def vl_nnroipool(x, rois, dzdy=None, *, method="max", subdivisions=(1, 1), trans
     r = _float_input(rois, "rois")
     # MATLAB's column-major order of the 5K numbers: ROI k is rois(:, k)
     r = r.permute(*reversed(range(r.dim()))).reshape(-1) if r.dim() > 1 else r
+    if dzdy is not None:  # the MEX code compares shapes, not element counts
+        expected = (*fn._pos2(subdivisions, "subdivisions"), (tuple(_shape(x)) + (1,) * 4)[2], r.numel() // 5)
+        got = tuple(_shape(dzdy))
+        if len(got) > 4 or got + (1,) * (4 - len(got)) != expected:
+            raise ValueError(f"dzdy must be SH x SW x C x K = {' x '.join(map(str, expected))}, "
+                             f"got {' x '.join(map(str, got))}")
     return _filter_free_layer(x, dzdy, lambda t: fn.roipool(t, r, subdivisions, transform, method))
 
 

@@ -20,52 +20,60 @@ RNG = np.random.default_rng(11)
 
 
 def c_round(v):
-    return math.copysign(math.floor(abs(v) + 0.5), v)
+    """C's round(), half away from zero, exactly."""
+    r = math.floor(abs(v))
+    return math.copysign(r + (abs(v) - r >= 0.5), v)
 
 
 def mex_roipool(x, rois, subdivisions, transform, dzdy=None):
-    """(y, dzdx) as the MEX loops compute them, x H x W x C x N (float32), rois 5 x K."""
+    """(y, dzdx) as the MEX loops compute them, x H x W x C x N (single or double), rois 5 x K."""
+    real = x.dtype.type
     t = np.asarray(transform, np.float64).reshape(-1, order="F")
     tr = [t[0], 0, 0, t[-1], 1 - t[0], 1 - t[-1]] if t.size <= 2 else list(t)
     h_, w_, depth, size = x.shape
     k = rois.shape[1]
     sh, sw = subdivisions
-    y = np.zeros((sh, sw, depth, k), np.float32)
+    y = np.zeros((sh, sw, depth, k), x.dtype)
     dx = np.zeros_like(x)
     for roi in range(k):
-        u1_, v1_, u2_, v2_ = (np.float32(v) for v in rois[1:, roi])
-        u1 = np.float32(tr[0] * u1_ + tr[2] * v1_ + tr[4])
-        v1 = np.float32(tr[1] * u1_ + tr[3] * v1_ + tr[5])
-        u2 = np.float32(tr[0] * u2_ + tr[2] * v2_ + tr[4])
-        v2 = np.float32(tr[1] * u2_ + tr[3] * v2_ + tr[5])
-        image = min(max(int(rois[0, roi]) - 1, 0), size - 1)
+        u1_, v1_, u2_, v2_ = (float(real(v)) for v in rois[1:, roi])  # the rois in x's type, then double
+        u1 = real(tr[0] * u1_ + tr[2] * v1_ + tr[4])
+        v1 = real(tr[1] * u1_ + tr[3] * v1_ + tr[5])
+        u2 = real(tr[0] * u2_ + tr[2] * v2_ + tr[4])
+        v2 = real(tr[1] * u2_ + tr[3] * v2_ + tr[5])
+        image = min(max(int(real(rois[0, roi])) - 1, 0), size - 1)  # (int) truncates toward zero
         start_h, start_w = int(c_round(float(v1))) - 1, int(c_round(float(u1))) - 1
         height = max(int(c_round(float(v2))) - 1 - start_h + 1, 1)
         width = max(int(c_round(float(u2))) - 1 - start_w + 1, 1)
-        bin_h, bin_w = np.float32(height) / np.float32(sh), np.float32(width) / np.float32(sw)
+        bin_h, bin_w = real(height) / real(sh), real(width) / real(sw)
         for z in range(depth):
             for pw in range(sw):
-                ws = min(max(int(np.floor(np.float32(pw) * bin_w)) + start_w, 0), w_)
-                we = min(max(int(np.ceil(np.float32(pw + 1) * bin_w)) + start_w, 0), w_)
+                ws = min(max(int(np.floor(real(pw) * bin_w)) + start_w, 0), w_)
+                we = min(max(int(np.ceil(real(pw + 1) * bin_w)) + start_w, 0), w_)
                 for ph in range(sh):
-                    hs = min(max(int(np.floor(np.float32(ph) * bin_h)) + start_h, 0), h_)
-                    he = min(max(int(np.ceil(np.float32(ph + 1) * bin_h)) + start_h, 0), h_)
+                    hs = min(max(int(np.floor(real(ph) * bin_h)) + start_h, 0), h_)
+                    he = min(max(int(np.ceil(real(ph + 1) * bin_h)) + start_h, 0), h_)
                     if he <= hs or we <= ws:
                         continue  # y stays 0, no derivative
                     best, at = -np.inf, None
                     for w in range(ws, we):
                         for h in range(hs, he):
-                            if x[h, w, z, image] > best:
-                                best, at = x[h, w, z, image], (h, w)
+                            best = max(best, x[h, w, z, image])  # std::max(value, x): NaN never wins
+                    value = -np.inf
+                    for w in range(ws, we):
+                        for h in range(hs, he):
+                            if x[h, w, z, image] > value:  # accumulate_backward
+                                value, at = x[h, w, z, image], (h, w)
                     y[ph, pw, z, roi] = best
-                    if dzdy is not None:
+                    if dzdy is not None and at is not None:
                         dx[at[0], at[1], z, image] += dzdy[ph, pw, z, roi]
     return y, dx
 
 
 def random_rois(k, n, h, w):
-    """Boxes inside, across and outside the image, fractional corners (some at .5), images 0..n+1."""
-    t = RNG.integers(0, n + 2, k).astype(np.float32)
+    """Boxes inside, across and outside the image, fractional corners (some at .5), image indices
+    0..n+1 with fractional and negative ones (truncated toward zero, then clamped)."""
+    t = RNG.integers(0, n + 2, k) + RNG.choice([0.0, 0.7, -0.5], k)
     u = np.sort(RNG.uniform(-2, w + 3, (2, k)), axis=0)
     v = np.sort(RNG.uniform(-2, h + 3, (2, k)), axis=0)
     u[:, ::5], v[:, ::5] = np.round(u[:, ::5]) + 0.5, np.round(v[:, ::5]) - 0.5
@@ -146,3 +154,39 @@ def test_a_bad_roipooling_property_names_the_field():
     dag.layers[0]["block"]["method"] = "median"
     with pytest.raises(MatFormatError, match=r"net.layers\(1\).block.method: must be 'max' or 'avg'"):
         dag.validate()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_roipool_tiles_in_the_datas_precision_and_odd_inputs(dtype):
+    """Extent 25 in 11 tiles ends the last tile at 25 in float32 and at 26 in float64; NaN is skipped
+    and a tile of NaN and -inf gives -inf with no derivative; one ROI may be a 5-vector or 1 x 1 x 5."""
+    x = RNG.standard_normal((30, 30, 2, 1)).astype(dtype)
+    x[3:6, 3:6, 0, 0] = np.nan
+    x[3:5, 3:5, 1, 0] = -np.inf
+    x[5, 3:5, 1, 0] = np.nan
+    rois = np.array([[1, 1, 1, 25, 25], [1, 4, 4, 5, 6], [1, 2.5, 1.5, 30, 30]], dtype).T
+    for sub in ((11, 11), (3, 2)):
+        y_ref, dx_ref = mex_roipool(x, rois, sub, 1, np.ones((*sub, 2, 3), dtype))
+        y = vl_nnroipool(x, rois, subdivisions=list(sub))
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(vl_nnroipool(x, rois, np.ones_like(y), subdivisions=list(sub)), dx_ref)
+    one = rois[:, 0]
+    for given in (one, one.reshape(1, 1, 5)):
+        np.testing.assert_array_equal(vl_nnroipool(x, given, subdivisions=[2, 2]),
+                                      vl_nnroipool(x, one.reshape(5, 1), subdivisions=[2, 2]))
+
+
+def test_roipool_takes_method_names_in_any_case_and_checks_dzdys_shape():
+    x, rois = RNG.standard_normal((6, 6, 2)).astype(np.float32), np.array([1, 1, 1, 6, 6], np.float32)
+    np.testing.assert_array_equal(vl_nnroipool(x, rois, method="MAX"), vl_nnroipool(x, rois))
+    with pytest.raises(ValueError, match=r"vl_nnroipool: dzdy must be SH x SW x C x K = 2 x 3 x 2 x 1, got 1 x 1 x 12"):
+        vl_nnroipool(x, rois, np.ones((1, 1, 12), np.float32), subdivisions=[2, 3])
+
+
+def test_roipool_rounds_as_c_does_even_where_adding_a_half_rounds_up():
+    """0.49999999999999994 + 0.5 is 1.0 in double: floor(v + 0.5) would round it up, C's round() does not."""
+    x = np.arange(36, dtype=np.float64).reshape(6, 6, 1, order="F")
+    rois = np.array([1, 0.49999999999999994, 1, 3, 3])
+    y = vl_nnroipool(x, rois, subdivisions=[1, 2])
+    np.testing.assert_array_equal(y, mex_roipool(x[:, :, :, None], rois.reshape(5, 1), (1, 2), 1)[0])
+    assert y.reshape(-1).tolist() == [2.0, 14.0]
