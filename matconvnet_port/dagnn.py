@@ -132,6 +132,8 @@ def _numbers(value, where: str) -> list[float]:
     arr = np.asarray(value)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise MatFormatError(f"{where}: expected a numeric value, got {type(value).__name__}")
+    if np.iscomplexobj(arr):  # float() would drop the imaginary part with a mere warning
+        raise MatFormatError(f"{where}: expected real numbers, got complex ones")
     return [float(v) for v in arr.reshape(-1, order="F")]
 
 
@@ -1245,6 +1247,11 @@ class DagNN:
             if not lo <= n <= hi:
                 raise MatFormatError(f"{w}.params: a {layer['type']} layer takes "
                                      f"{lo if lo == hi else f'{lo} to {hi}'} parameters, got {n}")
+            if layer["type"] in ("dagnn.Conv", "dagnn.ConvTranspose") and n < 2 and \
+                    _flag(_block_props(layer, w)["hasBias"], f"{w}.block.hasBias"):
+                # MatConvNet's forward reads params{2} unless hasBias is false: an error there, not a net without biases
+                raise MatFormatError(f"{w}.params: a {layer['type']} layer with hasBias true takes 2 parameters "
+                                     f"(filters, biases), got 1")
             values = [self.params[p].value for p in layer["params"]]
             pw = [f"{where}.params({param_index[p] + 1}).value" for p in layer["params"]]
             if layer["type"] == "dagnn.Scale" and any(_param_role(self, p) == "filters" for p in layer["params"]):

@@ -219,6 +219,7 @@ def layer_table(net: SimpleNN | DagNN, input_size=None) -> list[dict]:
     else:
         v = [float(x) for x in input_size]
         size = tuple(v + [1.0] * (3 - len(v)))[:3]
+    size = tuple(v if math.isfinite(v) else _NAN for v in size)  # an unknown (or infinite) size shows as '?'
     if isinstance(net, DagNN):
         return _dagnn_rows(net, size)
     if isinstance(net, SimpleNN):
@@ -250,6 +251,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.input_size is not None and not 2 <= len(args.input_size) <= 3:
         parser.error("--input-size takes H W [C]")
+    if args.input_size is not None and not all(math.isfinite(v) and v >= 1 for v in args.input_size):
+        parser.error(f"--input-size takes positive finite numbers, got {' '.join(map(str, args.input_size))}")
     from .netio import load_net
 
     try:

@@ -62,7 +62,7 @@ class Pool(nn.Module):
     def __init__(self, pool_size, pad=0, stride=1, method: str = "max"):
         super().__init__()
         self.pool_size, self.pad = fn._pos2(pool_size, "pool"), fn._pad4(pad)
-        self.stride, self.method = fn._pos2(stride, "stride"), method
+        self.stride, self.method = fn._pos2(stride, "stride"), str(method).lower()  # vl_nnpool: any case
 
     def forward(self, x):
         return fn.pool(x, self.pool_size, pad=self.pad, stride=self.stride, method=self.method)

@@ -696,7 +696,7 @@ def _from_scipy(obj, where: str, alt=None):
         # MATLAB sparse matrices are 2-D double/logical/complex: keep them dense.
         if alt is not None and scipy.sparse.issparse(alt) and alt.dtype.kind == "c":
             obj = alt
-        dense = np.asarray(obj.toarray())
+        dense = np.asarray(_checked_sparse(obj, where).toarray())
         if dense.dtype.kind not in "bc":
             dense = dense.astype(np.float64)  # old files store sparse data compactly
         elif dense.dtype.kind == "c":
@@ -928,8 +928,11 @@ class _H5Reader:
             if data.dtype.names is not None:
                 data = data["real"] + 1j * data["imag"]
                 dtype = np.dtype(np.complex128)
-            mat = scipy.sparse.csc_matrix((data.astype(dtype), ir, jc), shape=(nrows, ncols))
-            return np.asarray(mat.toarray(), dtype=dtype)
+            try:
+                mat = scipy.sparse.csc_matrix((data.astype(dtype), ir, jc), shape=(nrows, ncols))
+            except ValueError as exc:
+                raise _Bad(where, f"corrupt sparse matrix ({_short(exc)})") from None
+            return np.asarray(_checked_sparse(mat, where).toarray(), dtype=dtype)
         return np.zeros((nrows, ncols), dtype=dtype)
 
     def _struct_group(self, group, where):
@@ -1022,6 +1025,17 @@ def _normalize(value, where: str):
             raise _Bad(where, f"cannot convert {type(value).__name__} to an array ({_short(exc)})") from None
         return _normalize_array(arr, where)
     raise _Bad(where, f"a Python {type(value).__name__} cannot be stored in a MAT-file")
+
+
+def _checked_sparse(m, where: str):
+    """A sparse matrix whose indices lie inside its shape (a corrupt file's would make scipy's densifying
+    write outside the array: a crash, or values silently lost)."""
+    try:
+        m = scipy.sparse.csc_matrix(m) if not scipy.sparse.isspmatrix_csc(m) else m
+        m.check_format(full_check=True)
+    except ValueError as exc:
+        raise _Bad(where, f"corrupt sparse matrix ({_short(exc)})") from None
+    return m
 
 
 def _normalize_array(a: np.ndarray, where: str):

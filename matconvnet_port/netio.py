@@ -183,7 +183,7 @@ def _check_fields(kind: str, layer: dict, where: str) -> None:
                     or (values > 2 ** 31 - 1).any():
                 kind_of = "non-negative" if least == 0 else "positive"
                 raise MatFormatError(f"{where}.{key}: expected {kind_of} integers, got {values.tolist()}")
-    if kind == "pool" and "method" in layer and str(layer["method"]) not in ("max", "avg"):
+    if kind == "pool" and "method" in layer and str(layer["method"]).lower() not in ("max", "avg"):  # any case
         raise MatFormatError(f"{where}.method: expected 'max' or 'avg', got {layer['method']!r}")
 
 
@@ -273,7 +273,10 @@ def _simplenn_layer(value, where: str) -> dict:
 def _simplenn_from_struct(net: dict, where: str) -> SimpleNN:
     layers_value = net["layers"]
     if isinstance(layers_value, (dict, matio.StructArray)):
-        raise MatFormatError(f"{where}.layers: expected a cell array of layer structs, got a struct")
+        missing = [repr(k) for k in ("vars", "params") if k not in net]
+        hint = f" (a DagNN saveobj struct's layers are one, but it has no field {' and no '.join(missing)})" \
+            if missing else ""
+        raise MatFormatError(f"{where}.layers: expected a cell array of layer structs, got a struct{hint}")
     layers = [_simplenn_layer(v, f"{where}.layers{{{i + 1}}}") for i, v in enumerate(cell_items(layers_value))]
     meta = net.get("meta", {})
     meta = dict(meta) if isinstance(meta, dict) else {}

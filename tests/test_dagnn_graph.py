@@ -386,3 +386,18 @@ def test_remove_and_rename_as_for_deployment():
                         (lambda: dag.rename_param("missing", "x"), "not an existing parameter")):
         with pytest.raises(ValueError, match=words):
             call()
+
+
+def test_a_conv_with_has_bias_and_one_parameter_or_a_complex_option_is_refused(tmp_path):
+    """MatConvNet's Conv.forward reads params{2} unless hasBias is false; float() of a complex stride
+    would drop its imaginary part with a mere warning."""
+    dag = DagNN()
+    dag.add_layer("conv", "dagnn.Conv", ["x"], "y", ["f"], block={"size": [3, 3, 1, 2]})
+    dag.params["f"].value = randn(3, 3, 1, 2)
+    with pytest.raises(MatFormatError, match=r"net.layers\(1\).params: a dagnn.Conv layer with hasBias true takes 2"):
+        dag.validate()
+    dag.layers[0]["block"]["hasBias"] = False
+    dag.validate()
+    dag.layers[0]["block"]["stride"] = np.array([1 + 1j, 1])
+    with pytest.raises(MatFormatError, match=r"net.layers\(1\).block.stride: expected real numbers"):
+        dag.validate()

@@ -73,3 +73,18 @@ def test_error_path_in_process(capsys, name):
     assert main([os.path.join(REF, name)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+
+
+def test_an_infinite_input_size_shows_as_unknown_or_is_a_one_line_error(tmp_path, capsys):
+    import numpy as np
+
+    from matconvnet_port import save_net
+    from matconvnet_port.models import cnn_mnist_init
+    net = cnn_mnist_init()
+    net.meta["inputSize"] = np.array([np.inf, np.inf, 1.0])
+    save_net(tmp_path / "net.mat", net)
+    assert main([str(tmp_path / "net.mat")]) == 0  # was an OverflowError traceback
+    assert column(capsys.readouterr().out, "output size")[0] == "?x?x20"
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "net.mat"), "--input-size", "inf", "28"])
+    assert e.value.code == 2 and "--input-size takes positive finite numbers" in capsys.readouterr().err

@@ -761,3 +761,30 @@ def test_matlab_written_files_from_scipy_tests():
     if parabola.exists():
         with pytest.raises(MatFormatError, match="function handle"):
             matio.read_mat(parabola)
+
+
+@pytest.mark.parametrize("bad_row", [3, 100_000_000])
+def test_a_sparse_matrix_with_row_indices_outside_it_is_an_error_not_a_crash(tmp_path, bad_row):
+    """scipy and h5py hand over a corrupt file's indices unchecked; densifying them wrote outside the
+    array (a segfault for a large index, a value silently lost for a small one)."""
+    path = tmp_path / "sparse.mat"
+    scipy.io.savemat(path, {"x": scipy.sparse.csc_matrix(np.array([[7.0], [8.0], [9.0]]))}, do_compression=False)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(struct.pack("<II", 5, 12) + struct.pack("<3i", 0, 1, 2))  # the row indices: miINT32, 12 bytes
+    assert at > 0
+    raw[at + 12:at + 16] = struct.pack("<i", bad_row)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(MatFormatError) as e:
+        matio.read_mat(path)
+    assert_one_line_error(e, "sparse.mat", "corrupt sparse matrix")
+    h5 = tmp_path / "sparse73.mat"
+    with h5py.File(h5, "w", userblock_size=512) as f:
+        g = f.create_group("x")
+        g.attrs["MATLAB_class"] = np.bytes_("double")
+        g.attrs["MATLAB_sparse"] = np.uint64(3)
+        g["jc"], g["ir"], g["data"] = np.array([0, 3], np.uint64), np.array([0, bad_row, 2], np.uint64), [7.0, 8, 9]
+    with open(h5, "r+b") as f:  # MATLAB's 128-byte header in the user block
+        f.write(b"MATLAB 7.3 MAT-file".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0200) + b"IM")
+    with pytest.raises(MatFormatError) as e:
+        matio.read_mat(h5)
+    assert_one_line_error(e, "sparse73.mat", "corrupt sparse matrix")

@@ -544,3 +544,22 @@ def test_numeric_options_set_with_numpy_are_written_as_double(tmp_path):
     d = sio.loadmat(tmp_path / "dag.mat", squeeze_me=False, struct_as_record=False)["net"][0, 0]
     assert d.layers[0, 1].block[0, 0].poolSize.dtype == d.params[0, 0].learningRate.dtype == np.float64
     assert d.layers[0, 0].block[0, 0].hasBias.dtype == np.uint8  # logical stays logical
+
+
+def test_pool_method_in_any_case_and_a_dagnn_struct_without_vars_is_named(tmp_path):
+    """vl_nnpool compares its method case-insensitively; a DagNN struct missing 'vars' was reported as
+    a SimpleNN whose layers are not a cell array, with no word about the missing field."""
+    from matconvnet_port.models import cnn_mnist_init
+    from matconvnet_port.netio import net_to_struct
+    net = cnn_mnist_init(seed=0)
+    net.layers[1]["method"] = "MAX"
+    save_net(tmp_path / "pool.mat", net)
+    x = np.random.default_rng(0).standard_normal((28, 28, 1, 2)).astype(np.float32)
+    plain, loaded = cnn_mnist_init(seed=0), load_net(tmp_path / "pool.mat")
+    plain.layers[-1]["class"] = loaded.layers[-1]["class"] = np.array([1.0, 2.0])
+    np.testing.assert_array_equal(vl_simplenn(loaded, x)[6].x, vl_simplenn(plain, x)[6].x)
+    struct = net_to_struct(DagNN.from_simplenn(plain))
+    del struct["vars"]
+    matio.write_mat(tmp_path / "novars.mat", {"net": struct})
+    with pytest.raises(MatFormatError, match="it has no field 'vars'"):
+        load_net(tmp_path / "novars.mat")
