@@ -888,3 +888,24 @@ def test_remembered_plans_are_read_back_and_bad_entries_measured_over(tmp_path):
         runner._remember_plan(tmp_path, key, entry, {})
     assert runner._remembered_plan(tmp_path, "old") == dict(plan, compose="gemm")
     assert [runner._remembered_plan(tmp_path, key) for key in ("fft", "layout", "layer", "absent")] == [None] * 4
+
+
+def test_dead_relu_table_leaves_out_diverged_cells():
+    """A NaN net's ReLUs all output 0 (MATLAB's max(NaN, 0)): counted, they would read as 100 % dead."""
+    rows = _factorial_rows([0.0, 0.0, -0.003, 0.0])
+    for r in rows:
+        r["val_objective"] = 1.0
+        r.update({f"dead_relu_conv{i}": 0.25 if parse_mask(r["mask_bits"])[i - 1] else math.nan for i in range(1, 5)})
+        if r["mask_bits"] == "1001":  # every cell of this mask diverged
+            r.update(val_objective=math.nan, dead_relu_conv1=1.0, dead_relu_conv4=1.0)
+        if r["mask_bits"] == "1111" and r["seed"] == 0:  # two of its six cells
+            r.update(val_objective=math.nan, **{f"dead_relu_conv{i}": 1.0 for i in range(1, 5)})
+    summary = summarise(rows, synthetic_config(epochs=1))
+    dead = summary["dead_relu"]
+    assert dead["1001"] == {"diverged_cells": 6, "conv1": None, "conv2": None, "conv3": None, "conv4": None}
+    assert dead["1111"] == {"diverged_cells": 2, **{f"conv{i}": 0.25 for i in range(1, 5)}}
+    assert dead["0101"] == {"diverged_cells": 0, "conv1": None, "conv2": 0.25, "conv3": None, "conv4": 0.25}
+    text = summary_markdown(summary)
+    assert "| CR C C CR | 1001 | n/a |  |  | n/a | 6 |" in text
+    assert "| CR CR CR CR | 1111 | 25.0 | 25.0 | 25.0 | 25.0 | 2 |" in text
+    assert "| C CR C CR | 0101 |  | 25.0 |  | 25.0 |  |" in text

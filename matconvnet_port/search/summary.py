@@ -262,13 +262,21 @@ def _convergence(curves, masks, threshold) -> dict:
     return out
 
 
+def _diverged(row) -> bool:
+    """A cell whose validation loss is NaN: its net holds NaN, so every ReLU in it outputs 0 (MATLAB's
+    max(NaN, 0)) and reads as dead although no ReLU died in training."""
+    value = row.get("val_objective")
+    return value is not None and math.isnan(value)
+
+
 def _dead_relu(final, masks) -> dict:
     out = {}
     for m in masks:
         rows = [r for k, r in final.items() if k[0] == m]
-        out[m] = {}
+        live = [r for r in rows if not _diverged(r)]
+        out[m] = {"diverged_cells": len(rows) - len(live)}
         for i in range(1, 5):
-            values = [r[f"dead_relu_conv{i}"] for r in rows if not math.isnan(r[f"dead_relu_conv{i}"])]
+            values = [r[f"dead_relu_conv{i}"] for r in live if not math.isnan(r[f"dead_relu_conv{i}"])]
             out[m][f"conv{i}"] = float(np.mean(values)) if values else None
     return out
 
@@ -517,12 +525,15 @@ def _markdown(summary: dict, out_dir: Path) -> str:
         slowest = "" if c["max_epochs"] is None else str(c["max_epochs"])
         L.append(f"| {_name(m)} | {m} | {c['reached']}/{c['cells']} | {mean_epochs} | {slowest} |")
     L += ["", "## Dead ReLUs (final epoch; % of channels whose ReLU output is 0 on every validation image, "
-          "mean over N and seeds; blank = no ReLU there)", "",
-          "| mask | bits | conv1 | conv2 | conv3 | conv4 |", "|---|---|---:|---:|---:|---:|"]
+          "mean over N and seeds; blank = no ReLU there; cells whose validation loss is NaN are left out, "
+          "their count in `diverged`)", "",
+          "| mask | bits | conv1 | conv2 | conv3 | conv4 | diverged |", "|---|---|---:|---:|---:|---:|---:|"]
     for m in masks:
         d = summary["dead_relu"][m]
-        L.append(f"| {_name(m)} | {m} | " + " | ".join(
-            "" if d[f"conv{i}"] is None else f"{d[f'conv{i}'] * 100:.1f}" for i in range(1, 5)) + " |")
+        diverged = d.get("diverged_cells", 0)
+        cells = (("n/a" if diverged and parse_mask(m)[i - 1] else "") if d[f"conv{i}"] is None
+                 else f"{d[f'conv{i}'] * 100:.1f}" for i in range(1, 5))
+        L.append(f"| {_name(m)} | {m} | " + " | ".join(cells) + f" | {diverged or ''} |")
     L += ["", "Plots: `heatmap.png` (final error per mask and N, both measures), `curves.png` (validation "
           "image-level error per epoch, mean over seeds).", "", "## Verdict", ""]
     L += [f"- {line}" for line in summary["verdict"]]
