@@ -21,7 +21,7 @@ environment
 
 stage "pytest: CUDA parity, fused-trainer and cnn_train cases"
 timeout 60 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -k cuda parity tests/test_fused.py tests/test_lanes.py \
-  tests/test_train.py tests/test_train_dag.py 2>&1 | tee "$OUT/pytest.log" | tail -12
+  tests/test_train.py tests/test_train_dag.py tests/test_nan_semantics.py 2>&1 | tee "$OUT/pytest.log" | tail -12
 
 stage "bench_compose: conv3 -> conv4 composed by GEMM or by cuDNN"
 timeout 25 python3 benchmarks/bench_compose.py --device cuda --sizes 36 64 --models 8 --repeats 5 2>&1 | tail -4

@@ -324,19 +324,20 @@ class _GemmConv(torch.autograd.Function):
         elif len(blocks) == 1:  # (a GPU) pooling's own outputs are the results, no copies
             full = x.new_empty(n, ho, wo, k)
             ctx.cols = _GemmConv._product(xl, fm, b, ones, groups, fh, fw, full)
-            pooled, index = F.max_pool2d_with_indices(full.permute(0, 3, 1, 2), 2, 2)
+            pooled, index = F.max_pool2d_with_indices(_nan_as_minus_inf_(full).permute(0, 3, 1, 2), 2, 2)
             y, where = pooled.permute(0, 2, 3, 1), index.permute(0, 2, 3, 1)
-            ctx.save_for_backward(xl, fm, where)
+            ctx.save_for_backward(xl, fm, where, y)
         else:
             y = x.new_empty(n, ho // 2, wo // 2, k)
             where = torch.empty((n, ho // 2, wo // 2, k), dtype=torch.long, device=x.device)
             full = x.new_empty(blocks[0][1], ho, wo, k)  # one block at full resolution, reused
             for i, j in blocks:
                 _GemmConv._product(xl[i:j], fm, b, ones, groups, fh, fw, full[:j - i])
-                pooled, index = F.max_pool2d_with_indices(full[:j - i].permute(0, 3, 1, 2), 2, 2)
+                block = _nan_as_minus_inf_(full[:j - i])  # as pool(): NaN never wins
+                pooled, index = F.max_pool2d_with_indices(block.permute(0, 3, 1, 2), 2, 2)
                 y[i:j].copy_(pooled.permute(0, 2, 3, 1))
                 where[i:j].copy_(index.permute(0, 2, 3, 1))
-            ctx.save_for_backward(xl, fm, where)
+            ctx.save_for_backward(xl, fm, where, y)
         ctx.shape = (groups, fh, fw, b is not None, ones, pool)
         return y.permute(0, 3, 1, 2)
 
@@ -349,6 +350,9 @@ class _GemmConv(torch.autograd.Function):
         kg, fc = k // groups, xl.shape[3] // groups
         width = fh * fw * fc
         gl = dy.permute(0, 2, 3, 1)  # n x ho x wo x K (pooled size with pool)
+        if pool and _may_hold_minus_inf(ctx.saved_tensors[3]):
+            # as pool(): a window with nothing above -inf (NaN skipped) passes no derivative
+            gl = gl.masked_fill(ctx.saved_tensors[3] == -math.inf, 0)
         want_f, want_x = ctx.needs_input_grad[0:2][::-1]
         want_f = want_f or (ones and ctx.needs_input_grad[2])
         want_b = has_bias and ctx.needs_input_grad[2] and not ones
@@ -650,7 +654,9 @@ def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max",
     * max: padding never wins (as if padded with -inf). The derivative of
       each window goes to the *first* maximum in MatConvNet's column-major
       scan (top to bottom within a column, columns left to right); overlapping
-      windows accumulate.
+      windows accumulate. NaN never wins either (MatConvNet's ``std::max``
+      from -inf skips it): a window of NaN and -inf only gives -inf and
+      passes no derivative, as MatConvNet's strict ``x > max`` never fires.
     * avg: the sum over the window divided by the number of in-image pixels
       of that window (not by ph*pw).
 
@@ -672,17 +678,16 @@ def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max",
         raise ValueError(f"pooling window {[ph, pw]} is larger than the padded input {[h + pt + pb, w + pl + pr]}")
     padded = pt or pb or pl or pr
     if method == "max":
+        if tie_order not in ("row", "column"):
+            raise ValueError(f"tie_order must be 'column' or 'row', got {tie_order!r}")
         if padded:
             x = F.pad(x, (pl, pr, pt, pb), value=-math.inf)
         if tie_order == "row":
-            return F.max_pool2d(x, (ph, pw), (sy, sx))
-        if tie_order != "column":
-            raise ValueError(f"tie_order must be 'column' or 'row', got {tie_order!r}")
+            return _MaxPool.apply(x, (ph, pw), (sy, sx))
         # PyTorch keeps the first maximum of a row-major scan; on the transposed
         # image that is MatConvNet's column-major first maximum, which decides
         # where the derivative of tied windows goes.
-        yt = F.max_pool2d(x.transpose(2, 3), (pw, ph), (sx, sy))
-        return yt.transpose(2, 3)
+        return _MaxPool.apply(x.transpose(2, 3), (pw, ph), (sx, sy)).transpose(2, 3)
     if method == "avg":
         if not padded:
             return F.avg_pool2d(x, (ph, pw), (sy, sx))
@@ -691,6 +696,63 @@ def pool(x: torch.Tensor, pool_size, pad=0, stride=1, method: str = "max",
         cols = torch.tensor(_valid_counts(w, pw, pl, sx, wo), dtype=x.dtype, device=x.device)
         return total / (rows[:, None] * cols[None, :])
     raise ValueError(f"method must be 'max' or 'avg', got {method!r}")
+
+
+def _nan_as_minus_inf(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, infinities kept: what MATLAB's ``max`` (and MatConvNet's C ``std::max``) see."""
+    return torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _nan_as_minus_inf_(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num_(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _nan_to_zero_(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num_(x, nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+# The NaN rules below cost a pass over the data that a healthy network never needs. On the CPU one
+# reduction (a read, no write; the host waits for nothing) tells whether to pay it: a NaN makes the
+# sum NaN (so may +inf and -inf together: then the pass runs and changes nothing). On CUDA (any
+# accelerator) the pass always runs -- asking would stall the stream and break graph capture.
+def _may_hold_nan(x: torch.Tensor) -> bool:
+    return x.device.type != "cpu" or x.numel() > 0 and math.isnan(float(x.detach().sum()))
+
+
+def _may_hold_minus_inf(y: torch.Tensor) -> bool:
+    """For max pooling's output (no NaN in it): is any window empty?"""
+    return y.device.type != "cpu" or y.numel() > 0 and float(y.detach().min()) == -math.inf
+
+
+def first_max_index(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """MATLAB's ``[~, i] = max(x, [], dim)`` (0-based): the first maximum, NaN ignored (all NaN: the
+    first element). ``torch.argmax`` would pick a NaN."""
+    return _nan_as_minus_inf(x).argmax(dim=dim, keepdim=keepdim)
+
+
+class _MaxPool(torch.autograd.Function):
+    """Unpadded max pooling as MatConvNet's ``acc_max``: NaN never wins (it is -inf to the search), and
+    a window with nothing above -inf passes no derivative (MatConvNet's strict ``x > max`` finds no
+    maximum there; PyTorch's backward would pick its first element)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride):
+        clean = _nan_as_minus_inf(x) if _may_hold_nan(x) else x
+        y, index = F.max_pool2d_with_indices(clean, kernel, stride)
+        empty = (y == -math.inf) if _may_hold_minus_inf(y) else None
+        ctx.save_for_backward(x, index, empty)
+        ctx.window = (kernel, stride)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, index, empty = ctx.saved_tensors
+        if empty is not None:
+            grad = grad.masked_fill(empty, 0)
+        kernel, stride = ctx.window
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, list(kernel), list(stride), [0, 0], [1, 1],
+                                                            False, index)
+        return dx, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -705,12 +767,42 @@ def relu(x: torch.Tensor, leak=0.0) -> torch.Tensor:
     plain ReLU), as MatConvNet's ``x > 0`` test gives.
     ``leak`` may also be a tensor broadcastable to ``x`` (e.g. 1 x C x 1 x 1:
     a per-channel leak; leak 1 makes a channel pass through unchanged).
+
+    NaN, as MatConvNet: the plain ReLU is MATLAB's ``max(x, 0)``, which ignores
+    NaN, so a NaN input gives 0 (PyTorch's ``relu`` gives NaN), and its
+    derivative is the product ``dzdy .* (x > 0)``, so an infinite or NaN
+    ``dzdy`` at ``x <= 0`` gives NaN (``threshold_backward`` gives 0). The
+    leaky ReLU's ``x .* leak`` keeps NaN in both.
     """
-    if isinstance(leak, torch.Tensor):
-        return torch.where(x > 0, x, x * leak)
+    if isinstance(leak, torch.Tensor):  # per element: the plain ReLU where the leak is 0
+        return torch.where(leak == 0, _ReLU.apply(x), torch.where(x > 0, x, x * leak))
     if leak == 0:
-        return F.relu(x)  # its derivative is (y > 0), i.e. 0 at x == 0
+        return _ReLU.apply(x)
     return torch.where(x > 0, x, x * leak)
+
+
+# MATLAB's max(x, 0), which ignores NaN: clamp_min (which keeps NaN), then NaN -> 0 where there may be
+# any (fmax and where(x > 0, ...) measured 2-2.5x slower than clamp_min on the CPU). The output is +0
+# or positive, so sign(y) is MatConvNet's (x > 0) as a float and grad * sign(y) its product derivative
+# in vectorised passes (a bool factor takes the slow mixed-type path).
+def _matlab_relu(x, out=None):
+    y = torch.clamp_min(x, 0, out=out) if out is not None else torch.clamp_min(x, 0)
+    return _nan_to_zero_(y) if _may_hold_nan(y) else y
+
+
+class _ReLU(torch.autograd.Function):
+    """``max(x, 0)`` with MATLAB's NaN rule (NaN -> 0), derivative ``dzdy .* (y > 0)``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = _matlab_relu(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * torch.sign(y)
 
 
 class _ChannelReLU(torch.autograd.Function):
@@ -720,8 +812,8 @@ class _ChannelReLU(torch.autograd.Function):
     def forward(ctx, x, runs):
         y = torch.empty_like(x)
         for start, end, rectify in runs:
-            if rectify:
-                torch.clamp_min(x[:, start:end], 0, out=y[:, start:end])
+            if rectify:  # MATLAB's max(x, 0): NaN -> 0, as relu
+                _matlab_relu(x[:, start:end], out=y[:, start:end])
             else:
                 y[:, start:end] = x[:, start:end]
         ctx.runs = runs
@@ -733,9 +825,8 @@ class _ChannelReLU(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         dx = torch.empty_like(grad)
         for start, end, rectify in ctx.runs:
-            if rectify:  # as relu: 0 where the output is 0, i.e. where x <= 0
-                torch.ops.aten.threshold_backward.grad_input(grad[:, start:end], y[:, start:end], 0,
-                                                             grad_input=dx[:, start:end])
+            if rectify:  # as relu: dzdy .* (x > 0), a product (a non-finite dzdy at x <= 0 gives NaN)
+                torch.mul(grad[:, start:end], torch.sign(y[:, start:end]), out=dx[:, start:end])
             else:
                 dx[:, start:end] = grad[:, start:end]
         return dx, None
@@ -747,15 +838,15 @@ class _MaskedChannelReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rectified):
-        y = torch.where(rectified, x.clamp_min(0), x)
+        y = torch.where(rectified, _matlab_relu(x), x)
         ctx.save_for_backward(y, rectified)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         y, rectified = ctx.saved_tensors
-        # threshold_backward's rule, as _ChannelReLU: 0 where a rectified output is <= 0 (NaN passes)
-        return torch.where((y <= 0) & rectified, 0.0, grad), None
+        # relu's rule, as _ChannelReLU: dzdy .* (y > 0) on the rectified channels
+        return torch.where(rectified, grad * torch.sign(y), grad), None
 
 
 # Flags forming more runs than this, on a tensor of at most MASKED_RELU_NUMEL numbers (on CUDA
@@ -784,7 +875,7 @@ def channel_relu(x: torch.Tensor, rectified: Sequence[bool]) -> torch.Tensor:
     flags = tuple(map(bool, rectified))
     runs = _channel_runs(flags)
     if len(runs) == 1:
-        return F.relu(x) if runs[0][2] else x
+        return relu(x) if runs[0][2] else x
     limit = MASKED_RELU_NUMEL_CUDA if x.is_cuda else MASKED_RELU_NUMEL
     if len(runs) > MASKED_RELU_RUNS and x.numel() <= limit:
         return _MaskedChannelReLU.apply(x, _channel_mask(flags, x.device))
@@ -1070,6 +1161,15 @@ def softmaxloss(x: torch.Tensor, c, normalise: bool = True) -> torch.Tensor:
     return y / n if normalise else y
 
 
+def _log_sum_exp(x: torch.Tensor) -> torch.Tensor:
+    """``Xmax + log(sum(exp(X - Xmax), 3))`` over channels as ``vl_nnsoftmaxloss``/``vl_nnloss`` compute
+    it, with ``Xmax = max(X, [], 3)``, which ignores NaN. A +inf score gives NaN (inf - inf), where
+    ``torch.logsumexp`` gives inf; the derivative is ``ex ./ sum(ex)``, NaN wherever the sum is.
+    Xmax is a constant to the derivative, as in MatConvNet's backward."""
+    m = (_nan_as_minus_inf(x) if _may_hold_nan(x) else x).amax(dim=1, keepdim=True).detach()
+    return m + torch.log(torch.exp(x - m).sum(dim=1, keepdim=True))
+
+
 def softmaxloss_per_image(x: torch.Tensor, index: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
     """The per-image sums of :func:`softmaxloss` (N values, not divided by N).
 
@@ -1079,7 +1179,7 @@ def softmaxloss_per_image(x: torch.Tensor, index: torch.Tensor, mass: torch.Tens
     once (the study's trainer runs this inside CUDA graphs).
     """
     n, _, h, w = x.shape
-    t = torch.logsumexp(x, dim=1, keepdim=True) - x.gather(1, index.expand(n, 1, h, w))
+    t = _log_sum_exp(x) - x.gather(1, index.expand(n, 1, h, w))
     if mass is not None:
         t = mass * t
     return t.sum(dim=(1, 2, 3))
@@ -1096,7 +1196,8 @@ class _ClampedLogLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (p,) = ctx.saved_tensors
-        return -grad / p.clamp_min(1e-8)
+        # MATLAB's max(X(ci), 1e-8) ignores NaN: a NaN probability gives 1e-8
+        return -grad / torch.where(torch.isnan(p), 1e-8, p.clamp_min(1e-8))
 
 
 def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
@@ -1116,12 +1217,12 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     Per-location terms ``t`` (x_c is the score of the true class):
 
     ==============  ====================================================
-    classerror      argmax_q x_q != c (first maximum); derivative 0
+    classerror      argmax_q x_q != c (first maximum, NaN ignored); derivative 0
     topkerror       c not among the ``top_k`` largest scores; derivative 0
     log             -log(x_c), x probabilities; derivative -1/max(x_c, 1e-8)
     softmaxlog      log sum_q exp(x_q) - x_c
     mhinge          max(0, 1 - x_c)
-    mshinge         max(0, 1 - x_c + max_{q != c} x_q)
+    mshinge         max(0, 1 - x_c + max_{q != c} x_q) (NaN scores ignored in the max)
     binaryerror     sign(x - threshold) != c; derivative 0
     binarylog       -log(c (x - 1/2) + 1/2), x probabilities
     logistic        log(1 + exp(-c x))
@@ -1129,7 +1230,11 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     ==============  ====================================================
 
     The hinge derivatives are taken where the margin is strictly active
-    (``x_c < 1`` etc.), as MatConvNet's are.
+    (``x_c < 1`` etc.), as MatConvNet's are. Two derivatives at non-finite
+    scores differ from ``vl_nnloss.m``'s closed forms: mshinge when every
+    other class is NaN or -inf (MATLAB's ``max`` then returns the true class
+    itself and its ``Y(qi) = +W`` overwrites ``Y(ci) = -W``; here 0), and
+    logistic at ``c x = -inf`` (MATLAB -c, here NaN through autograd).
     """
     _check_4d(x)
     name = loss.lower() if isinstance(loss, str) else loss
@@ -1172,7 +1277,7 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     if name in ("classerror", "topkerror", "binaryerror"):
         with torch.no_grad():
             if name == "classerror":
-                t = (x.argmax(dim=1, keepdim=True) != index).to(x.dtype)
+                t = (first_max_index(x, 1, keepdim=True) != index).to(x.dtype)
             elif name == "topkerror":
                 k = min(int(top_k), d)
                 # MATLAB's sort is stable: among tied scores the lower class index ranks first
@@ -1186,12 +1291,13 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
         if name == "log":
             t = _ClampedLogLoss.apply(xc)
         elif name == "softmaxlog":
-            t = torch.logsumexp(x, dim=1, keepdim=True) - xc
+            t = _log_sum_exp(x) - xc
         elif name == "mhinge":
             t = torch.where(xc < 1, 1 - xc, torch.zeros_like(xc))
         else:
             others = x.scatter(1, index, -math.inf)
-            xq = others.max(dim=1, keepdim=True).values
+            # MATLAB's max(Q, [], 3) ignores NaN scores of the other classes
+            xq = torch.where(torch.isnan(others), -math.inf, others).max(dim=1, keepdim=True).values
             t = torch.where(xc - xq < 1, 1 - xc + xq, torch.zeros_like(xc))
     elif name == "binarylog":
         t = -torch.log(c * (x - 0.5) + 0.5)

@@ -25,8 +25,10 @@ CUDA graph and replayed (the epoch loops also exist as generators that yield
 between batches, :meth:`FusedTrainer.train_epoch_steps`, so that the search can
 run several trainers side by side on CUDA streams: :mod:`matconvnet_port.search.lanes`).
 Where the 2x2 pooling windows tile the map, each
-max pooling runs before its ReLU (they commute exactly, derivatives and ties
-included), so the ReLU touches a quarter of the numbers.
+max pooling runs before its ReLU (they commute exactly: values, ties and NaN
+under MatConvNet's rules, and the derivatives of any finite dzdy; a non-finite
+dzdy, which only a model whose scores are already NaN sees, may leave its NaN
+in another place), so the ReLU touches a quarter of the numbers.
 
 How the layers run is a *plan* (same maths, different speed per device):
 ``memory_format`` 'nchw' or 'nhwc' (channels-last activations and filters),
@@ -201,9 +203,9 @@ class FusedLeNet(nn.Module):
             fh, fw, _, k = CONV_SHAPES[i]
             rectified = self.rectified[i][first * k:last * k]
             # When the 2x2 windows tile the map, max pooling and ReLU commute exactly -- values,
-            # and MatConvNet's derivatives with its tie rule (a window with a positive maximum
-            # picks the same first maximum either way; one without gets derivative 0 either
-            # way) -- so the ReLU touches a quarter of the numbers. Transposed storage:
+            # and MatConvNet's derivatives of a finite dzdy with its tie rule (a window with a
+            # positive maximum picks the same first maximum either way; one without gets
+            # derivative 0 either way) -- so the ReLU touches a quarter of the numbers. Transposed storage:
             # row-major ties here are MatConvNet's column-major ones.
             pool_first = i < 2 and (x.shape[2] - fh + 1) % 2 == 0 and (x.shape[3] - fw + 1) % 2 == 0
             if pool_first and self.conv[i] == "gemm":  # pooled inside the product's cache-sized blocks
@@ -258,7 +260,7 @@ class FusedLeNet(nn.Module):
         parts = []
         if plain:
             y = self._conv(2, xs[0], f3[0], b3[0])
-            y = F.relu(y)  # every model of this part has the ReLU after conv3
+            y = fn.relu(y)  # every model of this part has the ReLU after conv3
             parts.append(self._conv(3, y, f4[0], b4[0]))
         if linear:
             pair = fn.linear_pair_conv if self.compose == "library" else fn.linear_pair_gemm
@@ -546,7 +548,8 @@ class FusedTrainer:
         """The models whose conv4 filters and biases are all NaN (one host sync).
 
         Such a model's class scores are NaN for every image from then on -- NaN times anything,
-        0 and infinity included, is NaN -- and its conv4 parameters stay NaN under cnn_train's
+        0 and infinity included, is NaN; 0 after a ReLU, MATLAB's max(NaN, 0) -- and its conv4
+        parameters stay NaN under cnn_train's
         update (w + m is NaN whatever the momentum m). Its errors and objective are then the
         same every epoch; the search (runner.train_cells_steps) also waits until two such
         epochs reported equal statistics, dead-ReLU fractions included, before it stops
@@ -647,7 +650,7 @@ class FusedTrainer:
                 scores_pm = per_model(self.model(x, track_alive), m)
                 index_pm = labels_per_model(index, m)
                 totals[:3] += model_totals(fn.softmaxloss_per_image(scores_pm, index_pm), scores_pm, index_pm, m)
-                image_pred = scores_pm.sum(dim=(2, 3)).argmax(dim=1)
+                image_pred = fn.first_max_index(scores_pm.sum(dim=(2, 3)), 1)  # MATLAB's max: NaN skipped
                 totals[3] += (image_pred != index_pm.reshape(-1)).reshape(m, b).sum(1)
             if progress is not None:
                 progress(b)

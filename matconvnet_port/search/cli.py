@@ -87,7 +87,7 @@ def _run_parser() -> argparse.ArgumentParser:
                         "small N leave idle; the same numbers (default 1: an H100 gained 1.10x at best, "
                         "benchmarks/bench_lanes.py)")
     p.add_argument("--train-diverged", action="store_true",
-                   help="keep training models whose class scores have become NaN (by default such a model stops once "
+                   help="keep training models whose conv4 has become all NaN (by default such a model stops once "
                         "two epochs reported the same statistics, and its later epochs repeat them: the same rows)")
     p.add_argument("--save-nets", "--keep-weights", dest="save_nets", action="store_true",
                    help="write each finished cell's net as a MatConvNet .mat file in OUT/nets/")

@@ -68,7 +68,7 @@ class RunContext:
     data_dir: str | None = None
     save_nets: bool = False
     lanes: int = 1                # groups trained side by side (search.lanes)
-    finish_diverged: bool = True  # stop training models whose class scores are NaN (runner._settled)
+    finish_diverged: bool = True  # stop training models whose conv4 is all NaN (runner._settled)
     log: Callable[[str], None] = print
     rows_by_group: dict = field(default_factory=dict)  # group key -> rows (mirror of the checkpoints)
     plan_by_size: dict = field(default_factory=dict)
@@ -387,7 +387,7 @@ def train_cells_steps(ctx: RunContext, group: Group, done: int, masks: list, pro
     del x, y  # the trainer keeps its own copies (images transposed): free the device memory
     if done > 0:
         trainer.load_state_dict(_stack_states([checkpoint["cells"][mask_bits(m)]["state"] for m in masks]))
-    # mask -> the epoch at whose end its class scores became NaN for good (FusedTrainer.diverged_models)
+    # mask -> the epoch at whose end its conv4 became NaN for good (FusedTrainer.diverged_models)
     diverged_since = {masks[m]: done for m in trainer.diverged_models()} if ctx.finish_diverged else {}
 
     # the graphs go with the job, before the lane's next job captures on the same stream
@@ -480,9 +480,9 @@ SETTLE_STEPS = 200
 
 
 def _settled(rows: list[dict], diverged_since: dict, epoch: int, steps_per_epoch: int) -> list:
-    """The masks that need no more training after ``epoch``: class scores NaN through the whole of this
-    epoch and the one before (conv4 all NaN since the end of epoch - 2 or earlier), at least
-    :data:`SETTLE_STEPS` steps of NaN scores before this epoch, and these two epochs' statistics equal
+    """The masks that need no more training after ``epoch``: conv4 all NaN (class scores NaN, or 0 behind
+    a ReLU) through the whole of this epoch and the one before (since the end of epoch - 2 or earlier),
+    at least :data:`SETTLE_STEPS` steps of such scores before this epoch, and these two epochs' statistics equal
     (NaN equal to NaN) -- every later epoch repeats them."""
     by_key = {(r["mask"], r["epoch"]): r for r in rows}
     out = []
@@ -510,7 +510,7 @@ def _finish_diverged(ctx: RunContext, group: Group, checkpoint: dict, settled: l
     if progress is not None:
         progress.skip((s.epochs - epoch) * (s.train_subset + s.val_subset) * len(settled), group.input_size)
     ctx.log(f"N={group.input_size} seed={group.seed}: {len(settled)} diverged model(s) finish early "
-            f"({', '.join(mask_name(m) for m in settled)}: class scores NaN, epochs {epoch - 1} and {epoch} "
+            f"({', '.join(mask_name(m) for m in settled)}: conv4 all NaN, epochs {epoch - 1} and {epoch} "
             f"alike); epochs {epoch + 1}-{s.epochs} repeat epoch {epoch}'s statistics")
 
 

@@ -464,7 +464,8 @@ def _markdown(summary: dict, out_dir: Path) -> str:
             if len(sizes) > 1 else ""),
          f"- Device: {', '.join(summary['devices'])}; the masks of a (N, seed) were trained together as one "
          f"fused network ({'/'.join(map(str, summary['fused_models']))} models; conv implementation {conv})"
-         + (f"; {summary['stopped_cells']} cell(s) stopped training once their class scores were NaN for good, "
+         + (f"; {summary['stopped_cells']} cell(s) stopped training once their conv4 was NaN for good "
+            "(class scores NaN, or 0 behind a ReLU), "
             "their remaining epochs reported as the last (what training on reports), and the others of "
             "their group trained on as a smaller fused network. " if summary.get("stopped_cells") else ". ")
          + f"Training + validation time, summed over the (N, seed) groups: {summary['training_seconds']:.0f} s"
