@@ -145,7 +145,11 @@ def _scalar(value, where: str) -> float:
 
 
 def _flag(value, where: str) -> bool:
-    return bool(_scalar(value, where))
+    """A true/false option as MATLAB's logical() reads it: nonzero is true, NaN an error."""
+    number = _scalar(value, where)
+    if number != number:
+        raise MatFormatError(f"{where}: NaN is not a true/false value (MATLAB's logical(NaN) is an error)")
+    return bool(number)
 
 
 def _text(value, where: str) -> str:

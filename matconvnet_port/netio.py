@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 from . import matio
-from .dagnn import DagNN
+from .dagnn import DagNN, _flag
 from .errors import MatFormatError
 from .matio import cell_items
 from .simplenn import LAYER_TYPES, SimpleNN
@@ -260,7 +260,7 @@ def _simplenn_layer(value, where: str) -> dict:
         if key in layer and not isinstance(layer[key], str):
             raise MatFormatError(f"{where}.{key}: expected a string, got {type(layer[key]).__name__}")
     if "precious" in layer:
-        layer["precious"] = bool(_scalar_of(layer["precious"], f"{where}.precious")) \
+        layer["precious"] = _flag(layer["precious"], f"{where}.precious") \
             if np.asarray(layer["precious"]).size else False
     _check_fields(kind, layer, where)
     if "weights" in layer:

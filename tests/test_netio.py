@@ -392,6 +392,7 @@ def test_bnorm_sizes_inconsistent(tmp_path):
     (2, "pad", np.array([[0.5]]), ("net.layers{3}.pad", "non-negative integers")),
     (3, "stride", np.array([[np.nan]]), ("net.layers{4}.stride", "positive integers")),
     (1, "method", "median", ("net.layers{2}.method", "'max' or 'avg'", "'median'")),
+    (0, "precious", np.array([[np.nan]]), ("net.layers{1}.precious", "logical(NaN)")),
 ])
 def test_bad_layer_option_names_the_field(tmp_path, index, field, value, needles):
     def edit(net):
@@ -465,6 +466,23 @@ def test_dagnn_unknown_block_and_bad_param(tmp_path):
     params[1] = dict(params[1], value=np.zeros((1, 20), np.int16))
     matio.write_mat(path, {"net": dict(base, params=matio.StructArray(params))})
     assert_error(path, "net.params(2).value", "int16")
+
+
+def test_dagnn_nan_flags_are_errors(tmp_path):
+    """MATLAB's logical(NaN) is an error, so a NaN hasBias or precious must not read as true."""
+    base = matio.read_mat_variable(ref("dagnn_lenet.mat"), "net")
+    path = tmp_path / "dag_nan_flag.mat"
+    layers = base["layers"].to_list()
+    layers[0] = dict(layers[0], block=dict(layers[0]["block"], hasBias=np.array([[np.nan]])))
+    matio.write_mat(path, {"net": dict(base, layers=matio.StructArray(layers))})
+    assert_error(path, "net.layers(1).block.hasBias", "logical(NaN)")
+    variables = base["vars"].to_list()
+    variables[0] = dict(variables[0], precious=np.array([[np.nan]]))
+    matio.write_mat(path, {"net": dict(base, vars=matio.StructArray(variables))})
+    assert_error(path, "net.vars(1).precious", "logical(NaN)")
+    variables[0] = dict(variables[0], precious=np.array([[2.0]]))  # nonzero is true, as in MATLAB
+    matio.write_mat(path, {"net": dict(base, vars=matio.StructArray(variables))})
+    assert load_net(path).vars[variables[0]["name"]].precious
 
 
 def test_dagnn_cycle_is_an_error(tmp_path):
