@@ -82,7 +82,12 @@ torch tensors) -> arrays.
 
 Every error is a one-line :class:`MatFormatError` that names the file and,
 where one applies, the variable path in MATLAB syntax, e.g.
-``net.mat: net.layers{3}.weights{1}: ...``.
+``net.mat: net.layers{3}.weights{1}: ...``. A v5/v6/v7 variable's tree of
+tags is checked (:mod:`matconvnet_port.v5_tree`) before scipy parses it,
+because scipy trusts the file: an unknown data type can crash it and a cell
+declaring 10^10 elements is allocated before its contents are read. The
+check reads only tags; a compressed variable is inflated once more for it
+(on a 175 MB net, 1.1-1.7 s on top of scipy's 1.6 s on a 2-core Xeon).
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ import scipy.io
 import scipy.sparse
 from scipy.io.matlab import MatlabFunction, MatlabObject, MatlabOpaque
 
+from . import v5_tree
 from .errors import MatFormatError
 
 __all__ = [
@@ -615,9 +621,29 @@ def _v5_variables(raw: dict) -> dict:
     return out
 
 
+def _v5_check_tree(path: str, names) -> None:
+    """Walk the variables to be read (all if ``names`` is None) before scipy does: see v5_tree."""
+    endian, elements = _v5_scan(path)
+    with open(path, "rb") as fh:
+        for k, element in enumerate(elements):
+            label = f"variable {k + 1} (at byte {element[0]})"
+            try:
+                label = _v5_element_header(fh, endian, element)[0] or label
+            except Exception:
+                pass  # scipy's own read reports it, with _v5_culprit's help
+            if names is not None and label not in names:
+                continue
+            try:
+                v5_tree.check_variable(fh, endian, element, label)
+            except v5_tree.TreeError as exc:
+                raise _Bad(exc.where, f"corrupt MAT-file: {exc.msg}") from None
+            except zlib.error as exc:
+                raise _Bad(label, f"corrupt compressed data ({_short(exc)})") from None
+
+
 def _read_v5(path: str, name, fmt: str) -> dict:
     if fmt == "v5":
-        _v5_scan(path)
+        _v5_check_tree(path, None if name is None else [name])
     names = None if name is None else [name]
     try:
         # mat_dtype=True gives MATLAB's classes (logical, doubles stored as

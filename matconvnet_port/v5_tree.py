@@ -1,0 +1,272 @@
+"""A structural check of a MAT v5 variable before scipy parses it.
+
+scipy's MAT v5 reader trusts the file: a data element of an unknown type
+can crash the interpreter inside its Cython code (a segmentation fault, not
+an exception), and a cell or struct that declares a billion elements is
+allocated before its contents are read. :func:`check_variable` walks one
+top-level element's tree of tags, reading only tags and the small header
+subelements and skipping array data, and raises :class:`TreeError` naming
+the field at the first tag that breaks the format:
+
+- every element's type is one of the format's data types, and fits in the
+  bytes its parent has left;
+- a matrix has its array flags (miUINT32, 8 bytes) with a known class,
+  dimensions (miINT32, >= 2, none negative) and a name (miINT8);
+- numeric, logical and fixed-width char data hold exactly prod(dims)
+  values; a complex array has its imaginary part;
+- a cell holds prod(dims) matrices; a struct or object holds prod(dims) x
+  (number of fields) of them, and says so before any is read;
+- a sparse matrix has its row indices, column starts (columns + 1 of them)
+  and values.
+
+Compressed elements (miCOMPRESSED) are walked as they inflate, in chunks,
+so the check never holds a whole variable in memory. Function handles
+(class 16) and opaque objects (class 17) are left to the caller; their
+insides are not walked.
+
+Reference: "MATLAB MAT-File Format", The MathWorks, version 7, chapter 1
+(data element tags, the small data element format, array subelements).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+MI_MATRIX, MI_COMPRESSED = 14, 15
+# data type -> bytes per value (UTF-8 and UTF-16 are variable-width: sizes not checked)
+_MI_SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8, 16: 1, 17: 2, 18: 4}
+_MI_NAMES = {1: "miINT8", 2: "miUINT8", 3: "miINT16", 4: "miUINT16", 5: "miINT32", 6: "miUINT32",
+             7: "miSINGLE", 9: "miDOUBLE", 12: "miINT64", 13: "miUINT64", 16: "miUTF8", 17: "miUTF16",
+             18: "miUTF32"}
+_VARIABLE_WIDTH = (16, 17)
+_MI_INT32, _MI_UINT32, _MI_INT8 = 5, 6, 1
+# array classes (mxCLASS): 1 cell, 2 struct, 3 object, 4 char, 5 sparse, 6-15 numeric, 16 function, 17 opaque
+_CELL, _STRUCT, _OBJECT, _CHAR, _SPARSE = 1, 2, 3, 4, 5
+_NUMERIC = range(6, 16)
+_NOT_WALKED = (16, 17)
+_INTEGER_TYPES = (1, 2, 3, 4, 5, 6, 12, 13)
+_CHUNK = 1 << 20
+
+
+class TreeError(Exception):
+    """A format error at variable path ``where``."""
+
+    def __init__(self, where: str, msg: str):
+        super().__init__(f"{where}: {msg}")
+        self.where = where
+        self.msg = msg
+
+
+class _FileStream:
+    """Bytes of an uncompressed element, read from the file by offset."""
+
+    def __init__(self, fh, start: int, length: int):
+        self.fh, self.start, self.length, self.pos = fh, start, length, 0
+
+    def read(self, n: int) -> bytes:
+        self.fh.seek(self.start + self.pos)
+        data = self.fh.read(min(n, self.length - self.pos))
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        n = min(n, self.length - self.pos)
+        self.pos += n
+        return n
+
+
+class _InflateStream:
+    """Bytes of a compressed element, inflated as they are asked for."""
+
+    def __init__(self, fh, start: int, length: int):
+        self.fh, self.left, self.pos = fh, length, 0
+        fh.seek(start)
+        self.z = zlib.decompressobj()
+        self.buf = b""
+
+    def _fill(self, want: int) -> None:
+        while len(self.buf) < want:
+            if self.z.unconsumed_tail:
+                piece = self.z.decompress(self.z.unconsumed_tail, _CHUNK)
+            elif self.left > 0 and not self.z.eof:
+                raw = self.fh.read(min(_CHUNK, self.left))
+                self.left -= len(raw)
+                if not raw:
+                    self.left = 0
+                    return
+                piece = self.z.decompress(raw, _CHUNK)
+            else:
+                return
+            self.buf += piece
+
+    def read(self, n: int) -> bytes:
+        self._fill(n)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        done = 0
+        while done < n:
+            self._fill(min(n - done, _CHUNK))
+            if not self.buf:
+                break
+            take = min(n - done, len(self.buf))
+            self.buf = self.buf[take:]
+            done += take
+        self.pos += done
+        return done
+
+
+def check_variable(fh, endian: str, element, name: str) -> None:
+    """Walk top-level element ``element`` = (offset, data type, size) of an open MAT v5 file.
+
+    ``name`` (the variable's name) starts the paths in errors. Raises TreeError, or zlib.error
+    for a compressed stream that does not inflate.
+    """
+    pos, mdtype, nbytes = element
+    if mdtype == MI_COMPRESSED:
+        stream = _InflateStream(fh, pos + 8, nbytes)
+        length = math.inf  # what it inflates to is known only from the inner tag
+    else:
+        stream = _FileStream(fh, pos, 8 + nbytes)
+        length = 8 + nbytes
+    _Walker(stream, endian).matrix(length, name)
+
+
+class _Walker:
+    def __init__(self, stream, endian: str):
+        self.s = stream
+        self.endian = endian
+
+    def _exact(self, n: int, where: str) -> bytes:
+        data = self.s.read(n)
+        if len(data) < n:
+            raise TreeError(where, f"the file ends inside this element (wanted {n} more bytes)")
+        return data
+
+    def _tag(self, where: str):
+        """(data type, size, data) of the tag at the stream's position; data is None unless the
+        element is in the small format, where its (<= 4) bytes sit in the tag's second word."""
+        raw = self._exact(8, where)
+        first, second = struct.unpack(self.endian + "II", raw)
+        if first >> 16:  # the small data element format: type and size share the first word
+            mdtype, nbytes = first & 0xFFFF, first >> 16
+            if nbytes > 4:
+                raise TreeError(where, f"a small data element claims {nbytes} bytes (at most 4 fit)")
+            return mdtype, nbytes, raw[4:4 + nbytes]
+        return first, second, None
+
+    def _sub(self, end: float, where: str, what: str, types, read: bool = True):
+        """One subelement of one of ``types``: (its bytes if ``read``, else b"", data type, size)."""
+        if self.s.pos + 8 > end:
+            raise TreeError(where, f"the {what} is missing: the matrix ends before it")
+        mdtype, nbytes, small = self._tag(where)
+        if mdtype not in types:
+            shown = " or ".join(_MI_NAMES[t] for t in types) if len(types) <= 2 else "a numeric data type"
+            got = _MI_NAMES.get(mdtype, "not a MAT-file data type")
+            raise TreeError(where, f"the {what} has data type {mdtype} ({got}), expected {shown}")
+        if small is not None:
+            return small, mdtype, nbytes
+        if self.s.pos + nbytes > end:
+            raise TreeError(where, f"the {what} claims {nbytes} bytes, more than the element has left "
+                                   f"({_left(end, self.s.pos)})")
+        if read:
+            data = self._exact(nbytes, where)
+        else:
+            if self.s.skip(nbytes) < nbytes:
+                raise TreeError(where, f"the file ends inside the {what}")
+            data = b""
+        self.s.skip(min(-nbytes % 8, max(0, end - self.s.pos)))  # padding to 8 bytes, if the writer left it
+        return data, mdtype, nbytes
+
+    def matrix(self, limit: float, where: str) -> int:
+        """Walk one miMATRIX element that must fit in ``limit`` bytes; return the bytes it took."""
+        start = self.s.pos
+        mdtype, nbytes, small = self._tag(where)
+        if mdtype != MI_MATRIX or small is not None:
+            raise TreeError(where, f"an element of data type {mdtype} where a matrix (14) was expected")
+        if 8 + nbytes > limit:
+            raise TreeError(where, f"the matrix claims {nbytes} bytes, more than its parent has left "
+                                   f"({_left(limit, 8)})")
+        end = self.s.pos + nbytes
+        if nbytes:  # MATLAB writes an empty cell element as a bare 0-byte matrix tag
+            self._array(end, where)
+            if self.s.pos > end:
+                raise TreeError(where, f"its contents overrun the {nbytes} bytes the matrix claims")
+            self.s.skip(end - self.s.pos)
+        return self.s.pos - start
+
+    def _array(self, end: int, where: str) -> None:
+        flags, _, n = self._sub(end, where, "array flags", (_MI_UINT32,))
+        if n != 8:
+            raise TreeError(where, f"the array flags take {n} bytes, expected 8")
+        word = struct.unpack(self.endian + "I", flags[:4])[0]
+        mclass, is_complex = word & 0xFF, bool(word & 0x800)
+        if mclass in _NOT_WALKED:
+            return
+        if not 1 <= mclass <= 15:
+            raise TreeError(where, f"unknown array class {mclass} in the array flags")
+        raw, _, n = self._sub(end, where, "dimensions", (_MI_INT32,))
+        if n < 8 or n % 4:
+            raise TreeError(where, f"the dimensions take {n} bytes, expected 4 per dimension and >= 2 dimensions")
+        dims = struct.unpack(f"{self.endian}{n // 4}i", raw)
+        if min(dims) < 0:
+            raise TreeError(where, f"negative dimension in {list(dims)}")
+        count = math.prod(dims)
+        self._sub(end, where, "array name", (_MI_INT8,), read=False)
+        if mclass == _CELL:
+            self._children(end, where, count, [None])
+        elif mclass in (_STRUCT, _OBJECT):
+            if mclass == _OBJECT:
+                self._sub(end, where, "class name", (_MI_INT8,), read=False)
+            raw, _, n = self._sub(end, where, "field name length", (_MI_INT32,))
+            if n != 4:
+                raise TreeError(where, f"the field name length takes {n} bytes, expected 4")
+            width = struct.unpack(self.endian + "i", raw)[0]
+            raw, _, n = self._sub(end, where, "field names", (_MI_INT8,))
+            if n and (width <= 0 or n % width):
+                raise TreeError(where, f"{n} bytes of field names do not split into names of length {width}")
+            fields = [raw[k:k + width].split(b"\0", 1)[0].decode("latin-1") for k in range(0, n, width)]
+            self._children(end, where, count, fields)
+        elif mclass == _SPARSE:
+            self._sparse(end, where, dims, is_complex)
+        else:
+            parts = ("real part", "imaginary part") if is_complex else ("data",)
+            for part in parts:
+                _, mdtype, n = self._sub(end, where, part, tuple(_MI_SIZES), read=False)
+                width = _MI_SIZES[mdtype]
+                if mclass == _CHAR and mdtype in _VARIABLE_WIDTH:
+                    continue
+                if n != count * width:
+                    raise TreeError(where, f"the {part} holds {n // width} values of data type {mdtype}, "
+                                           f"the dimensions {'x'.join(map(str, dims))} need {count}")
+
+    def _children(self, end: int, where: str, count: int, fields: list) -> None:
+        total = count * len(fields)
+        if total * 8 > end - self.s.pos:  # each element takes at least its 8-byte tag
+            what = f"{count} cells" if fields == [None] else f"{count} elements x {len(fields)} fields"
+            raise TreeError(where, f"declares {what}, more than {_left(end, self.s.pos)} can hold")
+        for k in range(count):
+            for field in fields:
+                if field is None:
+                    path = f"{where}{{{k + 1}}}"
+                else:
+                    path = f"{where}.{field}" if count == 1 else f"{where}({k + 1}).{field}"
+                self.matrix(end - self.s.pos, path)
+
+    def _sparse(self, end: int, where: str, dims, is_complex: bool) -> None:
+        _, mdtype, n = self._sub(end, where, "row indices", _INTEGER_TYPES, read=False)
+        _, mdtype, n = self._sub(end, where, "column starts", _INTEGER_TYPES, read=False)
+        if len(dims) != 2 or n != (dims[1] + 1) * _MI_SIZES[mdtype]:
+            raise TreeError(where, f"a sparse matrix of size {'x'.join(map(str, dims))} has "
+                                   f"{n // _MI_SIZES[mdtype]} column starts, expected {dims[-1] + 1}")
+        for part in ("real part", "imaginary part") if is_complex else ("values",):
+            self._sub(end, where, part, tuple(t for t in _MI_SIZES if t not in (16, 17, 18)), read=False)
+
+
+def _left(end: float, pos: int) -> str:
+    left = end - pos
+    return "the rest of the file" if left == math.inf else f"{int(left)} bytes"

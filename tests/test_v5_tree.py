@@ -1,0 +1,211 @@
+"""The MAT v5 tree check (matconvnet_port.v5_tree) on hand-built files.
+
+Each file is assembled tag by tag, so that one field at a time can break the format: the check
+must name the field, in one line, before scipy parses it (scipy can crash the interpreter on some
+of these, and allocates what a cell declares before reading it).
+"""
+
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from matconvnet_port import matio
+from matconvnet_port.errors import MatFormatError
+
+MI_INT8, MI_UINT8, MI_UINT16, MI_INT32, MI_UINT32, MI_SINGLE, MI_DOUBLE = 1, 2, 4, 5, 6, 7, 9
+MI_MATRIX, MI_COMPRESSED = 14, 15
+CELL, STRUCT, CHAR, SPARSE, DOUBLE, SINGLE = 1, 2, 4, 5, 6, 7
+
+
+def element(mdtype: int, payload: bytes) -> bytes:
+    return struct.pack("<II", mdtype, len(payload)) + payload + b"\0" * (-len(payload) % 8)
+
+
+def matrix(mclass: int, dims, name: bytes, *parts: bytes, complex_: bool = False) -> bytes:
+    flags = element(MI_UINT32, struct.pack("<II", mclass | (0x800 if complex_ else 0), 0))
+    body = flags + element(MI_INT32, struct.pack(f"<{len(dims)}i", *dims)) + element(MI_INT8, name)
+    return element(MI_MATRIX, body + b"".join(parts))
+
+
+def double(values, dims=None, name=b"") -> bytes:
+    values = np.asarray(values, np.float64)
+    dims = dims or (1, values.size)
+    return matrix(DOUBLE, dims, name, element(MI_DOUBLE, values.astype("<f8").tobytes(order="F")))
+
+
+def text(s: str, name=b"") -> bytes:
+    return matrix(CHAR, (1, len(s)), name, element(MI_UINT16, s.encode("utf-16-le")))
+
+
+def struct_1x1(name: bytes, fields: dict) -> bytes:
+    width = 32
+    names = b"".join(k.encode().ljust(width, b"\0") for k in fields)
+    return matrix(STRUCT, (1, 1), name, element(MI_INT32, struct.pack("<i", width)),
+                  element(MI_INT8, names), *fields.values())
+
+
+def cell_row(items, name=b"") -> bytes:
+    return matrix(CELL, (1, len(items)), name, *items)
+
+
+def mat_file(path, *variables: bytes, compress: bool = False) -> str:
+    head = b"MATLAB 5.0 MAT-file, written by test_v5_tree".ljust(116, b" ") + b"\0" * 8
+    out = head + struct.pack("<H", 0x0100) + b"IM"
+    for var in variables:
+        out += struct.pack("<II", MI_COMPRESSED, len(z := zlib.compress(var))) + z if compress else var
+    path.write_bytes(out)
+    return str(path)
+
+
+def layer_net(type_element: bytes | None = None, weights: bytes | None = None) -> bytes:
+    """A SimpleNN-like ``net`` whose first layer's type and weights can be replaced."""
+    layer = struct_1x1(b"", {"type": type_element or text("conv"),
+                             "weights": weights or cell_row([double([1.0, 2.0]), double([0.5])])})
+    return struct_1x1(b"net", {"layers": cell_row([layer])})
+
+
+def assert_error(path, *needles):
+    with pytest.raises(MatFormatError) as info:
+        matio.read_mat(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["uncompressed", "compressed"])
+def test_a_well_formed_file_reads(tmp_path, compress):
+    path = mat_file(tmp_path / "ok.mat", layer_net(), double([3.0], name=b"x"), compress=compress)
+    data = matio.read_mat(path)
+    layer = matio.cell_items(data["net"]["layers"])[0]
+    assert layer["type"] == "conv" and float(data["x"].squeeze()) == 3.0
+    assert [w.tolist() for w in matio.cell_items(layer["weights"])] == [[[1.0, 2.0]], [[0.5]]]
+
+
+def _bad_type_char(mdtype: int) -> bytes:
+    payload = "conv".encode("utf-16-le")
+    return matrix(CHAR, (1, 4), b"", struct.pack("<II", mdtype, len(payload)) + payload)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["uncompressed", "compressed"])
+def test_an_unknown_data_type_is_named_not_a_crash(tmp_path, compress):
+    """A fuzzed lenet.mat with this one byte changed segfaulted inside scipy.io.loadmat: the read runs in a
+    child process so that a regression fails the test instead of killing the run."""
+    path = mat_file(tmp_path / "bad.mat", layer_net(type_element=_bad_type_char(0x9E10)), compress=compress)
+    code = ("import sys\nfrom matconvnet_port import matio\n"
+            "try:\n    matio.read_mat(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    run = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
+    assert run.stdout.startswith("MatFormatError") and "net.layers{1}.type" in run.stdout
+    assert "data type 40464 (not a MAT-file data type)" in run.stdout
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["uncompressed", "compressed"])
+def test_a_huge_declared_cell_is_refused_before_it_is_allocated(tmp_path, compress):
+    """100000 x 100000 cells in a file of a few hundred bytes: scipy would allocate 80 GB for it."""
+    huge = matrix(CELL, (100000, 100000), b"", double([1.0]))
+    path = mat_file(tmp_path / "huge.mat", layer_net(weights=huge), compress=compress)
+    assert_error(path, "net.layers{1}.weights", "declares 10000000000 cells")
+
+
+@pytest.mark.parametrize("dims, needle", [
+    ((3, 3), "holds 2 values of data type 9, the dimensions 3x3 need 9"),
+    ((1, -2), "negative dimension in [1, -2]"),
+])
+def test_numeric_data_must_match_its_dimensions(tmp_path, dims, needle):
+    bad = matrix(DOUBLE, dims, b"", element(MI_DOUBLE, np.array([1.0, 2.0]).tobytes()))
+    path = mat_file(tmp_path / "dims.mat", layer_net(weights=cell_row([bad, double([0.5])])))
+    assert_error(path, "net.layers{1}.weights{1}", needle)
+
+
+def test_a_complex_array_needs_its_imaginary_part(tmp_path):
+    bad = matrix(DOUBLE, (1, 2), b"", element(MI_DOUBLE, np.array([1.0, 2.0]).tobytes()), complex_=True)
+    path = mat_file(tmp_path / "cplx.mat", layer_net(weights=cell_row([bad])))
+    assert_error(path, "net.layers{1}.weights{1}", "imaginary part")
+
+
+def test_a_child_that_overruns_its_parent(tmp_path):
+    inner = double([1.0, 2.0])
+    lying = inner[:4] + struct.pack("<I", 4096) + inner[8:]  # the child claims 4096 bytes
+    path = mat_file(tmp_path / "overrun.mat", layer_net(weights=cell_row([lying])))
+    assert_error(path, "net.layers{1}.weights{1}", "the matrix claims 4096 bytes, more than its parent has left")
+
+
+def test_a_field_of_the_wrong_element_type(tmp_path):
+    path = mat_file(tmp_path / "notmatrix.mat", layer_net(type_element=element(MI_DOUBLE, b"\0" * 8)))
+    assert_error(path, "net.layers{1}.type", "an element of data type 9 where a matrix (14) was expected")
+
+
+def test_an_unknown_array_class(tmp_path):
+    bad = bytearray(double([1.0]))
+    bad[16] = 42  # the class byte of the array flags
+    path = mat_file(tmp_path / "class.mat", layer_net(weights=cell_row([bytes(bad)])))
+    assert_error(path, "net.layers{1}.weights{1}", "unknown array class 42")
+
+
+def test_a_sparse_matrix_with_the_wrong_number_of_column_starts(tmp_path):
+    ints = lambda *v: element(MI_INT32, struct.pack(f"<{len(v)}i", *v))
+    sparse = matrix(SPARSE, (2, 3), b"", ints(0, 1), ints(0, 1, 2), element(MI_DOUBLE, np.ones(2).tobytes()))
+    path = mat_file(tmp_path / "sparse.mat", layer_net(weights=cell_row([sparse])))
+    assert_error(path, "net.layers{1}.weights{1}", "3 column starts, expected 4")
+
+
+def test_a_struct_field_of_a_struct_array_is_named_with_its_index(tmp_path):
+    width = 8
+    names = b"a".ljust(width, b"\0")
+    arr = matrix(STRUCT, (1, 2), b"s", element(MI_INT32, struct.pack("<i", width)), element(MI_INT8, names),
+                 double([1.0]), _bad_type_char(99))
+    assert_error(mat_file(tmp_path / "sarr.mat", arr), "s(2).a", "data type 99")
+
+
+def test_only_the_variable_asked_for_is_walked(tmp_path):
+    """read_mat_variable must not refuse a file for another variable's damage (scipy skips it too)."""
+    path = mat_file(tmp_path / "two.mat", layer_net(type_element=_bad_type_char(99)), double([7.0], name=b"x"))
+    assert float(matio.read_mat_variable(path, "x").squeeze()) == 7.0
+    assert_error(path, "net.layers{1}.type")
+
+
+def test_a_cut_compressed_stream(tmp_path):
+    path = tmp_path / "cut.mat"
+    mat_file(path, layer_net(), compress=True)
+    raw = bytearray(path.read_bytes())
+    z = zlib.compress(layer_net())[: len(zlib.compress(layer_net())) // 2]
+    raw[128:] = struct.pack("<II", MI_COMPRESSED, len(z)) + z
+    path.write_bytes(bytes(raw))
+    assert_error(path, "net")
+
+
+def test_walking_is_linear_in_the_tags_not_the_data(tmp_path, monkeypatch):
+    """A 64 MB array is skipped, not read: the check of an uncompressed file reads a few tags."""
+    n = 8 * 2**20
+    path = mat_file(tmp_path / "big.mat", matrix(DOUBLE, (1, n), b"big", element(MI_DOUBLE, b"\0" * (8 * n))))
+    sizes = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def read(self, size=-1):
+            sizes.append(size)
+            return self.fh.read(size)
+
+        def __getattr__(self, attr):
+            return getattr(self.fh, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: Counting(real_open(*a, **k)))
+    matio._v5_check_tree(path, None)
+    monkeypatch.undo()
+    assert sizes and min(sizes) >= 0 and sum(sizes) < 2**20
+    assert float(matio.read_mat(path)["big"].sum()) == 0.0
