@@ -86,8 +86,10 @@ where one applies, the variable path in MATLAB syntax, e.g.
 tags is checked (:mod:`matconvnet_port.v5_tree`) before scipy parses it,
 because scipy trusts the file: an unknown data type can crash it and a cell
 declaring 10^10 elements is allocated before its contents are read. The
-check reads only tags; a compressed variable is inflated once more for it
-(on a 175 MB net, 1.1-1.7 s on top of scipy's 1.6 s on a 2-core Xeon).
+check reads only tags, about 60,000 arrays a second, and a compressed
+variable is inflated once more for it. On a 2-core Xeon: a 175 MB
+compressed net, 1.0 s on top of scipy's 1.3 s; a cell of 60,001 scalars,
+1.0 s on top of 0.1-0.2 s.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ the field at the first tag that breaks the format:
 
 Compressed elements (miCOMPRESSED) are walked as they inflate, in chunks,
 so the check never holds a whole variable in memory. Function handles
-(class 16) and opaque objects (class 17) are left to the caller; their
-insides are not walked.
+(class 16) and opaque objects (class 17) are walked too, as scipy parses
+them: a handle's workspace and an object's data are nested matrices.
 
 Reference: "MATLAB MAT-File Format", The MathWorks, version 7, chapter 1
 (data element tags, the small data element format, array subelements).
@@ -44,8 +44,9 @@ _VARIABLE_WIDTH = (16, 17)
 _MI_INT32, _MI_UINT32, _MI_INT8 = 5, 6, 1
 # array classes (mxCLASS): 1 cell, 2 struct, 3 object, 4 char, 5 sparse, 6-15 numeric, 16 function, 17 opaque
 _CELL, _STRUCT, _OBJECT, _CHAR, _SPARSE = 1, 2, 3, 4, 5
-_NUMERIC = range(6, 16)
-_NOT_WALKED = (16, 17)
+_FUNCTION, _OPAQUE = 16, 17
+# what the check reads whole: MATLAB allows far fewer dimensions, and namelengthmax is 63
+_MAX_DIMS, _MAX_FIELD_NAMES = 1 << 16, 1 << 24
 _INTEGER_TYPES = (1, 2, 3, 4, 5, 6, 12, 13)
 _CHUNK = 1 << 20
 
@@ -59,64 +60,97 @@ class TreeError(Exception):
         self.msg = msg
 
 
-class _FileStream:
-    """Bytes of an uncompressed element, read from the file by offset."""
+class _Stream:
+    """Sequential bytes with read and skip, over a buffer with a read offset (so that reading a tag
+    costs its 8 bytes, not a copy of the buffer). Subclasses supply ``_more`` (the next bytes, b""
+    at the end) and ``_drop`` (pass over n bytes beyond the buffer, returning how many there were)."""
 
-    def __init__(self, fh, start: int, length: int):
-        self.fh, self.start, self.length, self.pos = fh, start, length, 0
+    def __init__(self):
+        self.buf, self.off, self.pos = bytearray(), 0, 0
 
     def read(self, n: int) -> bytes:
-        self.fh.seek(self.start + self.pos)
-        data = self.fh.read(min(n, self.length - self.pos))
+        off = self.off
+        if off + n <= len(self.buf):  # the common case: a tag or a header already inflated/read
+            self.off = off + n
+            self.pos += n
+            return bytes(self.buf[off:off + n])
+        while len(self.buf) - self.off < n:
+            piece = self._more(n - (len(self.buf) - self.off))
+            if not piece:
+                break
+            self.buf += piece
+        data = bytes(self.buf[self.off:self.off + n])
+        self.off += len(data)
         self.pos += len(data)
+        if self.off > _CHUNK // 4 and 2 * self.off > len(self.buf):
+            del self.buf[:self.off]
+            self.off = 0
         return data
 
     def skip(self, n: int) -> int:
-        n = min(n, self.length - self.pos)
-        self.pos += n
+        held = len(self.buf) - self.off
+        if n <= held:
+            self.off += n
+            self.pos += n
+            return n
+        self.buf, self.off = bytearray(), 0
+        done = held + self._drop(n - held)
+        self.pos += done
+        return done
+
+
+class _FileStream(_Stream):
+    """Bytes of an uncompressed element, read from the file; skipped data is never read."""
+
+    def __init__(self, fh, start: int, length: int):
+        super().__init__()
+        self.fh, self.next, self.stop = fh, start, start + length
+
+    def _more(self, want: int) -> bytes:
+        self.fh.seek(self.next)
+        piece = self.fh.read(min(max(want, 1 << 16), self.stop - self.next))
+        self.next += len(piece)
+        return piece
+
+    def _drop(self, n: int) -> int:
+        n = min(n, self.stop - self.next)
+        self.next += n
         return n
 
 
-class _InflateStream:
+class _InflateStream(_Stream):
     """Bytes of a compressed element, inflated as they are asked for."""
 
     def __init__(self, fh, start: int, length: int):
-        self.fh, self.left, self.pos = fh, length, 0
+        super().__init__()
+        self.fh, self.left = fh, length
         fh.seek(start)
         self.z = zlib.decompressobj()
-        self.buf = b""
 
-    def _fill(self, want: int) -> None:
-        while len(self.buf) < want:
+    def _more(self, want: int) -> bytes:
+        limit = max(want, 1 << 16)
+        while True:
             if self.z.unconsumed_tail:
-                piece = self.z.decompress(self.z.unconsumed_tail, _CHUNK)
+                piece = self.z.decompress(self.z.unconsumed_tail, limit)
             elif self.left > 0 and not self.z.eof:
                 raw = self.fh.read(min(_CHUNK, self.left))
-                self.left -= len(raw)
-                if not raw:
-                    self.left = 0
-                    return
-                piece = self.z.decompress(raw, _CHUNK)
+                self.left = self.left - len(raw) if raw else 0
+                piece = self.z.decompress(raw, limit)
             else:
-                return
-            self.buf += piece
+                return b""
+            if piece:
+                return piece
 
-    def read(self, n: int) -> bytes:
-        self._fill(n)
-        data, self.buf = self.buf[:n], self.buf[n:]
-        self.pos += len(data)
-        return data
-
-    def skip(self, n: int) -> int:
+    def _drop(self, n: int) -> int:
         done = 0
         while done < n:
-            self._fill(min(n - done, _CHUNK))
-            if not self.buf:
+            piece = self._more(min(n - done, _CHUNK))
+            if not piece:
                 break
-            take = min(n - done, len(self.buf))
-            self.buf = self.buf[take:]
-            done += take
-        self.pos += done
+            if len(piece) > n - done:  # inflate may give more than asked: keep the rest
+                self.buf += piece[n - done:]
+                piece = piece[:n - done]
+            done += len(piece)
         return done
 
 
@@ -159,8 +193,10 @@ class _Walker:
             return mdtype, nbytes, raw[4:4 + nbytes]
         return first, second, None
 
-    def _sub(self, end: float, where: str, what: str, types, read: bool = True):
-        """One subelement of one of ``types``: (its bytes if ``read``, else b"", data type, size)."""
+    def _sub(self, end: float, where: str, what: str, types, read: bool = True, cap: int = 1 << 30):
+        """One subelement of one of ``types``: (its bytes if ``read``, else b"", data type, size).
+        One that is read may hold at most ``cap`` bytes, so that a few corrupt bytes cannot make
+        the check itself allocate gigabytes."""
         if self.s.pos + 8 > end:
             raise TreeError(where, f"the {what} is missing: the matrix ends before it")
         mdtype, nbytes, small = self._tag(where)
@@ -174,6 +210,8 @@ class _Walker:
             raise TreeError(where, f"the {what} claims {nbytes} bytes, more than the element has left "
                                    f"({_left(end, self.s.pos)})")
         if read:
+            if nbytes > cap:
+                raise TreeError(where, f"the {what} claims {nbytes} bytes, more than the {cap} this check reads")
             data = self._exact(nbytes, where)
         else:
             if self.s.skip(nbytes) < nbytes:
@@ -205,11 +243,14 @@ class _Walker:
             raise TreeError(where, f"the array flags take {n} bytes, expected 8")
         word = struct.unpack(self.endian + "I", flags[:4])[0]
         mclass, is_complex = word & 0xFF, bool(word & 0x800)
-        if mclass in _NOT_WALKED:
+        if mclass == _OPAQUE:  # name, type system, class name, then the object's data as a matrix
+            for what in ("object name", "type system name", "class name"):
+                self._sub(end, where, what, (_MI_INT8,), read=False)
+            self.matrix(end - self.s.pos, where)
             return
-        if not 1 <= mclass <= 15:
+        if not 1 <= mclass <= 16:
             raise TreeError(where, f"unknown array class {mclass} in the array flags")
-        raw, _, n = self._sub(end, where, "dimensions", (_MI_INT32,))
+        raw, _, n = self._sub(end, where, "dimensions", (_MI_INT32,), cap=_MAX_DIMS * 4)
         if n < 8 or n % 4:
             raise TreeError(where, f"the dimensions take {n} bytes, expected 4 per dimension and >= 2 dimensions")
         dims = struct.unpack(f"{self.endian}{n // 4}i", raw)
@@ -217,7 +258,9 @@ class _Walker:
             raise TreeError(where, f"negative dimension in {list(dims)}")
         count = math.prod(dims)
         self._sub(end, where, "array name", (_MI_INT8,), read=False)
-        if mclass == _CELL:
+        if mclass == _FUNCTION:  # the handle's workspace, as a matrix
+            self.matrix(end - self.s.pos, where)
+        elif mclass == _CELL:
             self._children(end, where, count, [None])
         elif mclass in (_STRUCT, _OBJECT):
             if mclass == _OBJECT:
@@ -226,7 +269,7 @@ class _Walker:
             if n != 4:
                 raise TreeError(where, f"the field name length takes {n} bytes, expected 4")
             width = struct.unpack(self.endian + "i", raw)[0]
-            raw, _, n = self._sub(end, where, "field names", (_MI_INT8,))
+            raw, _, n = self._sub(end, where, "field names", (_MI_INT8,), cap=_MAX_FIELD_NAMES)
             if n and (width <= 0 or n % width):
                 raise TreeError(where, f"{n} bytes of field names do not split into names of length {width}")
             fields = [raw[k:k + width].split(b"\0", 1)[0].decode("latin-1") for k in range(0, n, width)]
@@ -249,6 +292,8 @@ class _Walker:
         if total * 8 > end - self.s.pos:  # each element takes at least its 8-byte tag
             what = f"{count} cells" if fields == [None] else f"{count} elements x {len(fields)} fields"
             raise TreeError(where, f"declares {what}, more than {_left(end, self.s.pos)} can hold")
+        if not fields:  # a struct array without fields holds nothing, however many elements
+            return
         for k in range(count):
             for field in fields:
                 if field is None:

@@ -92,17 +92,62 @@ def _bad_type_char(mdtype: int) -> bytes:
     return matrix(CHAR, (1, 4), b"", struct.pack("<II", mdtype, len(payload)) + payload)
 
 
-@pytest.mark.parametrize("compress", [False, True], ids=["uncompressed", "compressed"])
-def test_an_unknown_data_type_is_named_not_a_crash(tmp_path, compress):
-    """A fuzzed lenet.mat with this one byte changed segfaulted inside scipy.io.loadmat: the read runs in a
-    child process so that a regression fails the test instead of killing the run."""
-    path = mat_file(tmp_path / "bad.mat", layer_net(type_element=_bad_type_char(0x9E10)), compress=compress)
+def _read_in_a_child(path) -> str:
+    """read_mat in a child process, so that a regression to scipy's crash fails the test instead of
+    killing the run; its one line of error."""
     code = ("import sys\nfrom matconvnet_port import matio\n"
             "try:\n    matio.read_mat(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
-    run = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
-    assert run.stdout.startswith("MatFormatError") and "net.layers{1}.type" in run.stdout
-    assert "data type 40464 (not a MAT-file data type)" in run.stdout
+    return run.stdout
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["uncompressed", "compressed"])
+def test_an_unknown_data_type_is_named_not_a_crash(tmp_path, compress):
+    """A fuzzed lenet.mat with this one byte changed segfaulted inside scipy.io.loadmat."""
+    out = _read_in_a_child(mat_file(tmp_path / "bad.mat", layer_net(type_element=_bad_type_char(0x9E10)),
+                                    compress=compress))
+    assert out.startswith("MatFormatError") and "net.layers{1}.type" in out
+    assert "data type 40464 (not a MAT-file data type)" in out
+
+
+def _flags(mclass: int) -> bytes:
+    return element(MI_UINT32, struct.pack("<II", mclass, 0))
+
+
+@pytest.mark.parametrize("kind", ["function handle", "object"])
+def test_the_insides_of_handles_and_objects_are_walked(tmp_path, kind):
+    """scipy parses a function handle's workspace and an MCOS object's data (nested matrices) and
+    crashed on the same bad element there (found by review); the read must stop at the check, which
+    names the variable (matio then refuses handles and objects anyway)."""
+    inner = _bad_type_char(99)
+    if kind == "function handle":  # flags, dims, name, then the workspace
+        workspace = matrix(STRUCT, (1, 1), b"", element(MI_INT32, struct.pack("<i", 8)),
+                           element(MI_INT8, b"a".ljust(8, b"\0")), inner)
+        body = _flags(16) + element(MI_INT32, struct.pack("<2i", 1, 1)) + element(MI_INT8, b"f") + workspace
+    else:  # flags, object name, type system, class name, then the data
+        body = _flags(17) + element(MI_INT8, b"f") + element(MI_INT8, b"MCOS") + element(MI_INT8, b"myClass") + inner
+    out = _read_in_a_child(mat_file(tmp_path / "handle.mat", element(MI_MATRIX, body)))
+    assert out.startswith("MatFormatError") and "data type 99" in out
+
+
+def test_a_struct_without_fields_declaring_billions_of_elements_is_quick(tmp_path):
+    """No field: nothing to read, however many elements; the check must not loop over them (review)."""
+    empty = matrix(STRUCT, (2_000_000_000, 2_000_000_000), b"s", element(MI_INT32, struct.pack("<i", 32)),
+                   element(MI_INT8, b""))
+    path = mat_file(tmp_path / "nofields.mat", empty)
+    matio._v5_check_tree(path, None)  # a loop over 4e18 elements would never return
+
+
+def test_the_check_reads_no_more_than_a_bounded_header(tmp_path):
+    """Field names are read whole. In a compressed variable, whose size is known only once inflated,
+    a corrupt length of a gigabyte must be refused, not allocated."""
+    head = (_flags(STRUCT) + element(MI_INT32, struct.pack("<2i", 1, 1)) + element(MI_INT8, b"s")
+            + element(MI_INT32, struct.pack("<i", 32)) + struct.pack("<II", MI_INT8, 1 << 30))
+    var = struct.pack("<II", MI_MATRIX, 1 << 31) + head + b"\0" * 64  # the matrix claims 2 GB
+    path = mat_file(tmp_path / "names.mat", var, compress=True)
+    with pytest.raises(MatFormatError, match="field names claims 1073741824 bytes, more than the 16777216"):
+        matio.read_mat(path)
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["uncompressed", "compressed"])
