@@ -89,7 +89,8 @@ declaring 10^10 elements is allocated before its contents are read. The
 check reads only tags, about 60,000 arrays a second, and a compressed
 variable is inflated once more for it. On a 2-core Xeon: a 175 MB
 compressed net, 1.0 s on top of scipy's 1.3 s; a cell of 60,001 scalars,
-1.0 s on top of 0.1-0.2 s.
+1.0 s on top of 0.1-0.2 s. A v7.3 dataset must store the chunks (or, unchunked,
+the bytes) its shape declares before h5py allocates it.
 """
 
 from __future__ import annotations
@@ -836,6 +837,26 @@ def _field_names(obj) -> list:
     return names
 
 
+def _check_stored(ds, where: str) -> None:
+    """A dataset must store the data its shape declares before it is read: h5py would allocate the
+    declared size (a few corrupt bytes can declare terabytes) and fill what is missing with the fill
+    value. MATLAB and hdf5storage write every chunk; a compressed chunk may legitimately inflate far
+    beyond its size in the file, so chunks are counted, not bytes."""
+    declared = math.prod(ds.shape) * ds.dtype.itemsize
+    if declared == 0:
+        return
+    layout = ds.id.get_create_plist().get_layout()
+    if ds.chunks is not None:
+        needed = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+        stored = ds.id.get_num_chunks()
+        if stored < needed:
+            raise _Bad(where, f"corrupt v7.3 data: the dataset declares shape {ds.shape} in {needed} chunks "
+                              f"but stores {stored}")
+    elif layout == h5py.h5d.CONTIGUOUS and ds.id.get_storage_size() < declared:
+        raise _Bad(where, f"corrupt v7.3 data: the dataset declares shape {ds.shape} ({declared} bytes) "
+                          f"but stores {ds.id.get_storage_size()} bytes")
+
+
 def _h5_matlab_shape(h5shape) -> tuple:
     # HDF5 lists the dimensions of MATLAB's column-major data in reverse.
     return _matlab_shape(tuple(reversed(h5shape)))
@@ -876,6 +897,7 @@ class _H5Reader:
             raise _Bad(where, f"unexpected HDF5 object {type(obj).__name__}")
         if obj.shape is None:
             raise _Bad(where, "HDF5 dataset without a dataspace")
+        _check_stored(obj, where)
         if "MATLAB_empty" in obj.attrs and np.asarray(obj.attrs["MATLAB_empty"]).ravel().any():
             return self._empty(obj, cls, where)
         if obj.dtype == h5py.ref_dtype or cls == "cell":

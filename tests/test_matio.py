@@ -788,3 +788,22 @@ def test_a_sparse_matrix_with_row_indices_outside_it_is_an_error_not_a_crash(tmp
     with pytest.raises(MatFormatError) as e:
         matio.read_mat(h5)
     assert_one_line_error(e, "sparse73.mat", "corrupt sparse matrix")
+
+
+@pytest.mark.parametrize("chunks", [(100, 100), None], ids=["chunked", "contiguous"])
+def test_v73_dataset_declaring_more_than_it_stores(tmp_path, chunks):
+    """h5py would allocate the declared 80 GB and fill it with the fill value; the read must refuse
+    the dataset, naming it, without allocating (MATLAB writes every chunk of what it declares)."""
+    path = tmp_path / "declared.mat"
+    matio.write_mat(path, {"net": {"layers": [np.ones((2, 2), np.float32)]}, "x": np.arange(3.0)}, format="v7.3")
+    with h5py.File(path, "a") as f:
+        ds = f.create_dataset("#refs#/declared", shape=(100_000, 100_000), dtype="f4", chunks=chunks)
+        ds.attrs["MATLAB_class"] = np.bytes_("single")
+        layers = f["net"]["layers"]
+        refs = layers[()]
+        refs.ravel()[0] = ds.ref  # the cell's element now points to the dataset never written
+        layers[...] = refs
+    with pytest.raises(MatFormatError, match=r"net\.layers\{1\}: corrupt v7\.3 data: the dataset declares "
+                                             r"shape \(100000, 100000\)"):
+        matio.read_mat(path)
+    np.testing.assert_array_equal(matio.read_mat_variable(path, "x"), [[0.0, 1.0, 2.0]])
