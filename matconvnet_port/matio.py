@@ -86,10 +86,10 @@ where one applies, the variable path in MATLAB syntax, e.g.
 tags is checked (:mod:`matconvnet_port.v5_tree`) before scipy parses it,
 because scipy trusts the file: an unknown data type can crash it and a cell
 declaring 10^10 elements is allocated before its contents are read. The
-check reads only tags, about 60,000 arrays a second, and a compressed
+check reads only tags, about 120,000 arrays a second, and a compressed
 variable is inflated once more for it. On a 2-core Xeon: a 175 MB
-compressed net, 1.0 s on top of scipy's 1.3 s; a cell of 60,001 scalars,
-1.0 s on top of 0.1-0.2 s. A v7.3 dataset must store the chunks (or, unchunked,
+compressed net, 1.1 s on top of scipy's 1.3-1.6 s; a cell of 60,001
+scalars, 0.5 s on top of 0.15-0.2 s. A v7.3 dataset must store the chunks (or, unchunked,
 the bytes) its shape declares before h5py allocates it.
 """
 

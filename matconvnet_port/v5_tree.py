@@ -47,6 +47,7 @@ _CELL, _STRUCT, _OBJECT, _CHAR, _SPARSE = 1, 2, 3, 4, 5
 _FUNCTION, _OPAQUE = 16, 17
 # what the check reads whole: MATLAB allows far fewer dimensions, and namelengthmax is 63
 _MAX_DIMS, _MAX_FIELD_NAMES = 1 << 16, 1 << 24
+_SMALL_MATRIX = 4096  # a matrix up to this size is read at once and parsed flat when it can be
 _INTEGER_TYPES = (1, 2, 3, 4, 5, 6, 12, 13)
 _CHUNK = 1 << 20
 
@@ -58,6 +59,23 @@ class TreeError(Exception):
         super().__init__(f"{where}: {msg}")
         self.where = where
         self.msg = msg
+
+
+class _MemStream:
+    """Bytes of one small element, already read."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def read(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        n = max(0, min(n, len(self.data) - self.pos))
+        self.pos += n
+        return n
 
 
 class _Stream:
@@ -230,7 +248,14 @@ class _Walker:
             raise TreeError(where, f"the matrix claims {nbytes} bytes, more than its parent has left "
                                    f"({_left(limit, 8)})")
         end = self.s.pos + nbytes
-        if nbytes:  # MATLAB writes an empty cell element as a bare 0-byte matrix tag
+        if 0 < nbytes <= _SMALL_MATRIX:
+            # most elements of a big cell or struct are small numeric or char arrays: one read and
+            # _plain_array's flat parse take a fraction of the walk's time; anything it does not
+            # accept is walked in full (from memory), which gives the error
+            body = self.s.read(nbytes)
+            if not _plain_array(body, self.endian):
+                _Walker(_MemStream(body), self.endian)._array(nbytes, where)
+        elif nbytes:  # MATLAB writes an empty cell element as a bare 0-byte matrix tag
             self._array(end, where)
             if self.s.pos > end:
                 raise TreeError(where, f"its contents overrun the {nbytes} bytes the matrix claims")
@@ -310,6 +335,48 @@ class _Walker:
                                    f"{n // _MI_SIZES[mdtype]} column starts, expected {dims[-1] + 1}")
         for part in ("real part", "imaginary part") if is_complex else ("values",):
             self._sub(end, where, part, tuple(t for t in _MI_SIZES if t not in (16, 17, 18)), read=False)
+
+
+def _plain_array(body: bytes, endian: str) -> bool:
+    """True if ``body`` (a matrix's contents) is a numeric or char array that _Walker._array accepts:
+    the same checks, flat, for the common case. False for anything else (other classes, any doubt),
+    which the caller then walks in full."""
+    size = len(body)
+    if size < 40:
+        return False
+    t, n, word = struct.unpack_from(endian + "III", body, 0)
+    mclass = word & 0xFF
+    if t != _MI_UINT32 or n != 8 or not (mclass == _CHAR or 6 <= mclass <= 15):
+        return False
+    t, n = struct.unpack_from(endian + "II", body, 16)
+    if t != _MI_INT32 or n < 8 or n % 4 or n > 4 * _MAX_DIMS or 24 + n > size:
+        return False
+    dims = struct.unpack_from(f"{endian}{n // 4}i", body, 24)
+    if min(dims) < 0:
+        return False
+    count = math.prod(dims)
+    pos = 24 + n + (-n % 8)
+    parts = 2 if word & 0x800 else 1
+    for k in range(1 + parts):  # the name, then the data (real, imaginary)
+        if pos + 8 > size:
+            return False
+        t, n = struct.unpack_from(endian + "II", body, pos)
+        if t >> 16:
+            t, n, step = t & 0xFFFF, t >> 16, 8
+            if n > 4:
+                return False
+        else:
+            step = 8 + n + (-n % 8)
+            if pos + 8 + n > size:
+                return False
+        if k == 0:
+            if t != _MI_INT8:
+                return False
+        elif t not in _MI_SIZES or (n != count * _MI_SIZES[t]
+                                    and not (mclass == _CHAR and t in _VARIABLE_WIDTH)):
+            return False
+        pos = min(pos + step, size)
+    return True
 
 
 def _left(end: float, pos: int) -> str:
