@@ -89,8 +89,8 @@ declaring 10^10 elements is allocated before its contents are read. The
 check reads only tags, about 120,000 arrays a second, and a compressed
 variable is inflated once more for it. On a 2-core Xeon: a 175 MB
 compressed net, 1.1 s on top of scipy's 1.3-1.6 s; a cell of 60,001
-scalars, 0.5 s on top of 0.15-0.2 s. A v7.3 dataset must store the chunks (or, unchunked,
-the bytes) its shape declares before h5py allocates it.
+scalars, 0.5 s on top of 0.15-0.2 s. A v7.3 dataset may leave at most 256 MiB of its
+declared size unstored (fill value) before h5py allocates it.
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}\Z")
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MI_MATRIX, _MI_COMPRESSED = 14, 15
+# a v7.3 dataset may leave this much of its declared data unstored (read as the fill value)
+_UNSTORED_LIMIT = 1 << 28
 # scipy's loadmat adds these keys; MATLAB variables never start with "_".
 _SCIPY_KEYS = ("__header__", "__version__", "__globals__", "__function_workspace__")
 
@@ -838,23 +840,27 @@ def _field_names(obj) -> list:
 
 
 def _check_stored(ds, where: str) -> None:
-    """A dataset must store the data its shape declares before it is read: h5py would allocate the
-    declared size (a few corrupt bytes can declare terabytes) and fill what is missing with the fill
-    value. MATLAB and hdf5storage write every chunk; a compressed chunk may legitimately inflate far
-    beyond its size in the file, so chunks are counted, not bytes."""
+    """A dataset may not declare much more data than it stores: h5py allocates the declared size
+    (a few corrupt bytes can declare terabytes) and fills what is missing with the fill value.
+    A partly written chunked dataset (MATLAB's ``matfile`` writes part of a variable) is valid,
+    so only missing storage above _UNSTORED_LIMIT is refused; chunks are counted, not bytes,
+    because a compressed chunk may inflate far beyond its stored size."""
     declared = math.prod(ds.shape) * ds.dtype.itemsize
     if declared == 0:
         return
     layout = ds.id.get_create_plist().get_layout()
+    if layout == h5py.h5d.VIRTUAL:
+        raise _Bad(where, "virtual HDF5 datasets are not MATLAB data")
     if ds.chunks is not None:
         needed = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
-        stored = ds.id.get_num_chunks()
-        if stored < needed:
-            raise _Bad(where, f"corrupt v7.3 data: the dataset declares shape {ds.shape} in {needed} chunks "
-                              f"but stores {stored}")
-    elif layout == h5py.h5d.CONTIGUOUS and ds.id.get_storage_size() < declared:
-        raise _Bad(where, f"corrupt v7.3 data: the dataset declares shape {ds.shape} ({declared} bytes) "
-                          f"but stores {ds.id.get_storage_size()} bytes")
+        missing = (needed - ds.id.get_num_chunks()) * math.prod(ds.chunks) * ds.dtype.itemsize
+    elif layout == h5py.h5d.CONTIGUOUS:
+        missing = declared - ds.id.get_storage_size()
+    else:
+        return
+    if missing > _UNSTORED_LIMIT:
+        raise _Bad(where, f"corrupt v7.3 data: the dataset declares size {_h5_matlab_shape(ds.shape)} "
+                          f"({declared} bytes) but {missing} bytes of it are not stored")
 
 
 def _h5_matlab_shape(h5shape) -> tuple:

@@ -793,7 +793,7 @@ def test_a_sparse_matrix_with_row_indices_outside_it_is_an_error_not_a_crash(tmp
 @pytest.mark.parametrize("chunks", [(100, 100), None], ids=["chunked", "contiguous"])
 def test_v73_dataset_declaring_more_than_it_stores(tmp_path, chunks):
     """h5py would allocate the declared 80 GB and fill it with the fill value; the read must refuse
-    the dataset, naming it, without allocating (MATLAB writes every chunk of what it declares)."""
+    the dataset, naming it, without allocating."""
     path = tmp_path / "declared.mat"
     matio.write_mat(path, {"net": {"layers": [np.ones((2, 2), np.float32)]}, "x": np.arange(3.0)}, format="v7.3")
     with h5py.File(path, "a") as f:
@@ -804,6 +804,18 @@ def test_v73_dataset_declaring_more_than_it_stores(tmp_path, chunks):
         refs.ravel()[0] = ds.ref  # the cell's element now points to the dataset never written
         layers[...] = refs
     with pytest.raises(MatFormatError, match=r"net\.layers\{1\}: corrupt v7\.3 data: the dataset declares "
-                                             r"shape \(100000, 100000\)"):
+                                             r"size \(100000, 100000\)"):
         matio.read_mat(path)
     np.testing.assert_array_equal(matio.read_mat_variable(path, "x"), [[0.0, 1.0, 2.0]])
+
+
+def test_v73_partly_written_chunked_dataset_reads(tmp_path):
+    """MATLAB's matfile can write part of a variable: chunks never written read as the fill value."""
+    path = tmp_path / "partial.mat"
+    matio.write_mat(path, {"x": np.arange(3.0)}, format="v7.3")
+    with h5py.File(path, "a") as f:
+        ds = f.create_dataset("y", shape=(100, 100), maxshape=(None, None), chunks=(20, 20), fillvalue=0.0)
+        ds.attrs["MATLAB_class"] = np.bytes_("double")
+        ds[80:100, 80:100] = 1.0
+    y = matio.read_mat_variable(path, "y")
+    assert y.shape == (100, 100) and y.sum() == 400.0
