@@ -147,7 +147,7 @@ _DTYPE_CLASSES[np.dtype(np.complex64)] = "single"
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}\Z")
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MI_MATRIX, _MI_COMPRESSED = v5_tree.MI_MATRIX, v5_tree.MI_COMPRESSED
 # a v7.3 dataset may leave this much of its declared data unstored (read as the fill value)
 _UNSTORED_LIMIT = 1 << 28
 # scipy's loadmat adds these keys; MATLAB variables never start with "_".
