@@ -845,12 +845,17 @@ def _check_stored(ds, where: str) -> None:
     A partly written chunked dataset (MATLAB's ``matfile`` writes part of a variable) is valid,
     so only missing storage above _UNSTORED_LIMIT is refused; chunks are counted, not bytes,
     because a compressed chunk may inflate far beyond its stored size."""
+    plist = ds.id.get_create_plist()
+    if plist.get_external_count():
+        # External storage reads raw bytes from another file named in this one, relative to the
+        # working directory: MATLAB never writes it, and following it would read arbitrary files.
+        raise _Bad(where, "dataset stored in an external file; MATLAB data is stored inside the MAT-file")
+    layout = plist.get_layout()
+    if layout == h5py.h5d.VIRTUAL:
+        raise _Bad(where, "virtual HDF5 datasets are not MATLAB data")
     declared = math.prod(ds.shape) * ds.dtype.itemsize
     if declared == 0:
         return
-    layout = ds.id.get_create_plist().get_layout()
-    if layout == h5py.h5d.VIRTUAL:
-        raise _Bad(where, "virtual HDF5 datasets are not MATLAB data")
     if ds.chunks is not None:
         needed = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
         missing = (needed - ds.id.get_num_chunks()) * math.prod(ds.chunks) * ds.dtype.itemsize
@@ -971,16 +976,27 @@ class _H5Reader:
             raise _Bad(where, f"unsupported numeric type {data.dtype}")
         return data.T.reshape(_h5_matlab_shape(data.shape))
 
+    def _part(self, group, key, where):
+        """The values of dataset ``key`` of a group (a sparse matrix's part, a struct array's
+        column), checked like any dataset before h5py allocates it."""
+        ds = group.get(key)
+        if not isinstance(ds, h5py.Dataset) or ds.shape is None:
+            raise _Bad(where, f"missing or not a dataset: {key!r}")
+        _check_stored(ds, where)
+        return np.asarray(ds[()])
+
     def _sparse(self, obj, cls, where):
         # MATLAB's sparse layout: MATLAB_sparse = number of rows, CSC arrays
         # 'jc' (column starts), 'ir' (row indices) and 'data' (absent if nnz=0).
         nrows = int(np.asarray(obj.attrs["MATLAB_sparse"]).ravel()[0])
-        jc = np.asarray(obj["jc"][()]).astype(np.int64).ravel()
-        ncols = len(jc) - 1
+        jc = self._part(obj, "jc", f"{where}.jc").astype(np.int64).ravel()
+        if jc.size == 0:
+            raise _Bad(where, "corrupt sparse matrix (no column starts 'jc')")
+        ncols = jc.size - 1
         dtype = np.dtype(np.bool_) if cls == "logical" else np.dtype(np.float64)
         if "data" in obj:
-            ir = np.asarray(obj["ir"][()]).astype(np.int64).ravel()
-            data = np.asarray(obj["data"][()]).ravel()
+            ir = self._part(obj, "ir", f"{where}.ir").astype(np.int64).ravel()
+            data = self._part(obj, "data", f"{where}.data").ravel()
             if data.dtype.names is not None:
                 data = data["real"] + 1j * data["imag"]
                 dtype = np.dtype(np.complex128)
@@ -1014,7 +1030,7 @@ class _H5Reader:
             ds = group[f]
             if not isinstance(ds, h5py.Dataset) or ds.dtype != h5py.ref_dtype or _h5_matlab_shape(ds.shape) != shape:
                 raise _Bad(f"{where}.{f}", "struct array field is not a reference array of the struct's shape")
-            columns[f] = np.asarray(ds[()]).T.reshape(shape)
+            columns[f] = self._part(group, f, f"{where}.{f}").T.reshape(shape)
         elems = []
         for k, idx in enumerate(_column_major(shape)):
             elem = {}

@@ -819,3 +819,78 @@ def test_v73_partly_written_chunked_dataset_reads(tmp_path):
         ds[80:100, 80:100] = 1.0
     y = matio.read_mat_variable(path, "y")
     assert y.shape == (100, 100) and y.sum() == 400.0
+
+
+def _v73_with(tmp_path, name, build):
+    """A v7.3 file holding x = [0 1 2] and whatever ``build(h5file)`` adds."""
+    path = tmp_path / name
+    matio.write_mat(path, {"x": np.arange(3.0)}, format="v7.3")
+    with h5py.File(path, "a") as f:
+        build(f)
+    return path
+
+
+def test_v73_external_storage_is_refused(tmp_path):
+    """HDF5 external storage reads raw bytes from a file named inside the MAT-file (relative to the
+    working directory): a crafted file could read any file of the machine into an array."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(4.0).tobytes())
+
+    def build(f):
+        ds = f.create_dataset("y", shape=(4,), dtype="<f8", external=[(str(secret), 0, 32)])
+        ds.attrs["MATLAB_class"] = np.bytes_("double")
+
+    path = _v73_with(tmp_path, "external.mat", build)
+    with h5py.File(path, "r") as f:  # the file really does read the other file
+        np.testing.assert_array_equal(f["y"][()], np.arange(4.0))
+    with pytest.raises(MatFormatError) as e:
+        matio.read_mat(path)
+    assert_one_line_error(e, "external.mat", "y: dataset stored in an external file")
+    np.testing.assert_array_equal(matio.read_mat_variable(path, "x"), [[0.0, 1.0, 2.0]])
+
+
+def test_v73_sparse_part_declaring_more_than_it_stores(tmp_path):
+    def build(f):
+        g = f.create_group("sp")
+        g.attrs["MATLAB_class"] = np.bytes_("double")
+        g.attrs["MATLAB_sparse"] = np.uint64(2)
+        g["jc"] = np.array([0, 1], np.uint64)
+        g["ir"] = np.array([0], np.uint64)
+        g.create_dataset("data", shape=(100_000, 100_000), dtype="f8", chunks=(100, 100))
+
+    path = _v73_with(tmp_path, "sparse_declared.mat", build)
+    with pytest.raises(MatFormatError) as e:
+        matio.read_mat(path)
+    assert_one_line_error(e, "sparse_declared.mat", "sp.data: corrupt v7.3 data: the dataset declares size")
+
+
+@pytest.mark.parametrize("part", ["jc", "ir"])
+def test_v73_sparse_missing_part(tmp_path, part):
+    def build(f):
+        g = f.create_group("sp")
+        g.attrs["MATLAB_class"] = np.bytes_("double")
+        g.attrs["MATLAB_sparse"] = np.uint64(2)
+        parts = {"jc": np.array([0, 1], np.uint64), "ir": np.array([0], np.uint64), "data": [5.0]}
+        for k, v in parts.items():
+            if k == part:
+                g.create_group(k)  # a group where a dataset belongs
+            else:
+                g[k] = v
+
+    path = _v73_with(tmp_path, "sparse_part.mat", build)
+    with pytest.raises(MatFormatError) as e:
+        matio.read_mat(path)
+    assert_one_line_error(e, "sparse_part.mat", f"sp.{part}: missing or not a dataset")
+
+
+def test_v73_struct_array_column_declaring_more_than_it_stores(tmp_path):
+    def build(f):
+        g = f.create_group("s")
+        g.attrs["MATLAB_class"] = np.bytes_("struct")
+        matio._fields_attr(g, ["a"])
+        g.create_dataset("a", shape=(100_000, 100_000), dtype=h5py.ref_dtype, chunks=(100, 100))
+
+    path = _v73_with(tmp_path, "struct_declared.mat", build)
+    with pytest.raises(MatFormatError) as e:
+        matio.read_mat(path)
+    assert_one_line_error(e, "struct_declared.mat", "s.a: corrupt v7.3 data: the dataset declares size")
