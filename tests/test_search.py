@@ -83,6 +83,23 @@ def same_numbers(a, b):
     return a.keys() == b.keys() and all(eq(a[k][c], b[k][c]) for k in a for c in a[k])
 
 
+def agree_after_shrinking(a, b, healthy="1111", rel=1e-5):
+    """``a`` and ``b`` the same cells, the stopped (diverged) models' rows identical, the ``healthy``
+    model's to ``rel``: once the diverged models leave, it trains on in a smaller fused network, whose
+    convolutions may round differently -- oneDNN's kernels depend on the number of groups and on the
+    layout of a model's slice (on an AVX-512 CPU its class scores move by ~1e-9, its objective by ~1e-7
+    relative after a few steps; on AVX2 CPUs the numbers were identical)."""
+    def close(x, y):
+        if isinstance(x, float) and isinstance(y, float):
+            return (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=rel, abs_tol=1e-12)
+        return x == y
+    if a.keys() != b.keys():
+        return False
+    exact = {k: v for k, v in a.items() if k[0] != healthy}
+    return (same_numbers(exact, {k: b[k] for k in exact})
+            and all(close(a[k][c], b[k][c]) for k in a if k[0] == healthy for c in a[k]))
+
+
 class CountingTrainEpoch:
     """Wraps FusedTrainer.train_epoch_steps (what the runner trains an epoch with): counts calls
     (and models), optionally interrupts one."""
@@ -259,7 +276,7 @@ def test_diverged_models_stop_training_and_report_what_training_them_reports(div
     # NaN class scores from epoch 3 on: epochs 4 and 5 alike, then only the healthy model trains
     assert counter.models == [4, 4, 4, 4, 4, 1, 1, 1]
     rows = read_results(tmp_path / "run" / "results.csv")
-    assert same_numbers(numbers(rows), numbers(diverging))
+    assert agree_after_shrinking(numbers(rows), numbers(diverging))
     assert all(r["seconds"] == 0 for r in rows if r["epoch"] > 5 and r["mask"] != "CR CR CR CR")
     assert all(r["conv_impl"].endswith(", 2 lanes") == (lanes == "2") for r in rows)
     assert len(list((tmp_path / "run" / "nets").glob("*.mat"))) == len(MASKS)
@@ -278,7 +295,7 @@ def test_a_run_with_finished_diverged_models_resumes(diverging, tmp_path, monkey
     # nothing finished trains again; resumed after epoch 4, the diverged models' NaN since epoch 4 counts
     # from there (their past is not re-read), so they finish after epoch 6
     assert counter.models == ([4, 4, 1, 1] if interrupt_at == 5 else [1, 1])
-    assert same_numbers(numbers(read_results(out / "results.csv")), numbers(diverging))
+    assert agree_after_shrinking(numbers(read_results(out / "results.csv")), numbers(diverging))
 
 
 def test_a_diverged_model_finishes_only_after_two_alike_epochs_of_nan_scores():
