@@ -582,7 +582,7 @@ def _v5_element_header(fh, endian: str, element, full: bool = False):
 
 
 def _decode_name(raw: bytes) -> str:
-    return raw.rstrip(b"\x00").decode("utf-8", "replace")
+    return raw.rstrip(b"\x00").decode("latin-1")  # as scipy decodes names: the same bytes, the same str
 
 
 def _v5_listing(path: str):
@@ -626,29 +626,34 @@ def _v5_variables(raw: dict) -> dict:
     return out
 
 
-def _v5_check_tree(path: str, names) -> None:
-    """Walk the variables to be read (all if ``names`` is None) before scipy does: see v5_tree."""
+def _v5_check_tree(path: str, names) -> dict:
+    """Walk the variables to be read (all if ``names`` is None) before scipy does: see v5_tree.
+    Returns the walks' notes ({path: what scipy's value lost}) of all variables walked."""
     endian, elements = _v5_scan(path)
+    notes = {}
     with open(path, "rb") as fh:
         for k, element in enumerate(elements):
-            label = f"variable {k + 1} (at byte {element[0]})"
             try:
-                label = _v5_element_header(fh, endian, element)[0] or label
+                header = _v5_element_header(fh, endian, element)[0]
             except Exception:
-                pass  # scipy's own read reports it, with _v5_culprit's help
-            if names is not None and label not in names:
+                header = None
+            # Skip only a variable known to be another: one whose header cannot be read from its first
+            # bytes is walked (scipy, streaming, may read it and crash on it).
+            if names is not None and header is not None and header not in names:
                 continue
+            label = header or f"variable {k + 1} (at byte {element[0]})"
             try:
-                v5_tree.check_variable(fh, endian, element, label)
+                checked = v5_tree.check_variable(fh, endian, element, label)
             except v5_tree.TreeError as exc:
                 raise _Bad(exc.where, f"corrupt MAT-file: {exc.msg}") from None
             except zlib.error as exc:
                 raise _Bad(label, f"corrupt compressed data ({_short(exc)})") from None
+            notes.update(checked.notes)
+    return notes
 
 
 def _read_v5(path: str, name, fmt: str) -> dict:
-    if fmt == "v5":
-        _v5_check_tree(path, None if name is None else [name])
+    notes = _v5_check_tree(path, None if name is None else [name]) if fmt == "v5" else {}
     names = None if name is None else [name]
     try:
         # mat_dtype=True gives MATLAB's classes (logical, doubles stored as
@@ -669,7 +674,7 @@ def _read_v5(path: str, name, fmt: str) -> dict:
         found = _v5_find_object(path, name)
     out = {}
     for key, value in found.items():
-        out[key] = _from_scipy(value, key, alt_found.get(key))
+        out[key] = _from_scipy(value, key, alt_found.get(key), notes)
     return out
 
 
@@ -715,8 +720,12 @@ def _opaque_field(obj, field: str) -> str:
         return ""
 
 
-def _from_scipy(obj, where: str, alt=None):
-    """scipy.io.loadmat output (mat_dtype=True, struct_as_record=True) -> representation."""
+def _from_scipy(obj, where: str, alt=None, notes=None):
+    """scipy.io.loadmat output (mat_dtype=True, struct_as_record=True) -> representation.
+    ``notes``: v5_tree's {path: what scipy lost there}."""
+    note = notes.get(where) if notes else None
+    if note == v5_tree.EMPTY_TAG:
+        return np.zeros((0, 0))  # MATLAB's [] (scipy gives 1x0)
     if isinstance(obj, MatlabOpaque):
         raise _object_error(where, _opaque_field(obj, "s2") or "unknown")
     if isinstance(obj, MatlabFunction):
@@ -727,8 +736,10 @@ def _from_scipy(obj, where: str, alt=None):
         # MATLAB sparse matrices are 2-D double/logical/complex: keep them dense.
         if alt is not None and scipy.sparse.issparse(alt) and alt.dtype.kind == "c":
             obj = alt
-        dense = np.asarray(_checked_sparse(obj, where).toarray())
-        if dense.dtype.kind not in "bc":
+        dense = _dense(_checked_sparse(obj, where), where)
+        if note == v5_tree.LOGICAL_SPARSE:
+            dense = dense != 0
+        elif dense.dtype.kind not in "bc":
             dense = dense.astype(np.float64)  # old files store sparse data compactly
         elif dense.dtype.kind == "c":
             dense = dense.astype(np.complex128)
@@ -736,7 +747,7 @@ def _from_scipy(obj, where: str, alt=None):
     if not isinstance(obj, np.ndarray):
         raise _Bad(where, f"unexpected value of type {type(obj).__name__} from scipy")
     if obj.dtype.names is not None:
-        return _from_scipy_struct(obj, where, alt)
+        return _from_scipy_struct(obj, where, alt, notes)
     if obj.dtype == object:
         if obj.size and all(e is None for e in obj.flat):
             # scipy's record mode returns a struct array without fields as an
@@ -748,7 +759,7 @@ def _from_scipy(obj, where: str, alt=None):
         obj = obj.reshape(out.shape)
         alt = alt.reshape(out.shape) if alt is not None else None
         for k, idx in enumerate(_column_major(out.shape)):
-            out[idx] = _from_scipy(obj[idx], _cell_path(where, k), None if alt is None else alt[idx])
+            out[idx] = _from_scipy(obj[idx], _cell_path(where, k), None if alt is None else alt[idx], notes)
         return out
     if obj.dtype.kind == "U":
         shape = _matlab_shape(obj.shape)
@@ -773,7 +784,7 @@ def _from_scipy_numeric(arr: np.ndarray, where: str, alt) -> np.ndarray:
     return arr.reshape(_matlab_shape(arr.shape))
 
 
-def _from_scipy_struct(obj: np.ndarray, where: str, alt):
+def _from_scipy_struct(obj: np.ndarray, where: str, alt, notes):
     fields = list(obj.dtype.names)
     shape = _matlab_shape(obj.shape)
     obj = obj.reshape(shape)
@@ -786,7 +797,7 @@ def _from_scipy_struct(obj: np.ndarray, where: str, alt):
         alt_record = None if alt is None else alt[idx]
         elems.append(
             {
-                f: _from_scipy(record[f], f"{base}.{f}", None if alt_record is None else alt_record[f])
+                f: _from_scipy(record[f], f"{base}.{f}", None if alt_record is None else alt_record[f], notes)
                 for f in fields
             }
         )
@@ -1004,7 +1015,8 @@ class _H5Reader:
                 mat = scipy.sparse.csc_matrix((data.astype(dtype), ir, jc), shape=(nrows, ncols))
             except ValueError as exc:
                 raise _Bad(where, f"corrupt sparse matrix ({_short(exc)})") from None
-            return np.asarray(_checked_sparse(mat, where).toarray(), dtype=dtype)
+            return np.asarray(_dense(_checked_sparse(mat, where), where), dtype=dtype)
+        _dense_size(nrows, ncols, where)
         return np.zeros((nrows, ncols), dtype=dtype)
 
     def _struct_group(self, group, where):
@@ -1101,13 +1113,31 @@ def _normalize(value, where: str):
 
 def _checked_sparse(m, where: str):
     """A sparse matrix whose indices lie inside its shape (a corrupt file's would make scipy's densifying
-    write outside the array: a crash, or values silently lost)."""
+    write outside the array: a crash, or values silently lost). scipy's full check skips the order of the
+    column starts when there are no entries: checked here first."""
     try:
         m = scipy.sparse.csc_matrix(m) if not scipy.sparse.isspmatrix_csc(m) else m
+        starts = np.asarray(m.indptr)
+        if starts.size and (starts[0] != 0 or np.any(np.diff(starts) < 0) or starts[-1] > m.indices.size):
+            raise ValueError("column starts must run from 0, never decrease, and end at most at the entries")
         m.check_format(full_check=True)
     except ValueError as exc:
         raise _Bad(where, f"corrupt sparse matrix ({_short(exc)})") from None
     return m
+
+
+_MAX_DENSE_SPARSE = 1 << 30  # bytes: sparse matrices are read as dense arrays
+
+
+def _dense_size(rows: int, cols: int, where: str) -> None:
+    if rows * cols * 8 > _MAX_DENSE_SPARSE:
+        raise _Bad(where, f"a {rows}x{cols} sparse matrix would take {rows * cols * 8 / 2**30:.1f} GiB dense; "
+                          f"sparse matrices are read as dense arrays, up to {_MAX_DENSE_SPARSE >> 30} GiB")
+
+
+def _dense(m, where: str) -> np.ndarray:
+    _dense_size(*m.shape, where)
+    return np.asarray(m.toarray())
 
 
 def _normalize_array(a: np.ndarray, where: str):

@@ -16,8 +16,20 @@ the field at the first tag that breaks the format:
   values; a complex array has its imaginary part;
 - a cell holds prod(dims) matrices; a struct or object holds prod(dims) x
   (number of fields) of them, and says so before any is read;
-- a sparse matrix has its row indices, column starts (columns + 1 of them)
-  and values.
+- a sparse matrix is 2-D and has its row indices, column starts (columns +
+  1 of them, from 0, never decreasing, the last no more than the row indices
+  and values stored: scipy checks their order only when there are entries,
+  and densifying a matrix whose starts run backwards reads outside it) and
+  values;
+- a struct array without fields has at most 2^20 elements (it holds
+  nothing, but scipy and the reader's list of empty structs would take
+  gigabytes for a few bytes of file).
+
+The walk also notes, by path, what scipy loses on the way: a logical sparse
+matrix (scipy gives its values as numbers) and a bare 0-byte matrix tag
+(MATLAB's ``[]`` in a cell or struct, which scipy gives as 1x0); and it
+reads the variable's name itself, so that a caller need not trust a header
+parsed from the first bytes of the element.
 
 Compressed elements (miCOMPRESSED) are walked as they inflate, in chunks,
 so the check never holds a whole variable in memory. Function handles
@@ -34,6 +46,8 @@ import math
 import struct
 import zlib
 
+import numpy as np
+
 MI_MATRIX, MI_COMPRESSED = 14, 15
 # data type -> bytes per value (UTF-8 and UTF-16 are variable-width: sizes not checked)
 _MI_SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8, 16: 1, 17: 2, 18: 4}
@@ -49,6 +63,11 @@ _FUNCTION, _OPAQUE = 16, 17
 _MAX_DIMS, _MAX_FIELD_NAMES = 1 << 16, 1 << 24
 _SMALL_MATRIX = 4096  # a matrix up to this size is read at once and parsed flat when it can be
 _INTEGER_TYPES = (1, 2, 3, 4, 5, 6, 12, 13)
+_NUMPY_INTEGERS = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 12: "i8", 13: "u8"}
+_MAX_EMPTY_STRUCT = 1 << 20
+_LOGICAL_FLAG, _COMPLEX_FLAG = 0x200, 0x800
+# what the walk notes about a path (see Checked.notes)
+LOGICAL_SPARSE, EMPTY_TAG = "logical sparse", "empty tag"
 _CHUNK = 1 << 20
 
 
@@ -172,11 +191,20 @@ class _InflateStream(_Stream):
         return done
 
 
-def check_variable(fh, endian: str, element, name: str) -> None:
+class Checked:
+    """What a walk found: the variable's ``name`` as stored (latin-1, as scipy decodes it; None if
+    empty) and ``notes``, {path: LOGICAL_SPARSE or EMPTY_TAG} for the paths (rooted at the name)
+    where scipy's value needs correcting."""
+
+    def __init__(self, name, notes: dict):
+        self.name, self.notes = name, notes
+
+
+def check_variable(fh, endian: str, element, label: str) -> Checked:
     """Walk top-level element ``element`` = (offset, data type, size) of an open MAT v5 file.
 
-    ``name`` (the variable's name) starts the paths in errors. Raises TreeError, or zlib.error
-    for a compressed stream that does not inflate.
+    ``label`` names the variable in errors raised before its name is read. Raises TreeError, or
+    zlib.error for a compressed stream that does not inflate.
     """
     pos, mdtype, nbytes = element
     if mdtype == MI_COMPRESSED:
@@ -185,13 +213,17 @@ def check_variable(fh, endian: str, element, name: str) -> None:
     else:
         stream = _FileStream(fh, pos, 8 + nbytes)
         length = 8 + nbytes
-    _Walker(stream, endian).matrix(length, name)
+    walker = _Walker(stream, endian)
+    walker.matrix(length, label, top=True)
+    return Checked(walker.name, walker.notes)
 
 
 class _Walker:
     def __init__(self, stream, endian: str):
         self.s = stream
         self.endian = endian
+        self.name = None
+        self.notes = {}
 
     def _exact(self, n: int, where: str) -> bytes:
         data = self.s.read(n)
@@ -211,10 +243,8 @@ class _Walker:
             return mdtype, nbytes, raw[4:4 + nbytes]
         return first, second, None
 
-    def _sub(self, end: float, where: str, what: str, types, read: bool = True, cap: int = 1 << 30):
-        """One subelement of one of ``types``: (its bytes if ``read``, else b"", data type, size).
-        One that is read may hold at most ``cap`` bytes, so that a few corrupt bytes cannot make
-        the check itself allocate gigabytes."""
+    def _sub_tag(self, end: float, where: str, what: str, types):
+        """The tag of one subelement of one of ``types``: (data type, size, small data or None)."""
         if self.s.pos + 8 > end:
             raise TreeError(where, f"the {what} is missing: the matrix ends before it")
         mdtype, nbytes, small = self._tag(where)
@@ -222,11 +252,21 @@ class _Walker:
             shown = " or ".join(_MI_NAMES[t] for t in types) if len(types) <= 2 else "a numeric data type"
             got = _MI_NAMES.get(mdtype, "not a MAT-file data type")
             raise TreeError(where, f"the {what} has data type {mdtype} ({got}), expected {shown}")
-        if small is not None:
-            return small, mdtype, nbytes
-        if self.s.pos + nbytes > end:
+        if small is None and self.s.pos + nbytes > end:
             raise TreeError(where, f"the {what} claims {nbytes} bytes, more than the element has left "
                                    f"({_left(end, self.s.pos)})")
+        return mdtype, nbytes, small
+
+    def _pad(self, end: float, nbytes: int) -> None:
+        self.s.skip(min(-nbytes % 8, max(0, end - self.s.pos)))  # padding to 8 bytes, if the writer left it
+
+    def _sub(self, end: float, where: str, what: str, types, read: bool = True, cap: int = 1 << 30):
+        """One subelement of one of ``types``: (its bytes if ``read``, else b"", data type, size).
+        One that is read may hold at most ``cap`` bytes, so that a few corrupt bytes cannot make
+        the check itself allocate gigabytes."""
+        mdtype, nbytes, small = self._sub_tag(end, where, what, types)
+        if small is not None:
+            return small, mdtype, nbytes
         if read:
             if nbytes > cap:
                 raise TreeError(where, f"the {what} claims {nbytes} bytes, more than the {cap} this check reads")
@@ -235,11 +275,12 @@ class _Walker:
             if self.s.skip(nbytes) < nbytes:
                 raise TreeError(where, f"the file ends inside the {what}")
             data = b""
-        self.s.skip(min(-nbytes % 8, max(0, end - self.s.pos)))  # padding to 8 bytes, if the writer left it
+        self._pad(end, nbytes)
         return data, mdtype, nbytes
 
-    def matrix(self, limit: float, where: str) -> int:
-        """Walk one miMATRIX element that must fit in ``limit`` bytes; return the bytes it took."""
+    def matrix(self, limit: float, where: str, top: bool = False) -> int:
+        """Walk one miMATRIX element that must fit in ``limit`` bytes; return the bytes it took.
+        ``top``: a variable, whose name is read (and roots the paths of what it holds)."""
         start = self.s.pos
         mdtype, nbytes, small = self._tag(where)
         if mdtype != MI_MATRIX or small is not None:
@@ -248,26 +289,30 @@ class _Walker:
             raise TreeError(where, f"the matrix claims {nbytes} bytes, more than its parent has left "
                                    f"({_left(limit, 8)})")
         end = self.s.pos + nbytes
-        if 0 < nbytes <= _SMALL_MATRIX:
+        if 0 < nbytes <= _SMALL_MATRIX and not top:
             # most elements of a big cell or struct are small numeric or char arrays: one read and
             # _plain_array's flat parse take a fraction of the walk's time; anything it does not
             # accept is walked in full (from memory), which gives the error
             body = self.s.read(nbytes)
             if not _plain_array(body, self.endian):
-                _Walker(_MemStream(body), self.endian)._array(nbytes, where)
-        elif nbytes:  # MATLAB writes an empty cell element as a bare 0-byte matrix tag
-            self._array(end, where)
+                inner = _Walker(_MemStream(body), self.endian)
+                inner.notes = self.notes
+                inner._array(nbytes, where)
+        elif nbytes:
+            self._array(end, where, top)
             if self.s.pos > end:
                 raise TreeError(where, f"its contents overrun the {nbytes} bytes the matrix claims")
             self.s.skip(end - self.s.pos)
+        else:  # MATLAB writes [] in a cell or struct as a bare 0-byte matrix tag
+            self.notes[where] = EMPTY_TAG
         return self.s.pos - start
 
-    def _array(self, end: int, where: str) -> None:
+    def _array(self, end: int, where: str, top: bool = False) -> None:
         flags, _, n = self._sub(end, where, "array flags", (_MI_UINT32,))
         if n != 8:
             raise TreeError(where, f"the array flags take {n} bytes, expected 8")
         word = struct.unpack(self.endian + "I", flags[:4])[0]
-        mclass, is_complex = word & 0xFF, bool(word & 0x800)
+        mclass, is_complex = word & 0xFF, bool(word & _COMPLEX_FLAG)
         if mclass == _OPAQUE:  # name, type system, class name, then the object's data as a matrix
             for what in ("object name", "type system name", "class name"):
                 self._sub(end, where, what, (_MI_INT8,), read=False)
@@ -282,7 +327,12 @@ class _Walker:
         if min(dims) < 0:
             raise TreeError(where, f"negative dimension in {list(dims)}")
         count = math.prod(dims)
-        self._sub(end, where, "array name", (_MI_INT8,), read=False)
+        if top:
+            raw = self._sub(end, where, "array name", (_MI_INT8,), cap=1 << 16)[0].rstrip(b"\0")
+            if raw:
+                self.name = where = raw.decode("latin-1")  # as scipy decodes it
+        else:
+            self._sub(end, where, "array name", (_MI_INT8,), read=False)
         if mclass == _FUNCTION:  # the handle's workspace, as a matrix
             self.matrix(end - self.s.pos, where)
         elif mclass == _CELL:
@@ -297,10 +347,18 @@ class _Walker:
             raw, _, n = self._sub(end, where, "field names", (_MI_INT8,), cap=_MAX_FIELD_NAMES)
             if n and (width <= 0 or n % width):
                 raise TreeError(where, f"{n} bytes of field names do not split into names of length {width}")
+            nfields = n // width if n else 0
+            if not nfields and count > _MAX_EMPTY_STRUCT:
+                raise TreeError(where, f"a struct array of {count} elements without fields: more than "
+                                       f"{_MAX_EMPTY_STRUCT} are refused (it holds nothing, and would take "
+                                       "gigabytes to represent)")
+            self._room(end, where, count, nfields)  # before the names are split: there may be millions
             fields = [raw[k:k + width].split(b"\0", 1)[0].decode("latin-1") for k in range(0, n, width)]
             self._children(end, where, count, fields)
         elif mclass == _SPARSE:
             self._sparse(end, where, dims, is_complex)
+            if word & _LOGICAL_FLAG:
+                self.notes[where] = LOGICAL_SPARSE
         else:
             parts = ("real part", "imaginary part") if is_complex else ("data",)
             for part in parts:
@@ -312,11 +370,14 @@ class _Walker:
                     raise TreeError(where, f"the {part} holds {n // width} values of data type {mdtype}, "
                                            f"the dimensions {'x'.join(map(str, dims))} need {count}")
 
-    def _children(self, end: int, where: str, count: int, fields: list) -> None:
-        total = count * len(fields)
-        if total * 8 > end - self.s.pos:  # each element takes at least its 8-byte tag
-            what = f"{count} cells" if fields == [None] else f"{count} elements x {len(fields)} fields"
+    def _room(self, end: int, where: str, count: int, nfields) -> None:
+        """Refuse ``count`` elements x ``nfields`` (None: a cell) that cannot fit in what is left."""
+        if count * (1 if nfields is None else nfields) * 8 > end - self.s.pos:  # each element takes at least its 8-byte tag
+            what = f"{count} cells" if nfields is None else f"{count} elements x {nfields} fields"
             raise TreeError(where, f"declares {what}, more than {_left(end, self.s.pos)} can hold")
+
+    def _children(self, end: int, where: str, count: int, fields: list) -> None:
+        self._room(end, where, count, None if fields == [None] else len(fields))
         if not fields:  # a struct array without fields holds nothing, however many elements
             return
         for k in range(count):
@@ -328,13 +389,40 @@ class _Walker:
                 self.matrix(end - self.s.pos, path)
 
     def _sparse(self, end: int, where: str, dims, is_complex: bool) -> None:
+        if len(dims) != 2:
+            raise TreeError(where, f"a sparse matrix of size {'x'.join(map(str, dims))}: sparse matrices are 2-D")
         _, mdtype, n = self._sub(end, where, "row indices", _INTEGER_TYPES, read=False)
-        _, mdtype, n = self._sub(end, where, "column starts", _INTEGER_TYPES, read=False)
-        if len(dims) != 2 or n != (dims[1] + 1) * _MI_SIZES[mdtype]:
-            raise TreeError(where, f"a sparse matrix of size {'x'.join(map(str, dims))} has "
-                                   f"{n // _MI_SIZES[mdtype]} column starts, expected {dims[-1] + 1}")
+        stored = n // _MI_SIZES[mdtype]
+        entries = self._column_starts(end, where, dims)
         for part in ("real part", "imaginary part") if is_complex else ("values",):
-            self._sub(end, where, part, tuple(t for t in _MI_SIZES if t not in (16, 17, 18)), read=False)
+            _, mdtype, n = self._sub(end, where, part, tuple(t for t in _MI_SIZES if t not in (16, 17, 18)),
+                                     read=False)
+            stored = min(stored, n // _MI_SIZES[mdtype])
+        if entries > stored:
+            raise TreeError(where, f"the column starts end at {entries}, past the {stored} entries stored")
+
+    def _column_starts(self, end: int, where: str, dims) -> int:
+        """Check the column starts (read in chunks: a matrix may have millions of columns); return the
+        last, the number of entries."""
+        mdtype, nbytes, small = self._sub_tag(end, where, "column starts", _INTEGER_TYPES)
+        width = _MI_SIZES[mdtype]
+        if nbytes != (dims[1] + 1) * width:
+            raise TreeError(where, f"a sparse matrix of size {'x'.join(map(str, dims))} has "
+                                   f"{nbytes // width} column starts, expected {dims[1] + 1}")
+        dtype = np.dtype(_NUMPY_INTEGERS[mdtype]).newbyteorder(self.endian)
+        last, left, step = None, nbytes, _CHUNK - _CHUNK % width
+        while left:
+            data = small if small is not None else self._exact(min(left, step), where)
+            left -= len(data)
+            starts = np.frombuffer(data, dtype).astype(np.int64)  # a uint64 past 2^63 turns negative: refused
+            if last is None and starts[0] != 0:
+                raise TreeError(where, f"the column starts begin at {starts[0]}, not 0")
+            if starts.min() < 0 or (last is not None and starts[0] < last) or np.any(starts[1:] < starts[:-1]):
+                raise TreeError(where, "the column starts decrease (or are negative): corrupt sparse matrix")
+            last = int(starts[-1])
+        if small is None:
+            self._pad(end, nbytes)
+        return last
 
 
 def _plain_array(body: bytes, endian: str) -> bool:

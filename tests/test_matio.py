@@ -2,6 +2,8 @@
 
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -894,3 +896,31 @@ def test_v73_struct_array_column_declaring_more_than_it_stores(tmp_path):
     with pytest.raises(MatFormatError) as e:
         matio.read_mat(path)
     assert_one_line_error(e, "struct_declared.mat", "s.a: corrupt v7.3 data: the dataset declares size")
+
+
+@pytest.mark.parametrize("jc", [(0, 100_000_000, 0), (0, 1, 0)], ids=["huge-then-back", "one-then-back"])
+def test_v73_sparse_column_starts_running_backwards(tmp_path, jc):
+    """With no entries scipy's check skips the order of the column starts: densifying [0 1e8 0] crashed,
+    [0 1 0] read a value that is not in the file (found by review on the v5 path; v7.3 shares it)."""
+    def build(f):
+        g = f.create_group("sp")
+        g.attrs["MATLAB_class"] = np.bytes_("double")
+        g.attrs["MATLAB_sparse"] = np.uint64(3)
+        g["jc"], g["ir"], g["data"] = np.array(jc, np.uint64), np.zeros(0, np.uint64), np.zeros(0)
+    path = _v73_with(tmp_path, "jc73.mat", build)
+    code = ("import sys\nfrom matconvnet_port import matio\n"
+            "try:\n    matio.read_mat(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
+    assert run.stdout.startswith("MatFormatError") and "sp: corrupt sparse matrix" in run.stdout, run.stdout
+
+
+def test_v73_sparse_too_big_to_hold_dense_is_refused(tmp_path):
+    def build(f):
+        g = f.create_group("sp")
+        g.attrs["MATLAB_class"] = np.bytes_("double")
+        g.attrs["MATLAB_sparse"] = np.uint64(1_000_000_000)
+        g["jc"] = np.zeros(3, np.uint64)
+    with pytest.raises(MatFormatError) as e:
+        matio.read_mat(_v73_with(tmp_path, "tall73.mat", build))
+    assert_one_line_error(e, "tall73.mat", "sp: a 1000000000x2 sparse matrix would take 14.9 GiB dense")

@@ -92,11 +92,11 @@ def _bad_type_char(mdtype: int) -> bytes:
     return matrix(CHAR, (1, 4), b"", struct.pack("<II", mdtype, len(payload)) + payload)
 
 
-def _read_in_a_child(path) -> str:
-    """read_mat in a child process, so that a regression to scipy's crash fails the test instead of
-    killing the run; its one line of error."""
+def _read_in_a_child(path, call: str = "read_mat(sys.argv[1])") -> str:
+    """matio.``call`` in a child process, so that a regression to scipy's crash fails the test instead
+    of killing the run; its one line of error."""
     code = ("import sys\nfrom matconvnet_port import matio\n"
-            "try:\n    matio.read_mat(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+            f"try:\n    matio.{call}\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
     return run.stdout
@@ -132,11 +132,13 @@ def test_the_insides_of_handles_and_objects_are_walked(tmp_path, kind):
 
 
 def test_a_struct_without_fields_declaring_billions_of_elements_is_quick(tmp_path):
-    """No field: nothing to read, however many elements; the check must not loop over them (review)."""
+    """No field: nothing to read, however many elements; the check must not loop over them (review),
+    and refuses so many (see test_a_huge_struct_array_without_fields_is_refused_quickly)."""
     empty = matrix(STRUCT, (2_000_000_000, 2_000_000_000), b"s", element(MI_INT32, struct.pack("<i", 32)),
                    element(MI_INT8, b""))
     path = mat_file(tmp_path / "nofields.mat", empty)
-    matio._v5_check_tree(path, None)  # a loop over 4e18 elements would never return
+    with pytest.raises(matio._Bad, match="4000000000000000000 elements without fields"):
+        matio._v5_check_tree(path, None)  # a loop over 4e18 elements would never return
 
 
 def test_the_check_reads_no_more_than_a_bounded_header(tmp_path):
@@ -285,3 +287,109 @@ def test_the_flat_parse_of_small_arrays_accepts_nothing_the_full_walk_refuses():
                 fast_accepted += 1
                 assert walk_accepts(bytes(bad)), bytes(bad).hex()
     assert fast_accepted > 1000  # the mutations reach the accepting path, not only early refusals
+
+
+# --- found by review (helper-35): crashes and wrong types on the v5 read path ----------------------------
+
+def _ints(*v) -> bytes:
+    return element(MI_INT32, struct.pack(f"<{len(v)}i", *v))
+
+
+def _sparse(dims, ir, jc, values: bytes, value_type=MI_DOUBLE, logical=False) -> bytes:
+    return matrix(SPARSE | (0x200 if logical else 0), dims, b"", _ints(*ir), _ints(*jc), element(value_type, values))
+
+
+@pytest.mark.parametrize("jc", [(0, 100_000_000, 0), (0, 1, 0), (1, 1, 1), (0, 0, 5)],
+                         ids=["huge-then-back", "one-then-back", "not-from-0", "past-the-entries"])
+def test_sparse_column_starts_that_do_not_describe_its_entries(tmp_path, jc):
+    """With no entries scipy's own check skips the order of the column starts; densifying such a matrix
+    read far outside its arrays (a segfault for the first, a silent 1 at (1,1) for the second)."""
+    path = mat_file(tmp_path / "jc.mat", layer_net(weights=cell_row([_sparse((3, 2), (), jc, b"")])))
+    out = _read_in_a_child(path)
+    assert out.startswith("MatFormatError") and "net.layers{1}.weights{1}" in out, out
+    assert "column starts" in out, out
+
+
+def test_a_variable_with_a_latin1_name_is_checked_when_asked_for_by_name(tmp_path):
+    """scipy decodes names as latin-1; a UTF-8 decode here gave another name, and read_mat_variable
+    skipped the check of the very variable it then let scipy crash on."""
+    bad = layer_net(type_element=_bad_type_char(0x9E10)).replace(b"\x03\x00\x00\x00net", b"\x03\x00\x00\x00n\xe9t")
+    path = mat_file(tmp_path / "latin1.mat", bad, double([7.0], name=b"\xe9"))
+    out = _read_in_a_child(path, "read_mat_variable(sys.argv[1], 'n\\xe9t')")
+    assert out.startswith("MatFormatError") and "n\xe9t.layers{1}.type" in out, out
+    assert float(matio.read_mat_variable(path, "\xe9").squeeze()) == 7.0
+
+
+def _slow_start_zlib(payload: bytes, empty_blocks: int) -> bytes:
+    """A valid zlib stream of ``payload`` that opens with empty stored blocks (inflating to nothing)."""
+    raw = zlib.compressobj(wbits=-15)
+    body = raw.compress(payload) + raw.flush()
+    return b"\x78\x01" + b"\x00\x00\x00\xff\xff" * empty_blocks + body + struct.pack(">I", zlib.adler32(payload))
+
+
+def test_a_variable_whose_header_does_not_inflate_early_is_still_checked(tmp_path):
+    """The name is read from the first 64 KiB of a compressed variable; when they inflate to nothing the
+    variable was skipped by read_mat_variable's check, and scipy crashed on it."""
+    var = layer_net(type_element=_bad_type_char(0x9E10))
+    z = _slow_start_zlib(var, 14000)
+    assert zlib.decompress(z) == var and len(z) > 65536
+    path = tmp_path / "slow.mat"
+    mat_file(path)
+    path.write_bytes(path.read_bytes() + struct.pack("<II", MI_COMPRESSED, len(z)) + z)
+    out = _read_in_a_child(path, "read_mat_variable(sys.argv[1], 'net')")
+    assert out.startswith("MatFormatError") and "net.layers{1}.type" in out, out
+
+
+@pytest.mark.parametrize("value_type", [MI_UINT8, MI_DOUBLE])
+def test_a_logical_sparse_matrix_reads_as_logical(tmp_path, value_type):
+    values = np.array([1, 1]).astype("u1" if value_type == MI_UINT8 else "<f8").tobytes()
+    sp = _sparse((2, 2), (0, 1), (0, 1, 2), values, value_type, logical=True)
+    plain = _sparse((2, 2), (1,), (0, 0, 1), np.array([3]).astype("u1" if value_type == MI_UINT8 else "<f8").tobytes(),
+                    value_type)
+    path = mat_file(tmp_path / "lsp.mat", struct_1x1(b"s", {"mask": sp, "count": plain}))
+    got = matio.read_mat(path)["s"]
+    assert got["mask"].dtype == np.bool_ and got["mask"].tolist() == [[True, False], [False, True]]
+    assert got["count"].dtype == np.float64 and got["count"].tolist() == [[0.0, 0.0], [0.0, 3.0]]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["uncompressed", "compressed"])
+def test_an_empty_matrix_tag_reads_as_a_0x0_double(tmp_path, compress):
+    """MATLAB writes [] inside a cell or struct as a bare 0-byte matrix tag: that is 0x0 double."""
+    empty = element(MI_MATRIX, b"")
+    path = mat_file(tmp_path / "empty.mat", cell_row([empty, double([1.0])], name=b"c"),
+                    struct_1x1(b"s", {"f": empty}), compress=compress)
+    data = matio.read_mat(path)
+    for value in (data["c"][0, 0], data["s"]["f"]):
+        assert value.shape == (0, 0) and value.dtype == np.float64
+
+
+def test_a_huge_struct_array_without_fields_is_refused_quickly(tmp_path):
+    """It holds nothing, but scipy and a list of empty dicts would take gigabytes for 10^8 elements."""
+    import time
+    empty = matrix(STRUCT, (1, 100_000_000), b"s", element(MI_INT32, struct.pack("<i", 32)), element(MI_INT8, b""))
+    path = mat_file(tmp_path / "nofields.mat", empty)
+    t0 = time.perf_counter()
+    assert_error(path, "s:", "100000000 elements without fields")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_small_struct_array_without_fields_reads(tmp_path):
+    empty = matrix(STRUCT, (1, 3), b"s", element(MI_INT32, struct.pack("<i", 32)), element(MI_INT8, b""))
+    got = matio.read_mat(mat_file(tmp_path / "three.mat", empty))["s"]
+    assert len(got) == 3 and got.fieldnames == []
+
+
+def test_a_sparse_matrix_too_big_to_hold_dense_is_refused(tmp_path):
+    """Sparse matrices are read as dense arrays: a tiny file declaring 10^9 rows must not take GBs."""
+    sp = _sparse((1_000_000_000, 2), (5,), (0, 1, 1), np.ones(1).tobytes())
+    path = mat_file(tmp_path / "tall.mat", cell_row([sp], name=b"c"))
+    assert_error(path, "c{1}", "1000000000x2", "dense")
+
+
+def test_many_field_names_are_refused_before_they_are_decoded(tmp_path):
+    """8 million one-letter field names in a 1x1 struct that holds none of their values: the count is
+    checked before the names are split (which took seconds and 170 MB)."""
+    names = b"a\0" * 8_000_000
+    bad = matrix(STRUCT, (1, 1), b"s", element(MI_INT32, struct.pack("<i", 2)), element(MI_INT8, names))
+    path = mat_file(tmp_path / "names.mat", bad)
+    assert_error(path, "s:", "8000000 fields")
