@@ -547,38 +547,15 @@ def _v5_scan(path: str):
     return endian, elements
 
 
-def _v5_subelement(buf: bytes, pos: int, endian: str):
-    first = struct.unpack(endian + "I", buf[pos : pos + 4])[0]
-    if first >> 16:  # "small data element": type and size share the first word
-        return buf[pos + 4 : pos + 4 + (first >> 16)], pos + 8
-    nbytes = struct.unpack(endian + "I", buf[pos + 4 : pos + 8])[0]
-    return buf[pos + 8 : pos + 8 + nbytes], pos + 8 + nbytes + (-nbytes % 8)
-
-
 def _v5_element_header(fh, endian: str, element, full: bool = False):
-    """(name, MATLAB class number, object class name) of a top-level element.
-
-    With ``full`` a compressed element is inflated completely, which
-    verifies its checksum.
-    """
+    """(name, MATLAB class number, object class name) of a top-level element, from its first
+    subelements (v5_tree.read_header). With ``full`` a compressed element is first inflated
+    completely, which verifies its checksum."""
     pos, mdtype, nbytes = element
-    fh.seek(pos + 8)
-    raw = fh.read(nbytes if full else min(nbytes, 65536))
-    if mdtype == _MI_COMPRESSED:
-        buf = zlib.decompress(raw) if full else zlib.decompressobj().decompress(raw, 4096)
-    else:
-        # Give it the layout of inflated data: the miMATRIX tag comes first.
-        buf = struct.pack(endian + "II", mdtype, nbytes) + raw
-    flags, at = _v5_subelement(buf, 8, endian)
-    mclass = struct.unpack(endian + "I", flags[:4])[0] & 0xFF
-    if mclass == 17:  # opaque (MCOS) object: name, type system, class name
-        name, at = _v5_subelement(buf, at, endian)
-        _, at = _v5_subelement(buf, at, endian)
-        classname, _ = _v5_subelement(buf, at, endian)
-        return _decode_name(name), mclass, _decode_name(classname)
-    _, at = _v5_subelement(buf, at, endian)  # dimensions
-    name, _ = _v5_subelement(buf, at, endian)
-    return _decode_name(name), mclass, None
+    if full and mdtype == _MI_COMPRESSED:
+        fh.seek(pos + 8)
+        zlib.decompress(fh.read(nbytes))
+    return v5_tree.read_header(fh, endian, element, f"variable at byte {pos}")
 
 
 def _decode_name(raw: bytes) -> str:

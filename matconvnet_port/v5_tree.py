@@ -29,7 +29,8 @@ The walk also notes, by path, what scipy loses on the way: a logical sparse
 matrix (scipy gives its values as numbers) and a bare 0-byte matrix tag
 (MATLAB's ``[]`` in a cell or struct, which scipy gives as 1x0); and it
 reads the variable's name itself, so that a caller need not trust a header
-parsed from the first bytes of the element.
+parsed from the first bytes of the element. :func:`read_header` reads only
+that header (name, class, object class name), streaming as the walk does.
 
 Compressed elements (miCOMPRESSED) are walked as they inflate, in chunks,
 so the check never holds a whole variable in memory. Function handles
@@ -200,19 +201,45 @@ class Checked:
         self.name, self.notes = name, notes
 
 
+def _element_stream(fh, element):
+    """(stream, length) over top-level element (offset, data type, size): a compressed one inflates as
+    it is read, and its length is known only from the inner tag."""
+    pos, mdtype, nbytes = element
+    if mdtype == MI_COMPRESSED:
+        return _InflateStream(fh, pos + 8, nbytes), math.inf
+    return _FileStream(fh, pos, 8 + nbytes), 8 + nbytes
+
+
+def read_header(fh, endian: str, element, label: str) -> tuple:
+    """(name, array class, class name or None) of top-level element ``element``, from its first
+    subelements only (a compressed one inflates as far as they go). TreeError if they break the
+    format, zlib.error if the stream does not inflate."""
+    stream, length = _element_stream(fh, element)
+    walker = _Walker(stream, endian)
+    mdtype, nbytes, small = walker._tag(label)
+    if mdtype != MI_MATRIX or small is not None:
+        raise TreeError(label, f"an element of data type {mdtype} where a matrix (14) was expected")
+    end = min(length, stream.pos + nbytes)
+    flags = walker._sub(end, label, "array flags", (_MI_UINT32,))[0]
+    mclass = struct.unpack(endian + "I", flags[:4])[0] & 0xFF if len(flags) >= 4 else 0
+
+    def name(what: str) -> str:
+        return walker._sub(end, label, what, (_MI_INT8,), cap=1 << 16)[0].rstrip(b"\0").decode("latin-1")
+
+    if mclass == _OPAQUE:  # object name, type system, class name
+        var, _ = name("object name"), name("type system name")
+        return var, mclass, name("class name")
+    walker._sub(end, label, "dimensions", (_MI_INT32,), read=False)
+    return name("array name"), mclass, None
+
+
 def check_variable(fh, endian: str, element, label: str) -> Checked:
     """Walk top-level element ``element`` = (offset, data type, size) of an open MAT v5 file.
 
     ``label`` names the variable in errors raised before its name is read. Raises TreeError, or
     zlib.error for a compressed stream that does not inflate.
     """
-    pos, mdtype, nbytes = element
-    if mdtype == MI_COMPRESSED:
-        stream = _InflateStream(fh, pos + 8, nbytes)
-        length = math.inf  # what it inflates to is known only from the inner tag
-    else:
-        stream = _FileStream(fh, pos, 8 + nbytes)
-        length = 8 + nbytes
+    stream, length = _element_stream(fh, element)
     walker = _Walker(stream, endian)
     walker.matrix(length, label, top=True)
     return Checked(walker.name, walker.notes)
