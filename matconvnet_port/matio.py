@@ -96,6 +96,7 @@ declared size unstored (fill value) before h5py allocates it.
 from __future__ import annotations
 
 import itertools
+import io
 import math
 import os
 import re
@@ -605,9 +606,10 @@ def _v5_variables(raw: dict) -> dict:
 
 def _v5_check_tree(path: str, names) -> dict:
     """Walk the variables to be read (all if ``names`` is None) before scipy does: see v5_tree.
-    Returns the walks' notes ({path: what scipy's value lost}) of all variables walked."""
+    Returns the walks' notes ({path: what scipy's value lost}) of the variables walked (of two
+    variables of one name, the last: what MATLAB's load keeps) and the names walked more than once."""
     endian, elements = _v5_scan(path)
-    notes = {}
+    notes_by_name, repeated = {}, set()
     with open(path, "rb") as fh:
         for k, element in enumerate(elements):
             try:
@@ -625,19 +627,30 @@ def _v5_check_tree(path: str, names) -> dict:
                 raise _Bad(exc.where, f"corrupt MAT-file: {exc.msg}") from None
             except zlib.error as exc:
                 raise _Bad(label, f"corrupt compressed data ({_short(exc)})") from None
-            notes.update(checked.notes)
-    return notes
+            key = checked.name or label
+            if key in notes_by_name:
+                repeated.add(key)
+            notes_by_name[key] = checked.notes
+    return {p: note for notes in notes_by_name.values() for p, note in notes.items()}, repeated
 
 
 def _read_v5(path: str, name, fmt: str) -> dict:
-    notes = _v5_check_tree(path, None if name is None else [name]) if fmt == "v5" else {}
+    notes, repeated = _v5_check_tree(path, None if name is None else [name]) if fmt == "v5" else ({}, set())
     names = None if name is None else [name]
+    source = path
+    if name in repeated:
+        # scipy stops at the first variable of a name asked for; MATLAB's load (and scipy reading all)
+        # keeps the last: read that one alone
+        with open(path, "rb") as fh:
+            source = io.BytesIO([s for n, s in scipy.io.matlab.varmats_from_mat(fh) if n == name][-1].getvalue())
     try:
         # mat_dtype=True gives MATLAB's classes (logical, doubles stored as
         # small ints), but scipy then casts complex data to real; a second
         # read without it supplies the complex values.
-        raw, complex_cast = _loadmat(path, names, mat_dtype=True)
-        alt = _loadmat(path, names, mat_dtype=False)[0] if complex_cast else None
+        raw, complex_cast = _loadmat(source, names, mat_dtype=True)
+        if complex_cast and not isinstance(source, str):
+            source.seek(0)
+        alt = _loadmat(source, names, mat_dtype=False)[0] if complex_cast else None
     except _Bad:
         raise
     except Exception as exc:
@@ -701,8 +714,6 @@ def _from_scipy(obj, where: str, alt=None, notes=None):
     """scipy.io.loadmat output (mat_dtype=True, struct_as_record=True) -> representation.
     ``notes``: v5_tree's {path: what scipy lost there}."""
     note = notes.get(where) if notes else None
-    if note == v5_tree.EMPTY_TAG:
-        return np.zeros((0, 0))  # MATLAB's [] (scipy gives 1x0)
     if isinstance(obj, MatlabOpaque):
         raise _object_error(where, _opaque_field(obj, "s2") or "unknown")
     if isinstance(obj, MatlabFunction):
@@ -713,7 +724,8 @@ def _from_scipy(obj, where: str, alt=None, notes=None):
         # MATLAB sparse matrices are 2-D double/logical/complex: keep them dense.
         if alt is not None and scipy.sparse.issparse(alt) and alt.dtype.kind == "c":
             obj = alt
-        dense = _dense(_checked_sparse(obj, where), where)
+        final = 1 if note == v5_tree.LOGICAL_SPARSE else 16 if obj.dtype.kind == "c" else 8
+        dense = _dense(_checked_sparse(obj, where), where, final)
         if note == v5_tree.LOGICAL_SPARSE:
             dense = dense != 0
         elif dense.dtype.kind not in "bc":
@@ -723,6 +735,8 @@ def _from_scipy(obj, where: str, alt=None, notes=None):
         return _from_scipy_numeric(dense, where, None)
     if not isinstance(obj, np.ndarray):
         raise _Bad(where, f"unexpected value of type {type(obj).__name__} from scipy")
+    if note == v5_tree.EMPTY_TAG:
+        return np.zeros((0, 0))  # MATLAB's [] (scipy gives 1x0)
     if obj.dtype.names is not None:
         return _from_scipy_struct(obj, where, alt, notes)
     if obj.dtype == object:
@@ -993,7 +1007,7 @@ class _H5Reader:
             except ValueError as exc:
                 raise _Bad(where, f"corrupt sparse matrix ({_short(exc)})") from None
             return np.asarray(_dense(_checked_sparse(mat, where), where), dtype=dtype)
-        _dense_size(nrows, ncols, where)
+        _dense_size(nrows, ncols, dtype.itemsize, where)
         return np.zeros((nrows, ncols), dtype=dtype)
 
     def _struct_group(self, group, where):
@@ -1106,14 +1120,15 @@ def _checked_sparse(m, where: str):
 _MAX_DENSE_SPARSE = 1 << 30  # bytes: sparse matrices are read as dense arrays
 
 
-def _dense_size(rows: int, cols: int, where: str) -> None:
-    if rows * cols * 8 > _MAX_DENSE_SPARSE:
-        raise _Bad(where, f"a {rows}x{cols} sparse matrix would take {rows * cols * 8 / 2**30:.1f} GiB dense; "
-                          f"sparse matrices are read as dense arrays, up to {_MAX_DENSE_SPARSE >> 30} GiB")
+def _dense_size(rows: int, cols: int, itemsize: int, where: str) -> None:
+    if rows * cols * itemsize > _MAX_DENSE_SPARSE:
+        raise _Bad(where, f"a {rows}x{cols} sparse matrix would take {rows * cols * itemsize / 2**30:.1f} GiB "
+                          f"dense; sparse matrices are read as dense arrays, up to {_MAX_DENSE_SPARSE >> 30} GiB")
 
 
-def _dense(m, where: str) -> np.ndarray:
-    _dense_size(*m.shape, where)
+def _dense(m, where: str, itemsize: int = 0) -> np.ndarray:
+    """``m`` dense, if it and the array it becomes (``itemsize`` bytes per element) fit the limit."""
+    _dense_size(*m.shape, max(m.dtype.itemsize, itemsize), where)
     return np.asarray(m.toarray())
 
 

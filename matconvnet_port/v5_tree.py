@@ -343,7 +343,7 @@ class _Walker:
         if mclass == _OPAQUE:  # name, type system, class name, then the object's data as a matrix
             for what in ("object name", "type system name", "class name"):
                 self._sub(end, where, what, (_MI_INT8,), read=False)
-            self.matrix(end - self.s.pos, where)
+            self.matrix(end - self.s.pos, f"{where}<object data>")  # own path: its notes are not the object's
             return
         if not 1 <= mclass <= 16:
             raise TreeError(where, f"unknown array class {mclass} in the array flags")
@@ -361,7 +361,7 @@ class _Walker:
         else:
             self._sub(end, where, "array name", (_MI_INT8,), read=False)
         if mclass == _FUNCTION:  # the handle's workspace, as a matrix
-            self.matrix(end - self.s.pos, where)
+            self.matrix(end - self.s.pos, f"{where}<workspace>")
         elif mclass == _CELL:
             self._children(end, where, count, [None])
         elif mclass in (_STRUCT, _OBJECT):
@@ -380,7 +380,8 @@ class _Walker:
                                        f"{_MAX_EMPTY_STRUCT} are refused (it holds nothing, and would take "
                                        "gigabytes to represent)")
             self._room(end, where, count, nfields)  # before the names are split: there may be millions
-            fields = [raw[k:k + width].split(b"\0", 1)[0].decode("latin-1") for k in range(0, n, width)]
+            # as scipy decodes field names (UTF-8; variable names are latin-1), so that paths match its keys
+            fields = [raw[k:k + width].split(b"\0", 1)[0].decode("utf-8", "replace") for k in range(0, n, width)]
             self._children(end, where, count, fields)
         elif mclass == _SPARSE:
             self._sparse(end, where, dims, is_complex)

@@ -395,3 +395,37 @@ def test_many_field_names_are_refused_before_they_are_decoded(tmp_path):
     bad = matrix(STRUCT, (1, 1), b"s", element(MI_INT32, struct.pack("<i", 2)), element(MI_INT8, names))
     path = mat_file(tmp_path / "names.mat", bad)
     assert_error(path, "s:", "8000000 fields")
+
+
+# --- found by review (helper-37) of the notes above --------------------------------------------------------
+
+def test_a_function_handle_whose_workspace_is_an_empty_tag_is_still_refused(tmp_path):
+    """The workspace's 0-byte tag was noted at the handle's own path, and read the handle as []."""
+    body = _flags(16) + element(MI_INT32, struct.pack("<2i", 1, 1)) + element(MI_INT8, b"f") + element(MI_MATRIX, b"")
+    assert_error(mat_file(tmp_path / "fh.mat", cell_row([element(MI_MATRIX, body)], name=b"c")),
+                 "c{1}", "function handle")
+
+
+def test_notes_reach_fields_with_utf8_names(tmp_path):
+    """scipy decodes field names as UTF-8 (variable names as latin-1): the notes' paths must match."""
+    names = "fé".encode().ljust(8, b"\0")
+    sp = _sparse((1, 2), (0,), (0, 1, 1), b"\x01", MI_UINT8, logical=True)
+    s = matrix(STRUCT, (1, 1), b"x", element(MI_INT32, struct.pack("<i", 8)), element(MI_INT8, names), sp)
+    got = matio.read_mat(mat_file(tmp_path / "utf8.mat", s))["x"]["fé"]
+    assert got.dtype == np.bool_ and got.tolist() == [[True, False]]
+
+
+def test_of_two_variables_of_one_name_the_notes_of_the_last_apply(tmp_path):
+    """scipy returns the last; the first's 'logical sparse' note turned the second's 2.5 into True."""
+    first = cell_row([_sparse((1, 2), (0,), (0, 1, 1), b"\x01", MI_UINT8, logical=True)], name=b"x")
+    second = cell_row([_sparse((1, 2), (0,), (0, 1, 1), np.array([2.5]).tobytes())], name=b"x")
+    path = mat_file(tmp_path / "dup.mat", first, second)
+    for got in (matio.read_mat(path)["x"][0, 0], matio.read_mat_variable(path, "x")[0, 0]):
+        assert got.dtype == np.float64 and got.tolist() == [[2.5, 0.0]]
+
+
+def test_the_dense_limit_counts_the_bytes_of_what_is_allocated(tmp_path):
+    """A complex 9000x9000 sparse matrix is 1.2 GiB dense (16 bytes an element, not 8)."""
+    sp = matrix(SPARSE, (9000, 9000), b"", _ints(0), _ints(0, *[1] * 9000), element(MI_DOUBLE, np.ones(1).tobytes()),
+                element(MI_DOUBLE, np.ones(1).tobytes()), complex_=True)
+    assert_error(mat_file(tmp_path / "cplx.mat", cell_row([sp], name=b"c")), "c{1}", "9000x9000", "1.2 GiB")
