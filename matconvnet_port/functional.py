@@ -726,8 +726,15 @@ def _may_hold_minus_inf(y: torch.Tensor) -> bool:
 
 def first_max_index(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     """MATLAB's ``[~, i] = max(x, [], dim)`` (0-based): the first maximum, NaN ignored (all NaN: the
-    first element). ``torch.argmax`` would pick a NaN."""
-    return _nan_as_minus_inf(x).argmax(dim=dim, keepdim=keepdim)
+    first element). ``torch.argmax`` would pick a NaN, and NaN as -inf would win a tie with a later
+    -inf (MATLAB's max of [NaN -Inf] is the -Inf, index 2)."""
+    key = _nan_as_minus_inf(x)
+    index = key.argmax(dim=dim, keepdim=keepdim)
+    if not _may_hold_nan(x):
+        return index
+    # where the maximum is -inf every element is NaN or -inf: the first that is not NaN (none: the first)
+    first_number = (~torch.isnan(x)).to(torch.uint8).argmax(dim=dim, keepdim=keepdim)
+    return torch.where(key.amax(dim=dim, keepdim=keepdim) == -math.inf, first_number, index)
 
 
 class _MaxPool(torch.autograd.Function):
@@ -1010,6 +1017,41 @@ def _roi_tiles(rois: torch.Tensor, shape, subdivisions, transform, real) -> list
     return out
 
 
+class _RoiAverage(torch.autograd.Function):
+    """roipool's 'avg' on the tiles of :func:`_roi_tiles`, as MatConvNet's loops: forward
+    ``value += x`` over the tile (columns outer, rows inner) in the data's type, then ``value * scale``;
+    backward ``dzdy * scale`` added to each pixel of the tile."""
+
+    @staticmethod
+    def forward(ctx, x, tiles, subdivisions):
+        data = x.detach().cpu().numpy()
+        real = data.dtype.type
+        y = np.zeros((len(tiles), x.shape[1], *subdivisions), data.dtype)
+        for q, tile, scale in _RoiAverage._tiles(tiles, real):
+            image, ha, hb, wa, wb, ph, pw = tile
+            values = data[image, :, ha:hb, wa:wb].transpose(0, 2, 1).reshape(x.shape[1], -1)
+            y[q, :, ph, pw] = np.cumsum(values, axis=1, dtype=data.dtype)[:, -1] * scale  # one by one, in order
+        ctx.tiles, ctx.x_shape = tiles, x.shape
+        return torch.from_numpy(y).to(x.device)
+
+    @staticmethod
+    def backward(ctx, dzdy):
+        g = dzdy.detach().cpu().numpy()
+        dx = np.zeros(ctx.x_shape, g.dtype)
+        for q, (image, ha, hb, wa, wb, ph, pw), scale in _RoiAverage._tiles(ctx.tiles, g.dtype.type):
+            dx[image, :, ha:hb, wa:wb] += (g[q, :, ph, pw] * scale)[:, None, None]
+        return torch.from_numpy(dx).to(dzdy.device), None, None
+
+    @staticmethod
+    def _tiles(tiles, real):
+        """(roi, (image, h0, h1, w0, w1, ph, pw), scale) of every tile that holds a pixel."""
+        for q, (image, rows, cols) in enumerate(tiles):
+            for pw, (wa, wb) in enumerate(cols):
+                for ph, (ha, hb) in enumerate(rows):
+                    if hb > ha and wb > wa:
+                        yield q, (image, ha, hb, wa, wb, ph, pw), real(1) / real((hb - ha) * (wb - wa))
+
+
 def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: str = "max") -> torch.Tensor:
     """Region-of-interest pooling -- MatConvNet ``vl_nnroipool`` (Fast R-CNN's), as its CPU code.
 
@@ -1027,9 +1069,12 @@ def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: s
     column-major scan, as MatConvNet's CPU code (its GPU code scans rows
     first). 'avg' is the mean over the clipped tile, as MatConvNet's GPU
     code and documentation have it (its CPU code at the reference commit
-    computes the max for 'avg' too). One gather (max) or one lookup in a
-    float64 integral image (avg) for all tiles, so the backward pass is a
-    single scatter.
+    computes the max for 'avg' too): the tile's values summed one by one in
+    the data's type, column by column, times 1 / (its pixel count), and its
+    derivative ``dzdy * scale`` added to each of the tile's pixels -- so a NaN
+    or an infinity stays in its own tiles (an integral image would carry it,
+    and the rounding of large values, into every tile below and to the right).
+    Max: one gather for all tiles, whose backward pass is a single scatter.
     """
     _check_4d(x)
     sh, sw = _pos2(subdivisions, "subdivisions")
@@ -1046,23 +1091,8 @@ def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: s
     n, channels, height, width = x.shape
     tiles = _roi_tiles(r, x.shape, (sh, sw), tf, real)
     k = len(tiles)
-    # tile corners, K x SH x SW each: image, h0, h1, w0, w1
-    img = torch.tensor([t[0] for t in tiles]).reshape(k, 1, 1).expand(k, sh, sw)
-    h0, h1 = (torch.tensor([[row[q] for row in t[1]] for t in tiles]).reshape(k, sh, 1).expand(k, sh, sw)
-              for q in (0, 1))
-    w0, w1 = (torch.tensor([[col[q] for col in t[2]] for t in tiles]).reshape(k, 1, sw).expand(k, sh, sw)
-              for q in (0, 1))
-    empty = (h1 <= h0) | (w1 <= w0)
     if method == "avg":
-        # sums over rectangles from a float64 integral image: four lookups per tile, all tiles at once
-        s = F.pad(x.to(torch.float64).cumsum(2).cumsum(3), (1, 0, 1, 0))  # N x C x (H+1) x (W+1)
-
-        def corner(h, w):
-            return s[img.to(x.device), :, h.to(x.device), w.to(x.device)]  # K x SH x SW x C
-        total = corner(h1, w1) - corner(h0, w1) - corner(h1, w0) + corner(h0, w0)
-        area = ((h1 - h0) * (w1 - w0)).clamp(min=1).to(x.device, torch.float64).unsqueeze(-1)
-        y = torch.where(empty.to(x.device).unsqueeze(-1), 0.0, total / area).to(x.dtype)
-        return y.permute(0, 3, 1, 2).contiguous()
+        return _RoiAverage.apply(x, tiles, (sh, sw))
     # max: each tile's first maximum in MATLAB's scan (columns outer, rows inner), NaN skipped, found on
     # a CPU copy; then one gather from x, whose derivative is one scatter
     data = x.detach().cpu().numpy()
@@ -1185,19 +1215,50 @@ def softmaxloss_per_image(x: torch.Tensor, index: torch.Tensor, mass: torch.Tens
     return t.sum(dim=(1, 2, 3))
 
 
-class _ClampedLogLoss(torch.autograd.Function):
-    """``-log(p)`` whose derivative is ``-1 / max(p, 1e-8)``, as MatConvNet's ``log`` loss."""
+class _ClosedFormDerivative(torch.autograd.Function):
+    """``y`` (computed without autograd) whose derivative with respect to ``x`` is ``derivative(dzdy)``:
+    a loss whose backward is MatConvNet's closed form, not autograd's chain of the forward."""
 
     @staticmethod
-    def forward(ctx, p):
-        ctx.save_for_backward(p)
-        return -torch.log(p)
+    def forward(ctx, x, y, derivative):
+        ctx.derivative = derivative
+        return y
 
     @staticmethod
-    def backward(ctx, grad):
-        (p,) = ctx.saved_tensors
-        # MATLAB's max(X(ci), 1e-8) ignores NaN: a NaN probability gives 1e-8
-        return -grad / torch.where(torch.isnan(p), 1e-8, p.clamp_min(1e-8))
+    def backward(ctx, dzdy):
+        return ctx.derivative(dzdy), None, None
+
+
+def _loss_derivative(name: str, x, c, index, w):
+    """``vl_nnloss.m``'s derivative of loss ``name`` as a function of dzdy. ``w``: its instanceWeights
+    (label mask x instance x class weights, / N when normalising). Its products keep MATLAB's order, so
+    an infinite dzdy or a NaN weight gives what MATLAB gives (Inf * 0 = NaN where a margin is inactive)."""
+    def derivative(dzdy):
+        wd = dzdy * w
+        if name == "log":  # max(X(ci), 1e-8): MATLAB's max ignores NaN
+            xc = x.gather(1, index)
+            return torch.zeros_like(x).scatter(1, index, -wd / torch.where(torch.isnan(xc), 1e-8, xc.clamp_min(1e-8)))
+        if name == "softmaxlog":
+            y = _softmax_matlab(x).scatter_add(1, index, -torch.ones_like(index, dtype=x.dtype))
+            return wd * y
+        if name == "mhinge":
+            return torch.zeros_like(x).scatter(1, index, -wd * (x.gather(1, index) < 1))
+        if name == "mshinge":
+            q = first_max_index(x.scatter(1, index, -math.inf), 1, keepdim=True)
+            ww = wd * (x.gather(1, index) - x.gather(1, q) < 1)
+            return torch.zeros_like(x).scatter(1, index, -ww).scatter(1, q, ww)  # Y(qi) after Y(ci), as MATLAB
+        if name == "binarylog":
+            return -wd / (x + (c - 1) * 0.5)
+        if name == "logistic":
+            return -wd * c / (1 + torch.exp(c * x))
+        return -wd * c * (c * x < 1)  # hinge
+    return derivative
+
+
+def _softmax_matlab(x: torch.Tensor) -> torch.Tensor:
+    """exp(X - Xmax) ./ sum(exp(X - Xmax), 3) over dim 1, Xmax MATLAB's max (NaN ignored)."""
+    ex = torch.exp(x - _nan_as_minus_inf(x).amax(dim=1, keepdim=True))
+    return ex / ex.sum(dim=1, keepdim=True)
 
 
 def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
@@ -1229,14 +1290,18 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     hinge           max(0, 1 - c x)
     ==============  ====================================================
 
-    The hinge derivatives are taken where the margin is strictly active
-    (``x_c < 1`` etc.), as MatConvNet's are. Two derivatives at non-finite
-    scores differ from ``vl_nnloss.m``'s closed forms: mshinge when every
-    other class is NaN or -inf (MATLAB's ``max`` then returns the true class
-    itself and its ``Y(qi) = +W`` overwrites ``Y(ci) = -W``; here 0), and
-    logistic at ``c x = -inf`` (MATLAB -c, here NaN through autograd).
+    The derivative with respect to ``x`` is ``vl_nnloss.m``'s closed form,
+    term by term in MATLAB's order (not autograd's chain through the forward):
+    the hinges' where the margin is strictly active (``x_c < 1`` etc.), and
+    on non-finite scores, an infinite ``dzdy`` or a NaN weight the same
+    values as MATLAB (``Inf * 0`` is NaN where a margin is inactive; mshinge
+    when every other class is NaN or -inf: MATLAB's ``max`` returns the true
+    class itself, whose ``Y(qi) = +W`` overwrites ``Y(ci) = -W``; logistic at
+    ``c x = -inf``: ``-c``). No derivative flows to the weights (MatConvNet
+    has none).
     """
     _check_4d(x)
+    x_in = x
     name = loss.lower() if isinstance(loss, str) else loss
     if name not in LOSS_TYPES:
         raise ValueError(f"loss must be one of {', '.join(LOSS_TYPES)}; got {loss!r}")
@@ -1274,6 +1339,7 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
             raise ValueError(f"class_weights must have {d} elements (one per class), got {cw.numel()}")
         weight = weight * cw[index]
 
+    derivative = None
     if name in ("classerror", "topkerror", "binaryerror"):
         with torch.no_grad():
             if name == "classerror":
@@ -1287,9 +1353,11 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
                 t = (torch.sign(x - threshold) != c).to(x.dtype)
         # error counts are flat: no derivative flows (callers treat it as zero)
     elif name in ("log", "softmaxlog", "mhinge", "mshinge"):
+        derivative = _loss_derivative(name, x.detach(), None, index, weight.detach() / (n if normalise else 1))
+        x = x.detach()
         xc = x.gather(1, index)
         if name == "log":
-            t = _ClampedLogLoss.apply(xc)
+            t = -torch.log(xc)
         elif name == "softmaxlog":
             t = _log_sum_exp(x) - xc
         elif name == "mhinge":
@@ -1299,17 +1367,23 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
             # MATLAB's max(Q, [], 3) ignores NaN scores of the other classes
             xq = torch.where(torch.isnan(others), -math.inf, others).max(dim=1, keepdim=True).values
             t = torch.where(xc - xq < 1, 1 - xc + xq, torch.zeros_like(xc))
-    elif name == "binarylog":
+    else:
+        derivative = _loss_derivative(name, x.detach(), c, None, weight.detach() / (n if normalise else 1))
+        x = x.detach()
+    if name == "binarylog":
         t = -torch.log(c * (x - 0.5) + 0.5)
     elif name == "logistic":
         a = -c * x
         b = a.clamp_min(0)
         t = b + torch.log(torch.exp(-b) + torch.exp(a - b))
-    else:  # hinge
+    elif name == "hinge":
         m = c * x
         t = torch.where(m < 1, 1 - m, torch.zeros_like(m))
-    y = (weight * t).sum()
-    return y / n if normalise else y
+    y = (weight.detach() * t).sum()
+    y = y / n if normalise else y
+    if derivative is None or not torch.is_grad_enabled() or not x_in.requires_grad:
+        return y
+    return _ClosedFormDerivative.apply(x_in, y, derivative)
 
 
 # ---------------------------------------------------------------------------

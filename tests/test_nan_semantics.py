@@ -208,6 +208,26 @@ def test_classerror_takes_matlab_max_which_ignores_nan():
         assert vl_nnloss(x, np.array(labels, dtype=np.float64), loss="classerror", normalise=False) == wrong
 
 
+def matlab_max_index(v) -> int:
+    """MATLAB's [~, i] = max(v) (0-based): the first maximum of the elements that are not NaN; all NaN: 0."""
+    numbers = ~np.isnan(v)
+    if not numbers.any():
+        return 0
+    return int(np.flatnonzero(numbers & (v == v[numbers].max()))[0])
+
+
+@pytest.mark.parametrize("always", [False, True], ids=["cpu-gated", "always"])
+def test_first_max_index_is_matlab_max_even_when_nan_precedes_minus_inf(always, monkeypatch):
+    """[NaN -Inf]: MATLAB's max is the -Inf, index 2 (review: NaN as -inf won the tie)."""
+    if always:
+        monkeypatch.setattr(fn, "_may_hold_nan", lambda t: True)
+    rows = np.random.default_rng(3).choice(np.array([NAN, -INF, 1.0, INF]), size=(400, 4), p=[.4, .4, .1, .1])
+    rows[:3] = [[NAN, -INF, NAN, NAN], [NAN, NAN, NAN, NAN], [-INF, NAN, -INF, 1.0]]
+    got = fn.first_max_index(torch.tensor(rows), 1)
+    assert got.tolist() == [matlab_max_index(r) for r in rows]
+    assert got[:3].tolist() == [1, 0, 3]
+
+
 def test_mshinge_ignores_nan_scores_of_the_other_classes():
     scores = np.array([[0.5, NAN, 1.0], [0.5, NAN, NAN]])  # true class 1 both
     x = torch.tensor(scores).reshape(2, 3, 1, 1)
@@ -302,3 +322,64 @@ def test_cuda_takes_the_same_nan_rules():
 
     for u, v in zip(run("cpu"), run("cuda")):
         torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# -- vl_nnloss.m's derivatives: closed forms, products in MATLAB's order -------------------------------
+
+def matlab_loss_derivative(name, x, c, dz):
+    """vl_nnloss.m's backward on N x D x H x W float64 arrays; c categorical N x 1 x H x W (1-based, 0 =
+    ignore) or binary like x; dz = dzdy * instanceWeights, shaped like c."""
+    with np.errstate(all="ignore"):
+        if name in ("log", "softmaxlog", "mhinge", "mshinge"):
+            ci = np.maximum(c - 1, 0).astype(np.int64)  # MATLAB's ci: an ignored label points at class 1
+            xc = np.take_along_axis(x, ci, 1)
+        y = np.zeros_like(x)
+        if name == "log":
+            np.put_along_axis(y, ci, -dz / np.fmax(xc, 1e-8), 1)  # fmax: MATLAB's max ignores NaN
+        elif name == "softmaxlog":
+            xmax = np.max(np.where(np.isnan(x), -INF, x), axis=1, keepdims=True)
+            ex = np.exp(x - xmax)
+            y = ex / ex.sum(1, keepdims=True)
+            np.put_along_axis(y, ci, np.take_along_axis(y, ci, 1) - 1, 1)
+            y = dz * y
+        elif name == "mhinge":
+            np.put_along_axis(y, ci, -dz * (xc < 1), 1)
+        elif name == "mshinge":
+            q = x.copy()
+            np.put_along_axis(q, ci, -INF, 1)
+            qi = np.array([[[[matlab_max_index(q[i, :, a, b])] for b in range(x.shape[3])]
+                            for a in range(x.shape[2])] for i in range(x.shape[0])]).transpose(0, 3, 1, 2)
+            w = dz * ((xc - np.take_along_axis(x, qi, 1)) < 1)
+            np.put_along_axis(y, ci, -w, 1)
+            np.put_along_axis(y, qi, w, 1)
+        elif name == "binarylog":
+            y = -dz / (x + (c - 1) * 0.5)
+        elif name == "logistic":
+            y = -dz * c / (1 + np.exp(c * x))
+        else:  # hinge
+            y = -dz * c * ((c * x) < 1)
+    return y
+
+
+@pytest.mark.parametrize("name", ["log", "softmaxlog", "mhinge", "mshinge", "binarylog", "logistic", "hinge"])
+@pytest.mark.parametrize("dzdy", [1.0, 0.5, INF, NAN], ids=["1", "0.5", "inf", "nan"])
+def test_loss_derivatives_are_vl_nnloss_closed_forms(name, dzdy):
+    """Review: autograd's chain gave 0 where MATLAB's Inf * 0 is NaN (mhinge, hinge, mshinge with an
+    infinite dzdy or a NaN instance weight), NaN where MATLAB has -Inf (softmaxlog), and the wrong sign of
+    infinity for binarylog at x = 1, c = -1. Exact in float64, special values included."""
+    rng = np.random.default_rng(hash(name) % 1000)
+    x = rng.choice(np.array([NAN, INF, -INF, 0.0, 1.0, 0.5, 1e-20, 2.0, -1.0, 0.25]), size=(6, 4, 2, 3))
+    if name in ("log", "softmaxlog", "mhinge", "mshinge"):
+        c = rng.integers(0, 5, size=(6, 1, 2, 3)).astype(np.float64)
+    else:
+        c = rng.choice(np.array([-1.0, 0.0, 1.0]), size=x.shape)
+    iw = rng.choice(np.array([1.0, 2.0, 0.0, NAN, INF]), size=c.shape)
+    want = matlab_loss_derivative(name, x, c, dzdy * ((c != 0) * iw))
+    t = torch.tensor(x, requires_grad=True)
+    y = fn.loss(t, torch.tensor(c), loss=name, instance_weights=torch.tensor(iw), normalise=False)
+    (got,) = torch.autograd.grad(y, t, torch.tensor(dzdy, dtype=torch.float64))
+    assert_same(got, want)
+    if name == "binarylog":  # the review's case: a saturated probability of 1 for a negative label
+        one = torch.tensor([[[[1.0]]]], dtype=torch.float64, requires_grad=True)
+        (d,) = torch.autograd.grad(fn.loss(one, torch.tensor([[[[-1.0]]]]), loss="binarylog", normalise=False), one)
+        assert float(d) == -INF

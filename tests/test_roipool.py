@@ -190,3 +190,28 @@ def test_roipool_rounds_as_c_does_even_where_adding_a_half_rounds_up():
     y = vl_nnroipool(x, rois, subdivisions=[1, 2])
     np.testing.assert_array_equal(y, mex_roipool(x[:, :, :, None], rois.reshape(5, 1), (1, 2), 1)[0])
     assert y.reshape(-1).tolist() == [2.0, 14.0]
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_roipool_average_keeps_a_nan_or_infinity_in_its_own_tiles(special):
+    """Review: the float64 integral image carried x(1,1) = NaN (or Inf, then Inf - Inf) into every tile
+    below and right of it; MatConvNet sums each tile's own pixels."""
+    x = torch.arange(16.0, dtype=torch.float64).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 0] = special
+    x.requires_grad_(True)
+    y = fn.roipool(x, [1, 1, 1, 4, 4], (2, 2), 1, "avg")
+    want = torch.tensor([[special, 4.5], [10.5, 12.5]], dtype=torch.float64)
+    torch.testing.assert_close(y.detach().reshape(2, 2), want, rtol=0, atol=0, equal_nan=True)
+    dzdy = torch.tensor([[1.0, float("inf")], [1.0, 1.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
+    (dx,) = torch.autograd.grad(y, x, dzdy)
+    inf_tile = torch.zeros(4, 4, dtype=torch.bool)
+    inf_tile[:2, 2:] = True
+    assert torch.isinf(dx[0, 0][inf_tile]).all() and (dx[0, 0][~inf_tile] == 0.25).all()
+
+
+def test_roipool_average_of_small_values_beside_a_huge_one_is_exact():
+    """Beside 1e30 an integral image's differences lose the small values' digits entirely."""
+    x = torch.ones(1, 1, 4, 4, dtype=torch.float32)
+    x[0, 0, 0, 0] = 1e30
+    y = fn.roipool(x, [1, 1, 1, 4, 4], (2, 2), 1, "avg").reshape(2, 2)
+    assert y[1, 1] == 1.0 and y[0, 1] == 1.0 and y[1, 0] == 1.0 and y[0, 0] == np.float32(0.25) * np.float32(1e30 + 3)
