@@ -1238,9 +1238,6 @@ def _loss_derivative(name: str, x, c, index, w):
         if name == "log":  # max(X(ci), 1e-8): MATLAB's max ignores NaN
             xc = x.gather(1, index)
             return torch.zeros_like(x).scatter(1, index, -wd / torch.where(torch.isnan(xc), 1e-8, xc.clamp_min(1e-8)))
-        if name == "softmaxlog":
-            y = _softmax_matlab(x).scatter_add(1, index, -torch.ones_like(index, dtype=x.dtype))
-            return wd * y
         if name == "mhinge":
             return torch.zeros_like(x).scatter(1, index, -wd * (x.gather(1, index) < 1))
         if name == "mshinge":
@@ -1253,12 +1250,6 @@ def _loss_derivative(name: str, x, c, index, w):
             return -wd * c / (1 + torch.exp(c * x))
         return -wd * c * (c * x < 1)  # hinge
     return derivative
-
-
-def _softmax_matlab(x: torch.Tensor) -> torch.Tensor:
-    """exp(X - Xmax) ./ sum(exp(X - Xmax), 3) over dim 1, Xmax MATLAB's max (NaN ignored)."""
-    ex = torch.exp(x - _nan_as_minus_inf(x).amax(dim=1, keepdim=True))
-    return ex / ex.sum(dim=1, keepdim=True)
 
 
 def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
@@ -1297,8 +1288,11 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     values as MATLAB (``Inf * 0`` is NaN where a margin is inactive; mshinge
     when every other class is NaN or -inf: MATLAB's ``max`` returns the true
     class itself, whose ``Y(qi) = +W`` overwrites ``Y(ci) = -W``; logistic at
-    ``c x = -inf``: ``-c``). No derivative flows to the weights (MatConvNet
-    has none).
+    ``c x = -inf``: ``-c``); no derivative flows to the weights (MatConvNet
+    has none). softmaxlog is the exception: its derivative is autograd's, as
+    :func:`softmaxloss`'s is, so that a DagNN converted from a SimpleNN net
+    trains to the same numbers (under an infinite ``dzdy`` it is NaN at the
+    true class, MATLAB's -Inf).
     """
     _check_4d(x)
     x_in = x
@@ -1353,8 +1347,12 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
                 t = (torch.sign(x - threshold) != c).to(x.dtype)
         # error counts are flat: no derivative flows (callers treat it as zero)
     elif name in ("log", "softmaxlog", "mhinge", "mshinge"):
-        derivative = _loss_derivative(name, x.detach(), None, index, weight.detach() / (n if normalise else 1))
-        x = x.detach()
+        if name != "softmaxlog":
+            # softmaxlog keeps autograd's derivative: :func:`softmaxloss` (vl_nnsoftmaxloss, which SimpleNN
+            # nets and the study train with) has it too, and a DagNN converted from a SimpleNN net must
+            # train to the same numbers
+            derivative = _loss_derivative(name, x.detach(), None, index, weight.detach() / (n if normalise else 1))
+            x = x.detach()
         xc = x.gather(1, index)
         if name == "log":
             t = -torch.log(xc)
@@ -1379,7 +1377,7 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     elif name == "hinge":
         m = c * x
         t = torch.where(m < 1, 1 - m, torch.zeros_like(m))
-    y = (weight.detach() * t).sum()
+    y = ((weight if name == "softmaxlog" else weight.detach()) * t).sum()
     y = y / n if normalise else y
     if derivative is None or not torch.is_grad_enabled() or not x_in.requires_grad:
         return y
