@@ -1499,11 +1499,42 @@ class _BnormGivenMoments(torch.autograd.Function):
         view = (1, -1, 1, 1)
         xc = x - mu.reshape(view)
         dzdb = dy.sum(dim=(0, 2, 3))
-        dzdg = (dy * xc).sum(dim=(0, 2, 3)) / sigma
+        dzdg = ((dy * x).sum(dim=(0, 2, 3)) - mu * dzdb) / sigma  # compute_ders' order: Inf - Inf is NaN there
         g1 = g / sigma
         g2 = g1 * dzdg / (mass * sigma)
         dzdx = g1.reshape(view) * (dy - (dzdb / mass).reshape(view)) - g2.reshape(view) * xc
         return dzdx, dzdg, dzdb, None, None
+
+
+class _BnormTraining(torch.autograd.Function):
+    """Batch norm with the batch's moments, as MatConvNet's ``bnorm_cpu.cpp``: the moments in one pass,
+    ``mean = sum(x) / m``, ``sigma = sqrt(sum(x.^2) / m - mean^2 + epsilon)`` (m = N H W, in the data's
+    type), and its backward ``dzdg = (sum(dy .* x) - mean * sum(dy)) / sigma``, ``dzdb = sum(dy)``,
+    ``dzdx = G1 (dy - dzdb / m) - G2 (x - mean)`` with ``G1 = g / sigma``, ``G2 = G1 dzdg / (m sigma)``.
+    The one-pass variance is MatConvNet's: it loses digits when a channel's mean is large against its
+    spread (a two-pass variance is more accurate, and would not be MatConvNet's numbers)."""
+
+    @staticmethod
+    def forward(ctx, x, g, b, epsilon):
+        mass = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = x.sum(dim=(0, 2, 3)) / mass
+        sigma = torch.sqrt((x * x).sum(dim=(0, 2, 3)) / mass - mean * mean + epsilon)
+        ctx.save_for_backward(x, g, mean, sigma)
+        ctx.mark_non_differentiable(mean, sigma)
+        view = (1, -1, 1, 1)
+        return (g / sigma).reshape(view) * (x - mean.reshape(view)) + b.reshape(view), mean, sigma
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dsigma):
+        x, g, mean, sigma = ctx.saved_tensors
+        mass = x.shape[0] * x.shape[2] * x.shape[3]
+        view = (1, -1, 1, 1)
+        dzdb = dy.sum(dim=(0, 2, 3))
+        dzdg = ((dy * x).sum(dim=(0, 2, 3)) - mean * dzdb) / sigma
+        g1 = g / sigma
+        g2 = g1 * dzdg / (mass * sigma)
+        dzdx = g1.reshape(view) * (dy - (dzdb / mass).reshape(view)) - g2.reshape(view) * (x - mean.reshape(view))
+        return dzdx, dzdg, dzdb, None
 
 
 def bnorm_moments(moments: torch.Tensor, c: int) -> torch.Tensor:
@@ -1533,7 +1564,9 @@ def bnorm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, moments: torch.Tens
 
     Training (``moments`` None): per channel ``mean`` over N, H, W, biased
     variance, ``sigma = sqrt(var + epsilon)``, ``y = g * (x - mean) / sigma + b``;
-    the batch moments are returned (without gradient).
+    the batch moments are returned (without gradient). The variance and the
+    backward are MatConvNet's formulas (see :class:`_BnormTraining`): the
+    variance in one pass, ``sum(x.^2)/m - mean^2``.
     Test (``moments`` given): the same formula with the given moments, which
     are used as they are (epsilon is not added again); the backward is
     MatConvNet's (see :class:`_BnormGivenMoments`).
@@ -1546,9 +1579,7 @@ def bnorm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, moments: torch.Tens
         raise ValueError(f"g and b must have {c} elements (one per channel), got {g.numel()} and {b.numel()}")
     view = (1, c, 1, 1)
     if moments is None:
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-        sigma = torch.sqrt(var + epsilon)
-        y = (g / sigma).reshape(view) * (x - mean.reshape(view)) + b.reshape(view)
+        y, mean, sigma = _BnormTraining.apply(x, g, b, epsilon)
         return y, torch.stack([mean, sigma], dim=1).detach()
     moments = bnorm_moments(moments, c)
     y = _BnormGivenMoments.apply(x, g, b, moments[:, 0].detach(), moments[:, 1].detach())

@@ -378,3 +378,58 @@ def test_loss_derivatives_are_vl_nnloss_closed_forms(name, dzdy):
         one = torch.tensor([[[[1.0]]]], dtype=torch.float64, requires_grad=True)
         (d,) = torch.autograd.grad(fn.loss(one, torch.tensor([[[[-1.0]]]]), loss="binarylog", normalise=False), one)
         assert float(d) == -INF
+
+
+# -- bnorm_cpu.cpp: one-pass moments and its backward (training mode) ------------------------------------
+
+def mcn_bnorm(x, g, b, dy, eps):
+    """compute_ders_and_moments + batch_normalize_backward on N x C x H x W, sums in the data's type."""
+    T = x.dtype.type
+    n, c, h, w = x.shape
+    mass = T(n * h * w)
+    y, dx = np.empty_like(x), np.empty_like(x)
+    dg, db, moments = np.zeros(c, x.dtype), np.zeros(c, x.dtype), np.zeros((c, 2), x.dtype)
+    with np.errstate(all="ignore"):
+        for ch in range(c):
+            xs, ds = x[:, ch].reshape(-1), dy[:, ch].reshape(-1)
+            s, s2, dm, dbb = T(xs.sum()), T((xs * xs).sum()), T((ds * xs).sum()), T(ds.sum())
+            mean = T(s / mass)
+            sigma = T(np.sqrt(T(s2 / mass) - mean * mean + T(eps)))
+            moments[ch] = mean, sigma
+            y[:, ch] = T(g[ch] / sigma) * (x[:, ch] - mean) + b[ch]
+            dg[ch] = T((dm - mean * dbb) / sigma)
+            db[ch] = dbb
+            g1 = T(g[ch] / sigma)
+            g2 = T(g1 * dg[ch] / (mass * sigma))
+            dx[:, ch] = g1 * (dy[:, ch] - T(dbb / mass)) - g2 * (x[:, ch] - mean)
+    return y, moments, dx, dg, db
+
+
+def test_bnorm_takes_matconvnets_one_pass_variance_and_backward():
+    """Review: a two-pass variance gave sigma 0.0103 where MatConvNet's sum(x.^2)/m - mean^2 in single gives
+    0.433 (a channel of mean 1000 and spread 2e-3), and -Inf for dzdg under an infinite dzdy where
+    MatConvNet's (sum(dy.*x) - mean*sum(dy))/sigma is NaN."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 3, 2, 2)).astype(np.float32)
+    x[:, 0] = 1000 + np.arange(32, dtype=np.float32).reshape(8, 2, 2) * np.float32(1e-4)  # large mean, tiny spread
+    x[:, 2] = np.abs(x[:, 2]) + 1  # a positive channel: Inf * x - mean * Inf is Inf - Inf
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dy[3, 2, 1, 0] = INF
+    g, b = np.array([1.0, 2.0, 0.5], np.float32), np.array([0.0, 0.5, -1.0], np.float32)
+    want = mcn_bnorm(x.astype(np.float64), g.astype(np.float64), b.astype(np.float64), dy.astype(np.float64), 1e-4)
+    ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, g, b)]
+    y, moments = fn.bnorm(*ts)
+    got = (y, moments, *torch.autograd.grad(y, ts, torch.tensor(dy, dtype=torch.float64)))
+    for u, v in zip(got, want):  # float64: the formulas, not the summation order, decide
+        torch.testing.assert_close(u.detach(), torch.tensor(v), rtol=1e-9, atol=1e-12, equal_nan=True)
+    assert np.isnan(want[3][2])  # dzdg under the infinite dzdy: NaN, as MatConvNet's
+    # in single, the review's case: compute_moments' sequential sums give sigma 0.4331 (two-pass: 0.0103)
+    x32 = (np.float32(1000) + np.arange(8, dtype=np.float32) * np.float32(1e-3)).reshape(8, 1, 1, 1)
+    s = s2 = np.float32(0)
+    for v in x32.ravel():
+        s, s2 = np.float32(s + v), np.float32(s2 + v * v)
+    mean = np.float32(s / np.float32(8))
+    sigma = np.sqrt(np.float32(s2 / np.float32(8)) - mean * mean + np.float32(1e-4))
+    got32 = fn.bnorm(torch.tensor(x32), torch.ones(1), torch.zeros(1))[1]
+    torch.testing.assert_close(got32[0], torch.tensor([mean, sigma]), rtol=1e-6, atol=0)
+    assert abs(float(sigma) - 0.4331) < 1e-3
