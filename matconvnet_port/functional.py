@@ -1215,41 +1215,69 @@ def softmaxloss_per_image(x: torch.Tensor, index: torch.Tensor, mass: torch.Tens
     return t.sum(dim=(1, 2, 3))
 
 
-class _ClosedFormDerivative(torch.autograd.Function):
-    """``y`` (computed without autograd) whose derivative with respect to ``x`` is ``derivative(dzdy)``:
-    a loss whose backward is MatConvNet's closed form, not autograd's chain of the forward."""
+def _loss_terms(name: str, x, c, index):
+    """The per-location terms ``t`` of loss ``name`` (the table of :func:`loss`), differentiable in x."""
+    if name in ("log", "softmaxlog", "mhinge", "mshinge"):
+        xc = x.gather(1, index)
+        if name == "log":
+            return -torch.log(xc)
+        if name == "softmaxlog":
+            return _log_sum_exp(x) - xc
+        if name == "mhinge":
+            return torch.where(xc < 1, 1 - xc, torch.zeros_like(xc))
+        others = x.scatter(1, index, -math.inf)
+        # MATLAB's max(Q, [], 3) ignores NaN scores of the other classes
+        xq = torch.where(torch.isnan(others), -math.inf, others).max(dim=1, keepdim=True).values
+        return torch.where(xc - xq < 1, 1 - xc + xq, torch.zeros_like(xc))
+    if name == "binarylog":
+        return -torch.log(c * (x - 0.5) + 0.5)
+    if name == "logistic":
+        a = -c * x
+        b = a.clamp_min(0)
+        return b + torch.log(torch.exp(-b) + torch.exp(a - b))
+    m = c * x  # hinge
+    return torch.where(m < 1, 1 - m, torch.zeros_like(m))
+
+
+class _ClosedFormLoss(torch.autograd.Function):
+    """``sum(w * t(x)) / n`` whose derivative in ``x`` is ``vl_nnloss.m``'s closed form
+    (:func:`_loss_derivative`) and in ``w`` is ``t(x) / n``. The backward is torch operations on the
+    saved inputs, so a double backward (``create_graph=True``) differentiates it."""
 
     @staticmethod
-    def forward(ctx, x, y, derivative):
-        ctx.derivative = derivative
-        return y
+    def forward(ctx, x, w, n, name, c, index):
+        ctx.save_for_backward(x, w)
+        ctx.meta = (n, name, c, index)
+        return (w * _loss_terms(name, x, c, index)).sum() / n
 
     @staticmethod
     def backward(ctx, dzdy):
-        return ctx.derivative(dzdy), None, None
+        x, w = ctx.saved_tensors
+        n, name, c, index = ctx.meta
+        dx = _loss_derivative(name, x, c, index, w / n, dzdy) if ctx.needs_input_grad[0] else None
+        dw = dzdy / n * _loss_terms(name, x, c, index) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None, None
 
 
-def _loss_derivative(name: str, x, c, index, w):
-    """``vl_nnloss.m``'s derivative of loss ``name`` as a function of dzdy. ``w``: its instanceWeights
-    (label mask x instance x class weights, / N when normalising). Its products keep MATLAB's order, so
-    an infinite dzdy or a NaN weight gives what MATLAB gives (Inf * 0 = NaN where a margin is inactive)."""
-    def derivative(dzdy):
-        wd = dzdy * w
-        if name == "log":  # max(X(ci), 1e-8): MATLAB's max ignores NaN
-            xc = x.gather(1, index)
-            return torch.zeros_like(x).scatter(1, index, -wd / torch.where(torch.isnan(xc), 1e-8, xc.clamp_min(1e-8)))
-        if name == "mhinge":
-            return torch.zeros_like(x).scatter(1, index, -wd * (x.gather(1, index) < 1))
-        if name == "mshinge":
-            q = first_max_index(x.scatter(1, index, -math.inf), 1, keepdim=True)
-            ww = wd * (x.gather(1, index) - x.gather(1, q) < 1)
-            return torch.zeros_like(x).scatter(1, index, -ww).scatter(1, q, ww)  # Y(qi) after Y(ci), as MATLAB
-        if name == "binarylog":
-            return -wd / (x + (c - 1) * 0.5)
-        if name == "logistic":
-            return -wd * c / (1 + torch.exp(c * x))
-        return -wd * c * (c * x < 1)  # hinge
-    return derivative
+def _loss_derivative(name: str, x, c, index, w, dzdy):
+    """``vl_nnloss.m``'s derivative of loss ``name``. ``w``: its instanceWeights (label mask x instance x
+    class weights, / N when normalising). Its products keep MATLAB's order, so an infinite dzdy or a NaN
+    weight gives what MATLAB gives (Inf * 0 = NaN where a margin is inactive)."""
+    wd = dzdy * w
+    if name == "log":  # max(X(ci), 1e-8): MATLAB's max ignores NaN
+        xc = x.gather(1, index)
+        return torch.zeros_like(x).scatter(1, index, -wd / torch.where(torch.isnan(xc), 1e-8, xc.clamp_min(1e-8)))
+    if name == "mhinge":
+        return torch.zeros_like(x).scatter(1, index, -wd * (x.gather(1, index) < 1))
+    if name == "mshinge":
+        q = first_max_index(x.scatter(1, index, -math.inf), 1, keepdim=True)
+        ww = wd * (x.gather(1, index) - x.gather(1, q) < 1)
+        return torch.zeros_like(x).scatter(1, index, -ww).scatter(1, q, ww)  # Y(qi) after Y(ci), as MATLAB
+    if name == "binarylog":
+        return -wd / (x + (c - 1) * 0.5)
+    if name == "logistic":
+        return -wd * c / (1 + torch.exp(c * x))
+    return -wd * c * (c * x < 1)  # hinge
 
 
 def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
@@ -1295,7 +1323,6 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
     true class, MATLAB's -Inf).
     """
     _check_4d(x)
-    x_in = x
     name = loss.lower() if isinstance(loss, str) else loss
     if name not in LOSS_TYPES:
         raise ValueError(f"loss must be one of {', '.join(LOSS_TYPES)}; got {loss!r}")
@@ -1325,6 +1352,9 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
         except RuntimeError as e:
             raise ValueError(f"instance_weights of shape {tuple(iw.shape)} do not broadcast to "
                              f"the labels {tuple(weight.shape)}") from e
+        if tuple(weight.shape) != tuple(c.shape):  # MATLAB's instanceWeights(:)' * t(:): one weight a label
+            raise ValueError(f"instance_weights of shape {tuple(iw.shape)} widen the labels {tuple(c.shape)}: "
+                             "give at most one weight per label")
     if class_weights is not None:
         if not categorical:
             raise ValueError("class_weights apply to categorical losses only")
@@ -1333,7 +1363,7 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
             raise ValueError(f"class_weights must have {d} elements (one per class), got {cw.numel()}")
         weight = weight * cw[index]
 
-    derivative = None
+    scale = n if normalise else 1
     if name in ("classerror", "topkerror", "binaryerror"):
         with torch.no_grad():
             if name == "classerror":
@@ -1346,42 +1376,12 @@ def loss(x: torch.Tensor, c, loss: str = "softmaxlog", instance_weights=None,
             else:
                 t = (torch.sign(x - threshold) != c).to(x.dtype)
         # error counts are flat: no derivative flows (callers treat it as zero)
-    elif name in ("log", "softmaxlog", "mhinge", "mshinge"):
-        if name != "softmaxlog":
-            # softmaxlog keeps autograd's derivative: :func:`softmaxloss` (vl_nnsoftmaxloss, which SimpleNN
-            # nets and the study train with) has it too, and a DagNN converted from a SimpleNN net must
-            # train to the same numbers
-            derivative = _loss_derivative(name, x.detach(), None, index, weight.detach() / (n if normalise else 1))
-            x = x.detach()
-        xc = x.gather(1, index)
-        if name == "log":
-            t = -torch.log(xc)
-        elif name == "softmaxlog":
-            t = _log_sum_exp(x) - xc
-        elif name == "mhinge":
-            t = torch.where(xc < 1, 1 - xc, torch.zeros_like(xc))
-        else:
-            others = x.scatter(1, index, -math.inf)
-            # MATLAB's max(Q, [], 3) ignores NaN scores of the other classes
-            xq = torch.where(torch.isnan(others), -math.inf, others).max(dim=1, keepdim=True).values
-            t = torch.where(xc - xq < 1, 1 - xc + xq, torch.zeros_like(xc))
-    else:
-        derivative = _loss_derivative(name, x.detach(), c, None, weight.detach() / (n if normalise else 1))
-        x = x.detach()
-    if name == "binarylog":
-        t = -torch.log(c * (x - 0.5) + 0.5)
-    elif name == "logistic":
-        a = -c * x
-        b = a.clamp_min(0)
-        t = b + torch.log(torch.exp(-b) + torch.exp(a - b))
-    elif name == "hinge":
-        m = c * x
-        t = torch.where(m < 1, 1 - m, torch.zeros_like(m))
-    y = ((weight if name == "softmaxlog" else weight.detach()) * t).sum()
-    y = y / n if normalise else y
-    if derivative is None or not torch.is_grad_enabled() or not x_in.requires_grad:
-        return y
-    return _ClosedFormDerivative.apply(x_in, y, derivative)
+        return (weight * t).sum() / scale
+    if name == "softmaxlog":
+        # autograd's derivative, as :func:`softmaxloss` (vl_nnsoftmaxloss, which SimpleNN nets and the study
+        # train with) has it: a DagNN converted from a SimpleNN net must train to the same numbers
+        return (weight * _loss_terms(name, x, None, index)).sum() / scale
+    return _ClosedFormLoss.apply(x, weight, scale, name, c, index if categorical else None)
 
 
 # ---------------------------------------------------------------------------
@@ -1516,17 +1516,18 @@ class _BnormTraining(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g, b, epsilon):
-        mass = x.shape[0] * x.shape[2] * x.shape[3]
-        mean = x.sum(dim=(0, 2, 3)) / mass
-        sigma = torch.sqrt((x * x).sum(dim=(0, 2, 3)) / mass - mean * mean + epsilon)
-        ctx.save_for_backward(x, g, mean, sigma)
+        mean, sigma = _bnorm_moments_one_pass(x, epsilon)
+        ctx.save_for_backward(x, g)
+        ctx.epsilon = epsilon
         ctx.mark_non_differentiable(mean, sigma)
         view = (1, -1, 1, 1)
         return (g / sigma).reshape(view) * (x - mean.reshape(view)) + b.reshape(view), mean, sigma
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dsigma):
-        x, g, mean, sigma = ctx.saved_tensors
+        x, g = ctx.saved_tensors
+        # recomputed, as compute_ders_and_moments does: a double backward then sees them depend on x
+        mean, sigma = _bnorm_moments_one_pass(x, ctx.epsilon)
         mass = x.shape[0] * x.shape[2] * x.shape[3]
         view = (1, -1, 1, 1)
         dzdb = dy.sum(dim=(0, 2, 3))
@@ -1535,6 +1536,12 @@ class _BnormTraining(torch.autograd.Function):
         g2 = g1 * dzdg / (mass * sigma)
         dzdx = g1.reshape(view) * (dy - (dzdb / mass).reshape(view)) - g2.reshape(view) * (x - mean.reshape(view))
         return dzdx, dzdg, dzdb, None
+
+
+def _bnorm_moments_one_pass(x: torch.Tensor, epsilon: float):
+    mass = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = x.sum(dim=(0, 2, 3)) / mass
+    return mean, torch.sqrt((x * x).sum(dim=(0, 2, 3)) / mass - mean * mean + epsilon)
 
 
 def bnorm_moments(moments: torch.Tensor, c: int) -> torch.Tensor:

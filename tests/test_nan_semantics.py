@@ -433,3 +433,39 @@ def test_bnorm_takes_matconvnets_one_pass_variance_and_backward():
     got32 = fn.bnorm(torch.tensor(x32), torch.ones(1), torch.zeros(1))[1]
     torch.testing.assert_close(got32[0], torch.tensor([mean, sigma]), rtol=1e-6, atol=0)
     assert abs(float(sigma) - 0.4331) < 1e-3
+
+
+# -- the closed forms stay torch functions: second derivatives, weight derivatives (review) ------------------
+
+@pytest.mark.parametrize("name", ["log", "mhinge", "mshinge", "binarylog", "logistic", "hinge", "softmaxlog"])
+def test_losses_differentiate_twice_and_in_their_weights(name):
+    """A custom backward on detached inputs had broken double backward (log, binarylog, logistic raised)
+    and dropped the instance weights' gradient."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.rand(3, 4, 2, 2, dtype=torch.float64, generator=gen) * 0.8 + 0.1).requires_grad_(True)
+    if name in ("log", "mhinge", "mshinge", "softmaxlog"):
+        c = torch.randint(1, 5, (3, 1, 2, 2), generator=gen)
+    else:
+        c = torch.randint(0, 2, x.shape, generator=gen) * 2 - 1
+    iw = torch.rand(c.shape, dtype=torch.float64, generator=gen).requires_grad_(True)
+    f = lambda a, w: fn.loss(a, c, loss=name, instance_weights=w)
+    assert torch.autograd.gradcheck(f, (x, iw))
+    assert torch.autograd.gradgradcheck(f, (x, iw))
+
+
+def test_categorical_instance_weights_wider_than_the_labels_are_refused():
+    """The forward summed D weighted copies that the derivative did not see; MATLAB refuses it too."""
+    x = torch.rand(2, 3, 1, 1)
+    with pytest.raises(ValueError, match="widen the labels"):
+        fn.loss(x, torch.tensor([1, 2]), loss="mhinge", instance_weights=torch.ones(2, 3, 1, 1))
+
+
+def test_training_bnorm_differentiates_twice():
+    """Its backward treated the batch moments as constants: second derivatives were silently wrong."""
+    gen = torch.Generator().manual_seed(8)
+    ts = [torch.randn(3, 2, 3, 2, dtype=torch.float64, generator=gen).requires_grad_(True),
+          torch.rand(2, dtype=torch.float64, generator=gen).add(0.5).requires_grad_(True),
+          torch.randn(2, dtype=torch.float64, generator=gen).requires_grad_(True)]
+    f = lambda x, g, b: fn.bnorm(x, g, b)[0]
+    assert torch.autograd.gradcheck(f, ts)
+    assert torch.autograd.gradgradcheck(f, ts)
