@@ -1017,6 +1017,21 @@ def _roi_tiles(rois: torch.Tensor, shape, subdivisions, transform, real) -> list
     return out
 
 
+def _nonempty_tiles(tiles):
+    """(roi, image, h0, h1, w0, w1, ph, pw) of every tile of :func:`_roi_tiles` that holds a pixel, in
+    MatConvNet's loop order."""
+    for q, (image, rows, cols) in enumerate(tiles):
+        for pw, (wa, wb) in enumerate(cols):
+            for ph, (ha, hb) in enumerate(rows):
+                if hb > ha and wb > wa:
+                    yield q, image, ha, hb, wa, wb, ph, pw
+
+
+def _tile_scan(data: np.ndarray, image: int, ha: int, hb: int, wa: int, wb: int) -> np.ndarray:
+    """A tile's values, C x pixels, in MatConvNet's scan: columns outer, rows inner."""
+    return data[image, :, ha:hb, wa:wb].transpose(0, 2, 1).reshape(data.shape[1], -1)
+
+
 class _RoiAverage(torch.autograd.Function):
     """roipool's 'avg' on the tiles of :func:`_roi_tiles`, as MatConvNet's loops: forward
     ``value += x`` over the tile (columns outer, rows inner) in the data's type, then ``value * scale``;
@@ -1027,9 +1042,9 @@ class _RoiAverage(torch.autograd.Function):
         data = x.detach().cpu().numpy()
         real = data.dtype.type
         y = np.zeros((len(tiles), x.shape[1], *subdivisions), data.dtype)
-        for q, tile, scale in _RoiAverage._tiles(tiles, real):
-            image, ha, hb, wa, wb, ph, pw = tile
-            values = data[image, :, ha:hb, wa:wb].transpose(0, 2, 1).reshape(x.shape[1], -1)
+        for q, image, ha, hb, wa, wb, ph, pw in _nonempty_tiles(tiles):
+            values = _tile_scan(data, image, ha, hb, wa, wb)
+            scale = _RoiAverage._scale(real, ha, hb, wa, wb)
             y[q, :, ph, pw] = np.cumsum(values, axis=1, dtype=data.dtype)[:, -1] * scale  # one by one, in order
         ctx.tiles, ctx.x_shape = tiles, x.shape
         return torch.from_numpy(y).to(x.device)
@@ -1038,18 +1053,14 @@ class _RoiAverage(torch.autograd.Function):
     def backward(ctx, dzdy):
         g = dzdy.detach().cpu().numpy()
         dx = np.zeros(ctx.x_shape, g.dtype)
-        for q, (image, ha, hb, wa, wb, ph, pw), scale in _RoiAverage._tiles(ctx.tiles, g.dtype.type):
+        for q, image, ha, hb, wa, wb, ph, pw in _nonempty_tiles(ctx.tiles):
+            scale = _RoiAverage._scale(g.dtype.type, ha, hb, wa, wb)
             dx[image, :, ha:hb, wa:wb] += (g[q, :, ph, pw] * scale)[:, None, None]
         return torch.from_numpy(dx).to(dzdy.device), None, None
 
     @staticmethod
-    def _tiles(tiles, real):
-        """(roi, (image, h0, h1, w0, w1, ph, pw), scale) of every tile that holds a pixel."""
-        for q, (image, rows, cols) in enumerate(tiles):
-            for pw, (wa, wb) in enumerate(cols):
-                for ph, (ha, hb) in enumerate(rows):
-                    if hb > ha and wb > wa:
-                        yield q, (image, ha, hb, wa, wb, ph, pw), real(1) / real((hb - ha) * (wb - wa))
+    def _scale(real, ha, hb, wa, wb):
+        return real(1) / real((hb - ha) * (wb - wa))
 
 
 def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: str = "max") -> torch.Tensor:
@@ -1100,19 +1111,15 @@ def roipool(x: torch.Tensor, rois, subdivisions=(1, 1), transform=1.0, method: s
     fill = np.zeros((k, channels, sh, sw), data.dtype)  # 0 for an empty tile, -inf for one without a number
     gathered = np.zeros((k, channels, sh, sw), bool)
     plane = height * width
-    for q, (image, rows, cols) in enumerate(tiles):
-        for pw, (wa, wb) in enumerate(cols):
-            for ph, (ha, hb) in enumerate(rows):
-                if hb <= ha or wb <= wa:
-                    continue
-                tile = data[image, :, ha:hb, wa:wb].transpose(0, 2, 1).reshape(channels, -1)
-                tile = np.where(np.isnan(tile), -np.inf, tile)
-                at = tile.argmax(axis=1)  # the first maximum
-                found = tile[np.arange(channels), at] > -np.inf
-                w_at, h_at = np.divmod(at, hb - ha)
-                index[q, :, ph, pw] = (image * channels + np.arange(channels)) * plane + (ha + h_at) * width + wa + w_at
-                gathered[q, :, ph, pw] = found
-                fill[q, :, ph, pw] = np.where(found, 0, -np.inf)
+    for q, image, ha, hb, wa, wb, ph, pw in _nonempty_tiles(tiles):
+        tile = _tile_scan(data, image, ha, hb, wa, wb)
+        tile = np.where(np.isnan(tile), -np.inf, tile)
+        at = tile.argmax(axis=1)  # the first maximum
+        found = tile[np.arange(channels), at] > -np.inf
+        w_at, h_at = np.divmod(at, hb - ha)
+        index[q, :, ph, pw] = (image * channels + np.arange(channels)) * plane + (ha + h_at) * width + wa + w_at
+        gathered[q, :, ph, pw] = found
+        fill[q, :, ph, pw] = np.where(found, 0, -np.inf)
     values = x.reshape(-1)[torch.from_numpy(index).to(x.device)]
     return torch.where(torch.from_numpy(gathered).to(x.device), values, torch.from_numpy(fill).to(x.device))
 
@@ -1495,22 +1502,28 @@ class _BnormGivenMoments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, g, mu, sigma = ctx.saved_tensors
-        mass = x.shape[0] * x.shape[2] * x.shape[3]
-        view = (1, -1, 1, 1)
-        xc = x - mu.reshape(view)
-        dzdb = dy.sum(dim=(0, 2, 3))
-        dzdg = ((dy * x).sum(dim=(0, 2, 3)) - mu * dzdb) / sigma  # compute_ders' order: Inf - Inf is NaN there
-        g1 = g / sigma
-        g2 = g1 * dzdg / (mass * sigma)
-        dzdx = g1.reshape(view) * (dy - (dzdb / mass).reshape(view)) - g2.reshape(view) * xc
-        return dzdx, dzdg, dzdb, None, None
+        return (*_bnorm_backward(x, g, mu, sigma, dy), None, None)
+
+
+def _bnorm_backward(x, g, mean, sigma, dy):
+    """(dzdx, dzdg, dzdb): bnorm_cpu.cpp's compute_ders and batch_normalize_backward,
+    ``dzdg = (sum(dy .* x) - mean * sum(dy)) / sigma`` (that order: under an infinite dy, Inf - Inf is NaN
+    there), ``dzdb = sum(dy)``, ``dzdx = G1 (dy - dzdb / m) - G2 (x - mean)``, ``G1 = g / sigma``,
+    ``G2 = G1 dzdg / (m sigma)``, m = N H W."""
+    mass = x.shape[0] * x.shape[2] * x.shape[3]
+    view = (1, -1, 1, 1)
+    dzdb = dy.sum(dim=(0, 2, 3))
+    dzdg = ((dy * x).sum(dim=(0, 2, 3)) - mean * dzdb) / sigma
+    g1 = g / sigma
+    g2 = g1 * dzdg / (mass * sigma)
+    dzdx = g1.reshape(view) * (dy - (dzdb / mass).reshape(view)) - g2.reshape(view) * (x - mean.reshape(view))
+    return dzdx, dzdg, dzdb
 
 
 class _BnormTraining(torch.autograd.Function):
     """Batch norm with the batch's moments, as MatConvNet's ``bnorm_cpu.cpp``: the moments in one pass,
     ``mean = sum(x) / m``, ``sigma = sqrt(sum(x.^2) / m - mean^2 + epsilon)`` (m = N H W, in the data's
-    type), and its backward ``dzdg = (sum(dy .* x) - mean * sum(dy)) / sigma``, ``dzdb = sum(dy)``,
-    ``dzdx = G1 (dy - dzdb / m) - G2 (x - mean)`` with ``G1 = g / sigma``, ``G2 = G1 dzdg / (m sigma)``.
+    type), and its backward (:func:`_bnorm_backward`).
     The one-pass variance is MatConvNet's: it loses digits when a channel's mean is large against its
     spread (a two-pass variance is more accurate, and would not be MatConvNet's numbers)."""
 
@@ -1528,14 +1541,7 @@ class _BnormTraining(torch.autograd.Function):
         x, g = ctx.saved_tensors
         # recomputed, as compute_ders_and_moments does: a double backward then sees them depend on x
         mean, sigma = _bnorm_moments_one_pass(x, ctx.epsilon)
-        mass = x.shape[0] * x.shape[2] * x.shape[3]
-        view = (1, -1, 1, 1)
-        dzdb = dy.sum(dim=(0, 2, 3))
-        dzdg = ((dy * x).sum(dim=(0, 2, 3)) - mean * dzdb) / sigma
-        g1 = g / sigma
-        g2 = g1 * dzdg / (mass * sigma)
-        dzdx = g1.reshape(view) * (dy - (dzdb / mass).reshape(view)) - g2.reshape(view) * (x - mean.reshape(view))
-        return dzdx, dzdg, dzdb, None
+        return (*_bnorm_backward(x, g, mean, sigma, dy), None)
 
 
 def _bnorm_moments_one_pass(x: torch.Tensor, epsilon: float):

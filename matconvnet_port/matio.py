@@ -604,7 +604,7 @@ def _v5_variables(raw: dict) -> dict:
     return out
 
 
-def _v5_check_tree(path: str, names) -> dict:
+def _v5_check_tree(path: str, names) -> tuple[dict, set]:
     """Walk the variables to be read (all if ``names`` is None) before scipy does: see v5_tree.
     Returns the walks' notes ({path: what scipy's value lost}) of the variables walked (of two
     variables of one name, the last: what MATLAB's load keeps) and the names walked more than once."""

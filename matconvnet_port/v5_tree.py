@@ -222,15 +222,11 @@ def read_header(fh, endian: str, element, label: str) -> tuple:
     end = min(length, stream.pos + nbytes)
     flags = walker._sub(end, label, "array flags", (_MI_UINT32,))[0]
     mclass = struct.unpack(endian + "I", flags[:4])[0] & 0xFF if len(flags) >= 4 else 0
-
-    def name(what: str) -> str:
-        return walker._sub(end, label, what, (_MI_INT8,), cap=1 << 16)[0].rstrip(b"\0").decode("latin-1")
-
     if mclass == _OPAQUE:  # object name, type system, class name
-        var, _ = name("object name"), name("type system name")
-        return var, mclass, name("class name")
+        var, _ = walker._name(end, label, "object name"), walker._name(end, label, "type system name")
+        return var, mclass, walker._name(end, label, "class name")
     walker._sub(end, label, "dimensions", (_MI_INT32,), read=False)
-    return name("array name"), mclass, None
+    return walker._name(end, label, "array name"), mclass, None
 
 
 def check_variable(fh, endian: str, element, label: str) -> Checked:
@@ -283,6 +279,10 @@ class _Walker:
             raise TreeError(where, f"the {what} claims {nbytes} bytes, more than the element has left "
                                    f"({_left(end, self.s.pos)})")
         return mdtype, nbytes, small
+
+    def _name(self, end: float, where: str, what: str) -> str:
+        """A name subelement (miINT8), decoded as scipy decodes variable names: latin-1."""
+        return self._sub(end, where, what, (_MI_INT8,), cap=1 << 16)[0].rstrip(b"\0").decode("latin-1")
 
     def _pad(self, end: float, nbytes: int) -> None:
         self.s.skip(min(-nbytes % 8, max(0, end - self.s.pos)))  # padding to 8 bytes, if the writer left it
@@ -355,9 +355,9 @@ class _Walker:
             raise TreeError(where, f"negative dimension in {list(dims)}")
         count = math.prod(dims)
         if top:
-            raw = self._sub(end, where, "array name", (_MI_INT8,), cap=1 << 16)[0].rstrip(b"\0")
-            if raw:
-                self.name = where = raw.decode("latin-1")  # as scipy decodes it
+            name = self._name(end, where, "array name")
+            if name:
+                self.name = where = name
         else:
             self._sub(end, where, "array name", (_MI_INT8,), read=False)
         if mclass == _FUNCTION:  # the handle's workspace, as a matrix
